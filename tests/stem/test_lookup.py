@@ -156,3 +156,13 @@ def test_squared_norm_and_scale() -> None:
 def test_rejects_float_ids() -> None:
     with pytest.raises(TypeError, match="ids"):
         stem_lookup(_table(), torch.tensor([1.0]), RowGradAccumulator())
+
+
+def test_accumulator_sums_bf16_chunks_in_fp32() -> None:
+    acc = RowGradAccumulator()
+    chunk = torch.full((1, 2), 1.0 + 2**-7, dtype=torch.bfloat16)
+    for _ in range(3):
+        acc.add(torch.tensor([0]), chunk.clone())
+    _, grad = acc.reduce()
+    assert grad.dtype == torch.float32
+    assert grad[0, 0].item() == 3 * (1 + 2**-7)

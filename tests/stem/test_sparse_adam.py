@@ -1,0 +1,184 @@
+"""SparseRowAdamW (lazy) against torch.optim.AdamW and a per-row reference."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from stem_megatron.stem.sparse_adam import SparseRowAdamW
+
+V, D = 40, 6
+BETAS = (0.9, 0.999)
+EPS = 1e-8
+WD = 0.1
+
+
+def _lr(step: int, total: int = 60, peak: float = 1e-2, warmup: int = 5) -> float:
+    """Warmup + cosine: a different LR on every step."""
+    if step <= warmup:
+        return peak * step / warmup
+    progress = (step - warmup) / (total - warmup)
+    return 1e-4 + 0.5 * (peak - 1e-4) * (1 + math.cos(math.pi * progress))
+
+
+def _table(seed: int = 0, vocab: int = V) -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.randn(vocab, D, generator=torch.Generator().manual_seed(seed)) * 0.05)
+
+
+def test_fixed_rows_match_torch_adamw() -> None:
+    table = _table()
+    start = table.detach().clone()
+    rows = torch.tensor([1, 4, 5, 17, 30, 39])
+    ref = torch.nn.Parameter(start[rows].clone())
+    ref_opt = torch.optim.AdamW([ref], lr=1.0, betas=BETAS, eps=EPS, weight_decay=WD, foreach=False)
+    opt = SparseRowAdamW({"u": table}, betas=BETAS, eps=EPS, weight_decay=WD)
+    gen = torch.Generator().manual_seed(1)
+    for step in range(1, 61):
+        lr = _lr(step)
+        grad = torch.randn(len(rows), D, generator=gen) * 0.1
+        # Small-magnitude gradients in one row: there sqrt(v) is near eps.
+        grad[2] *= 1e-6
+        ref.grad = grad.clone()
+        ref_opt.param_groups[0]["lr"] = lr
+        ref_opt.step()
+        opt.step({"u": (rows, grad)}, lr=lr)
+        assert table.grad is None
+    assert opt.step_count == 60
+    got = table.detach()
+    torch.testing.assert_close(got[rows], ref.detach(), rtol=1e-6, atol=0)
+    assert not torch.equal(got[rows], start[rows])
+    torch.testing.assert_close(opt.exp_avg["u"][rows], ref_opt.state[ref]["exp_avg"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(opt.exp_avg_sq["u"][rows], ref_opt.state[ref]["exp_avg_sq"], rtol=1e-6, atol=0)
+    idle = torch.ones(V, dtype=torch.bool)
+    idle[rows] = False
+    assert torch.equal(got[idle], start[idle])
+    assert not opt.exp_avg["u"][idle].any() and not opt.exp_avg_sq["u"][idle].any()
+
+
+class _LazyRowReference:
+    """The lazy semantics one row at a time, in float64: a second, loop-based reading of them."""
+
+    def __init__(self, table: torch.Tensor) -> None:
+        self.p = table.detach().double().clone()
+        self.m = torch.zeros_like(self.p)
+        self.v = torch.zeros_like(self.p)
+
+    def step(self, ids: torch.Tensor, grad: torch.Tensor, lr: float, t: int) -> None:
+        """Step number t of the optimizer (global: counts steps where this table was idle)."""
+        b1, b2 = BETAS
+        for i, row in enumerate(ids.tolist()):
+            g = grad[i].double()
+            self.p[row] *= 1 - lr * WD
+            self.m[row] = b1 * self.m[row] + (1 - b1) * g
+            self.v[row] = b2 * self.v[row] + (1 - b2) * g * g
+            m_hat = self.m[row] / (1 - b1**t)
+            v_hat = self.v[row] / (1 - b2**t)
+            self.p[row] -= lr * m_hat / (v_hat.sqrt() + EPS)
+
+
+def _random_rows(gen: torch.Generator, vocab: int) -> torch.Tensor:
+    n = int(torch.randint(1, vocab // 2, (1,), generator=gen))
+    return torch.randperm(vocab, generator=gen)[:n].sort().values
+
+
+def test_varying_rows_match_per_row_reference() -> None:
+    tables = {"a": _table(0), "b": _table(1, vocab=25)}
+    refs = {name: _LazyRowReference(t) for name, t in tables.items()}
+    opt = SparseRowAdamW(tables, betas=BETAS, eps=EPS, weight_decay=WD)
+    gen = torch.Generator().manual_seed(2)
+    for step in range(1, 61):
+        lr = _lr(step)
+        grads = {}
+        for name, table in tables.items():
+            # Table "b" sits out every third step; the global step still counts for it.
+            if name == "b" and step % 3 == 0:
+                continue
+            ids = _random_rows(gen, table.shape[0])
+            grad = torch.randn(len(ids), D, generator=gen) * 0.1
+            grads[name] = (ids, grad)
+            refs[name].step(ids, grad, lr, step)
+        opt.step(grads, lr=lr)
+    for name, table in tables.items():
+        torch.testing.assert_close(table.detach().double(), refs[name].p, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(opt.exp_avg[name].double(), refs[name].m, rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(opt.exp_avg_sq[name].double(), refs[name].v, rtol=1e-5, atol=1e-12)
+
+
+def test_skipped_table_still_counts_step() -> None:
+    table = _table()
+    opt = SparseRowAdamW({"u": table, "w": _table(1)}, betas=BETAS, eps=EPS)
+    for _ in range(4):
+        opt.step({"w": (torch.tensor([0]), torch.ones(1, D))}, lr=0.1)
+    before = table.detach().clone()
+    opt.step({"u": (torch.tensor([3]), torch.ones(1, D)), "w": (torch.tensor([], dtype=torch.long), torch.ones(0, D))}, lr=0.1)
+    # Step 5 with m = 0.1 g, v = 0.001 g^2: p moves by lr * (0.1 / (1 - 0.9^5)) / sqrt(0.001 / (1 - 0.999^5)).
+    expected = 0.1 * (0.1 / (1 - 0.9**5)) / math.sqrt(0.001 / (1 - 0.999**5))
+    torch.testing.assert_close(before[3] - table.detach()[3], torch.full((D,), expected), rtol=1e-5, atol=0)
+
+
+def _run(opt: SparseRowAdamW, gen: torch.Generator, steps: range) -> None:
+    for step in steps:
+        ids = _random_rows(gen, V)
+        opt.step({"u": (ids, torch.randn(len(ids), D, generator=gen))}, lr=_lr(step))
+
+
+def test_state_dict_round_trip_continues_identically() -> None:
+    table = _table()
+    opt = SparseRowAdamW({"u": table}, betas=BETAS, eps=EPS, weight_decay=WD)
+    _run(opt, torch.Generator().manual_seed(3), range(1, 21))
+
+    saved = opt.state_dict()
+    assert saved["step"] == 20 and isinstance(saved["step"], int)
+    assert saved["tables"]["u"]["exp_avg"].shape == (V, D)
+    saved = {"step": saved["step"], "tables": {"u": {k: t.clone() for k, t in saved["tables"]["u"].items()}}}
+    table_copy = torch.nn.Parameter(table.detach().clone())
+    resumed = SparseRowAdamW({"u": table_copy}, betas=BETAS, eps=EPS, weight_decay=WD)
+    resumed.load_state_dict(saved)
+    assert resumed.step_count == 20
+
+    _run(opt, torch.Generator().manual_seed(4), range(21, 41))
+    _run(resumed, torch.Generator().manual_seed(4), range(21, 41))
+    assert torch.equal(table.detach(), table_copy.detach())
+    assert torch.equal(opt.exp_avg["u"], resumed.exp_avg["u"])
+    assert torch.equal(opt.exp_avg_sq["u"], resumed.exp_avg_sq["u"])
+
+
+def test_load_state_dict_rejects_wrong_shape_and_names() -> None:
+    opt = SparseRowAdamW({"decoder.layers.1.mlp.stem_table": _table()})
+    sd = opt.state_dict()
+    bad = {"step": 3, "tables": {"decoder.layers.1.mlp.stem_table": {"exp_avg": torch.zeros(V + 1, D), "exp_avg_sq": torch.zeros(V, D)}}}
+    with pytest.raises(ValueError, match=r"decoder\.layers\.1\.mlp\.stem_table.*\(41, 6\).*\(40, 6\)"):
+        opt.load_state_dict(bad)
+    assert opt.step_count == 0
+    with pytest.raises(KeyError, match="missing tables.*stem_table.*unexpected.*other"):
+        opt.load_state_dict({"step": 1, "tables": {"other": sd["tables"]["decoder.layers.1.mlp.stem_table"]}})
+
+
+def test_bf16_table_updates_in_fp32_state() -> None:
+    table = torch.nn.Parameter(_table().detach().bfloat16())
+    opt = SparseRowAdamW({"u": table}, weight_decay=WD)
+    ref = _table().detach()[[2, 9]].clone()
+    ref_opt = torch.optim.AdamW([ref.requires_grad_()], lr=1e-2, weight_decay=WD)
+    grad = torch.randn(2, D, generator=torch.Generator().manual_seed(5))
+    ref.grad = grad.clone()
+    ref_opt.step()
+    opt.step({"u": (torch.tensor([2, 9]), grad)}, lr=1e-2)
+    assert table.dtype == torch.bfloat16 and opt.exp_avg["u"].dtype == torch.float32
+    # The bf16 start rows equal the fp32 ones to bf16 precision, so the result does too.
+    torch.testing.assert_close(table.detach()[[2, 9]].float(), ref.detach(), rtol=1e-2, atol=1e-3)
+
+
+def test_rejects_bad_gradients() -> None:
+    opt = SparseRowAdamW({"u": _table()})
+    with pytest.raises(ValueError, match="sorted and unique"):
+        opt.step({"u": (torch.tensor([3, 3]), torch.ones(2, D))})
+    with pytest.raises(ValueError, match=r"grad \[m, 6\]"):
+        opt.step({"u": (torch.tensor([3]), torch.ones(1, D + 1))})
+    with pytest.raises(IndexError, match="0, 40"):
+        opt.step({"u": (torch.tensor([40]), torch.ones(1, D))})
+    with pytest.raises(KeyError, match="unknown tables"):
+        opt.step({"v": (torch.tensor([3]), torch.ones(1, D))})
+    # A rejected step does not count.
+    assert opt.step_count == 0
