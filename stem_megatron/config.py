@@ -1,0 +1,296 @@
+"""Run configuration: nested dataclasses, loaded from YAML plus dotted command-line overrides.
+
+Field names follow Megatron-LM where one exists (tensor_model_parallel_size, micro_batch_size,
+lr_warmup_iters, save_interval, ...), so Megatron users can read a config at a glance.
+Every value is type-checked on load; an unknown key or a wrong type is an error that names
+the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or inconsistent."""
+
+
+@dataclass
+class ModelConfig:
+    num_layers: int = 4
+    hidden_size: int = 256
+    ffn_hidden_size: int = 768
+    num_attention_heads: int = 8
+    num_query_groups: int = 4  # grouped-query attention: KV heads
+    seq_length: int = 256
+    vocab_size: int | None = None  # None: the tokenizer's vocab size
+    make_vocab_size_divisible_by: int = 128  # embedding/head padding; tables are never padded
+    untie_embeddings_and_output_weights: bool = False
+    rope_theta: float = 10000.0
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+
+
+@dataclass
+class StemOptimizerConfig:
+    mode: str = "lazy"  # lazy: only rows with a gradient move (torch SparseAdam semantics)
+    lr: float | None = None  # None: optim.lr. Follows the same schedule as the dense groups.
+    weight_decay: float = 0.0
+
+
+@dataclass
+class StemConfig:
+    enabled: bool = True
+    layers: list[int] | None = None  # None: every other layer from layer 1 (the paper's 1/2)
+    optimizer: StemOptimizerConfig = field(default_factory=StemOptimizerConfig)
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    lr_warmup_iters: int = 0
+    lr_decay_iters: int | None = None  # None: train.train_iters
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0  # global norm over dense parameters and STEM tables; 0 disables
+
+
+@dataclass
+class DataConfig:
+    tokenizer: str = "data/prepared/tokenizer.json"
+    train_data: str = "data/prepared/shakespeare_train"  # indexed dataset prefix (.bin/.idx)
+    valid_data: str | None = "data/prepared/shakespeare_val"
+
+
+@dataclass
+class TrainConfig:
+    micro_batch_size: int = 8
+    global_batch_size: int = 8  # a multiple of micro_batch_size x data-parallel size
+    train_iters: int = 100
+    seed: int = 1234
+    eval_interval: int = 50
+    eval_iters: int = 10
+    bf16: bool = False  # bf16 autocast; parameters and optimizer states stay fp32
+
+
+@dataclass
+class CheckpointConfig:
+    save: str | None = None  # None: <run_dir>/checkpoints
+    load: str | None = None  # a step dir, a checkpoints dir or a run dir (follows `latest`)
+    save_interval: int = 0  # 0: only at the end
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str | None = None  # None: runs/<config name>
+    log_interval: int = 10
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    stem: StemConfig = field(default_factory=StemConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.logging.run_dir or Path("runs") / self.name)
+
+    @property
+    def save_dir(self) -> Path:
+        return Path(self.checkpoint.save) if self.checkpoint.save else self.run_dir / "checkpoints"
+
+    def stem_layers(self) -> list[int]:
+        """The layer indices with a STEM FFN (empty when STEM is disabled)."""
+        if not self.stem.enabled:
+            return []
+        if self.stem.layers is None:
+            return list(range(1, self.model.num_layers, 2))
+        return sorted(self.stem.layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _check_value(key: str, value: Any, tp: Any) -> Any:
+    """Return `value` converted to `tp`, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_value(key, value, arg)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_check_value(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "3e-4" (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and (type(value) is not tp):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        raise ConfigError(
+            f"unknown key '{prefix}{unknown[0]}'; allowed in "
+            f"'{prefix.rstrip('.') or 'the top level'}': {', '.join(names)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _check_value(f"{prefix}{name}", value, tp)
+    return cls(**kwargs)
+
+
+def _apply_override(tree: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override '{override}' is not of the form section.key=value")
+    dotted, raw = override.split("=", 1)
+    parts = dotted.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{part}' is not a section")
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{override}': value is not valid YAML ({exc})") from exc
+
+
+def _dataclass_tree(cls: type) -> dict[str, Any]:
+    """Default values of `cls` as a nested dict, so overrides can be merged into it."""
+    return dataclasses.asdict(cls())
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+    return base
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a YAML config (defaults when None), apply `section.key=value` overrides, validate."""
+    tree: dict[str, Any] = {}
+    name = "run"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
+        tree = loaded
+        name = path.stem
+    tree.setdefault("name", name)
+    for override in overrides or []:
+        _apply_override(tree, override)
+    config = _build(RunConfig, _merge(_dataclass_tree(RunConfig), tree), "")
+    validate(config)
+    return config
+
+
+def validate(config: RunConfig) -> None:
+    """Checks that need several fields at once; each message names the numbers involved."""
+    m, t, o = config.model, config.train, config.optim
+
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(message)
+
+    for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                "num_query_groups", "seq_length", "make_vocab_size_divisible_by"):
+        require(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
+    require(m.hidden_size % m.num_attention_heads == 0,
+            f"model.hidden_size ({m.hidden_size}) must be divisible by "
+            f"model.num_attention_heads ({m.num_attention_heads})")
+    require(m.num_attention_heads % m.num_query_groups == 0,
+            f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
+            f"model.num_query_groups ({m.num_query_groups})")
+    require(m.vocab_size is None or m.vocab_size > 0, f"model.vocab_size must be positive")
+    layers = config.stem.layers or []
+    bad = [i for i in layers if not 0 <= i < m.num_layers]
+    require(not bad, f"stem.layers {bad} out of range: the model has layers 0..{m.num_layers - 1}")
+    require(len(set(layers)) == len(layers), f"stem.layers has duplicates: {layers}")
+    require(config.stem.optimizer.mode in ("lazy",),
+            f"stem.optimizer.mode must be 'lazy', got '{config.stem.optimizer.mode}'")
+    for key in ("micro_batch_size", "global_batch_size", "train_iters", "eval_iters"):
+        require(getattr(t, key) > 0, f"train.{key} must be positive, got {getattr(t, key)}")
+    require(t.global_batch_size % t.micro_batch_size == 0,
+            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
+            f"train.micro_batch_size ({t.micro_batch_size})")
+    require(t.eval_interval >= 0, "train.eval_interval must be >= 0 (0: only at the end)")
+    require(o.lr_decay_style in ("cosine", "linear", "constant"),
+            f"optim.lr_decay_style must be cosine, linear or constant, got '{o.lr_decay_style}'")
+    require(0 <= o.min_lr <= o.lr, f"optim.min_lr ({o.min_lr}) must be in [0, optim.lr ({o.lr})]")
+    require(o.clip_grad >= 0, f"optim.clip_grad must be >= 0, got {o.clip_grad}")
+    require(config.checkpoint.save_interval >= 0, "checkpoint.save_interval must be >= 0")
+    require(config.logging.log_interval > 0, "logging.log_interval must be positive")
+    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        value = getattr(config.parallel, key)
+        require(value >= 1, f"parallel.{key} must be >= 1, got {value}")
+
+
+def save_config(config: RunConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    tmp.replace(path)

@@ -1,0 +1,62 @@
+"""How a parameter's full (logical) tensor maps to the slice one tensor-parallel rank holds.
+
+Every parameter is initialised from its full tensor, generated from (seed, parameter name),
+and then sliced; so a model built under any TP layout holds exactly the slices of the
+single-process model, and checkpoints can store the full logical tensor.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class TPShard:
+    """`dim`: the split dimension. `chunks`: the full tensor is `chunks` blocks stacked along
+    `dim` and each block is split separately (megatron's fused gate/up `linear_fc1` is
+    [gate; up] in full and [gate_r; up_r] on rank r)."""
+
+    dim: int
+    chunks: int = 1
+
+
+def set_tp_shard(param: torch.nn.Parameter, shard: TPShard | None) -> None:
+    param.tp_shard = shard
+
+
+def get_tp_shard(param: torch.Tensor) -> TPShard | None:
+    return getattr(param, "tp_shard", None)
+
+
+def full_shape(param: torch.Tensor, tp_size: int) -> tuple[int, ...]:
+    shape = list(param.shape)
+    shard = get_tp_shard(param)
+    if shard is not None:
+        shape[shard.dim] *= tp_size
+    return tuple(shape)
+
+
+def local_slice(full: torch.Tensor, shard: TPShard | None, tp_rank: int, tp_size: int) -> torch.Tensor:
+    """The part of `full` that TP rank `tp_rank` of `tp_size` holds."""
+    if shard is None or tp_size == 1:
+        return full
+    blocks = full.chunk(shard.chunks, dim=shard.dim)
+    return torch.cat([b.chunk(tp_size, dim=shard.dim)[tp_rank] for b in blocks], dim=shard.dim)
+
+
+def gather_full(slices: list[torch.Tensor], shard: TPShard | None) -> torch.Tensor:
+    """Inverse of `local_slice`: the full tensor from every TP rank's slice, in rank order."""
+    if shard is None or len(slices) == 1:
+        return slices[0]
+    per_rank = [s.chunk(shard.chunks, dim=shard.dim) for s in slices]
+    blocks = [torch.cat([p[c] for p in per_rank], dim=shard.dim) for c in range(shard.chunks)]
+    return torch.cat(blocks, dim=shard.dim)
+
+
+def param_generator(seed: int, name: str) -> torch.Generator:
+    """A generator that depends only on the run seed and the parameter's name, so a
+    parameter's initial value does not depend on which stage or rank builds it."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))

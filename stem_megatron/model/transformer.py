@@ -1,0 +1,223 @@
+"""The STEM language model: a Llama-style decoder built from megatron-core's parallel layers.
+
+RMSNorm, RoPE, grouped-query attention through `F.scaled_dot_product_attention`, SwiGLU FFN,
+and the STEM FFN in the layers of `stem_layers`. Activations are [seq, batch, hidden] as in
+megatron-core. Parameter names follow megatron-core's GPTModel (local spec):
+
+    embedding.word_embeddings.weight
+    decoder.layers.N.input_layernorm.weight
+    decoder.layers.N.self_attention.linear_qkv.weight   [groups x (q heads/group + 2) x head_dim, h]
+    decoder.layers.N.self_attention.linear_proj.weight
+    decoder.layers.N.pre_mlp_layernorm.weight
+    decoder.layers.N.mlp.linear_fc1.weight              dense: [gate; up]; STEM: gate only
+    decoder.layers.N.mlp.stem_table.weight              STEM layers: [vocab, d_ff]
+    decoder.layers.N.mlp.linear_fc2.weight
+    decoder.final_layernorm.weight
+    output_layer.weight                                 only when untied
+
+N is the global layer number on every pipeline stage. Every STEM layer needs the token ids,
+so `forward` takes `input_ids` on every stage, not only the first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from megatron.core import ModelParallelConfig
+from megatron.core.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
+                                           vocab_parallel_cross_entropy)
+
+from stem_megatron.config import ModelConfig
+from stem_megatron.model.sharding import (TPShard, full_shape, get_tp_shard, local_slice,
+                                          param_generator, set_tp_shard)
+from stem_megatron.model.stem_ffn import StemMLP, SwiGLUMLP, column_linear, row_linear
+from stem_megatron.stem.table import StemTable, xavier_normal_std
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
+    """Embedding/head rows: rounded up independently of TP, so every layout has the same model."""
+    return int(math.ceil(vocab_size / divisible_by) * divisible_by)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model instance is: the architecture plus which part of it this rank builds."""
+
+    model: ModelConfig
+    vocab_size: int  # the tokenizer's exact vocab: STEM table rows
+    stem_layers: tuple[int, ...]
+    tp_size: int = 1
+    tp_rank: int = 0
+    layers: tuple[int, ...] | None = None  # global layer numbers on this stage; None: all
+    pre_process: bool = True  # holds the embedding
+    post_process: bool = True  # holds the final norm, the head and the loss
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return padded_vocab_size(self.vocab_size, self.model.make_vocab_size_divisible_by)
+
+    @property
+    def local_layers(self) -> tuple[int, ...]:
+        return self.layers if self.layers is not None else tuple(range(self.model.num_layers))
+
+
+def megatron_config(spec: ModelSpec) -> ModelParallelConfig:
+    # Parameters are created on the CPU and initialised by us from full tensors (see
+    # sharding.py), so any TP layout holds exactly the single-process model's slices.
+    return ModelParallelConfig(tensor_model_parallel_size=spec.tp_size,
+                               use_cpu_initialization=True, perform_initialization=False,
+                               gradient_accumulation_fusion=False, params_dtype=torch.float32)
+
+
+def rotary_cos_sin(seq_length: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    freqs = torch.outer(torch.arange(seq_length, dtype=torch.float64), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [b, heads, s, d]; rotate-half convention (as Llama and megatron's non-interleaved)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype)).to(x.dtype)
+
+
+class SelfAttention(torch.nn.Module):
+    def __init__(self, m: ModelConfig, config: ModelParallelConfig, tp_size: int):
+        super().__init__()
+        self.head_dim = m.hidden_size // m.num_attention_heads
+        self.heads_per_group = m.num_attention_heads // m.num_query_groups
+        self.local_groups = m.num_query_groups // tp_size
+        qkv_size = m.num_query_groups * (self.heads_per_group + 2) * self.head_dim
+        self.linear_qkv = column_linear(m.hidden_size, qkv_size, config)
+        self.linear_proj = row_linear(m.num_attention_heads * self.head_dim, m.hidden_size, config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        s, b, _ = x.shape
+        qkv = self.linear_qkv(x)[0].view(s, b, self.local_groups, self.heads_per_group + 2,
+                                         self.head_dim)
+        q = qkv[:, :, :, :self.heads_per_group].reshape(s, b, -1, self.head_dim)
+        k, v = qkv[:, :, :, self.heads_per_group], qkv[:, :, :, self.heads_per_group + 1]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.linear_proj(out.permute(2, 0, 1, 3).reshape(s, b, -1))[0]
+
+
+class TransformerLayer(torch.nn.Module):
+    def __init__(self, spec: ModelSpec, layer_number: int, config: ModelParallelConfig):
+        super().__init__()
+        m = spec.model
+        self.input_layernorm = torch.nn.RMSNorm(m.hidden_size, eps=m.norm_epsilon)
+        self.self_attention = SelfAttention(m, config, spec.tp_size)
+        self.pre_mlp_layernorm = torch.nn.RMSNorm(m.hidden_size, eps=m.norm_epsilon)
+        if layer_number in spec.stem_layers:
+            self.mlp = StemMLP(m.hidden_size, m.ffn_hidden_size, spec.vocab_size, config,
+                               spec.tp_size)
+        else:
+            self.mlp = SwiGLUMLP(m.hidden_size, m.ffn_hidden_size, config)
+
+    def forward(self, x, token_ids, cos, sin):
+        x = x + self.self_attention(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.pre_mlp_layernorm(x), token_ids)
+
+
+class TransformerBlock(torch.nn.Module):
+    def __init__(self, spec: ModelSpec, config: ModelParallelConfig):
+        super().__init__()
+        # Keyed by global layer number, so names agree across pipeline stages.
+        self.layers = torch.nn.ModuleDict(
+            {str(i): TransformerLayer(spec, i, config) for i in spec.local_layers})
+        if spec.post_process:
+            self.final_layernorm = torch.nn.RMSNorm(spec.model.hidden_size,
+                                                    eps=spec.model.norm_epsilon)
+
+
+class StemGPTModel(torch.nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        m = spec.model
+        if m.num_query_groups % spec.tp_size or m.ffn_hidden_size % spec.tp_size:
+            raise ValueError(
+                f"tensor_model_parallel_size ({spec.tp_size}) must divide "
+                f"model.num_query_groups ({m.num_query_groups}) and model.ffn_hidden_size "
+                f"({m.ffn_hidden_size})")
+        self.spec = spec
+        self.config = megatron_config(spec)
+        self.tied = not m.untie_embeddings_and_output_weights
+        if spec.pre_process:
+            self.embedding = torch.nn.Module()
+            self.embedding.word_embeddings = VocabParallelEmbedding(
+                spec.padded_vocab_size, m.hidden_size, init_method=lambda w: None,
+                config=self.config)
+            set_tp_shard(self.embedding.word_embeddings.weight, TPShard(dim=0))
+        self.decoder = TransformerBlock(spec, self.config)
+        if spec.post_process:
+            self.output_layer = ColumnParallelLinear(
+                m.hidden_size, spec.padded_vocab_size, config=self.config,
+                init_method=lambda w: None, bias=False, gather_output=False,
+                skip_weight_param_allocation=self.tied)
+            if not self.tied:
+                set_tp_shard(self.output_layer.weight, TPShard(dim=0))
+        cos, sin = rotary_cos_sin(m.seq_length, m.hidden_size // m.num_attention_heads,
+                                  m.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.input_tensor: torch.Tensor | None = None
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline stages after the first receive their hidden states here (megatron API)."""
+        self.input_tensor = input_tensor[0] if isinstance(input_tensor, list) else input_tensor
+
+    def stem_tables(self) -> dict[str, StemTable]:
+        return {name: mod for name, mod in self.named_modules() if isinstance(mod, StemTable)}
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids/labels: [b, s]. Returns per-token losses [b, s] when labels are given on
+        the last stage, logits [b, s, padded_vocab/TP] without labels, else hidden [s, b, h]."""
+        s = input_ids.shape[1]
+        if s > self.rope_cos.shape[0]:
+            raise ValueError(f"sequence of {s} tokens is longer than model.seq_length "
+                             f"({self.rope_cos.shape[0]})")
+        if self.spec.pre_process:
+            x = self.embedding.word_embeddings(input_ids).transpose(0, 1)
+        else:
+            x = self.input_tensor
+        token_ids = input_ids.transpose(0, 1)  # [s, b], the layout of the hidden states
+        cos, sin = self.rope_cos[:s], self.rope_sin[:s]
+        for layer in self.decoder.layers.values():
+            x = layer(x, token_ids, cos, sin)
+        if not self.spec.post_process:
+            return x
+        x = self.decoder.final_layernorm(x)
+        weight = self.embedding.word_embeddings.weight if self.tied else None
+        logits = self.output_layer(x, weight=weight)[0]  # [s, b, padded_vocab/TP]
+        if labels is None:
+            return logits.transpose(0, 1)
+        # vocab_parallel_cross_entropy overwrites its input; the logits are not reused.
+        labels = labels.transpose(0, 1).contiguous()
+        return vocab_parallel_cross_entropy(logits.float(), labels).transpose(0, 1)
+
+    @torch.no_grad()
+    def init_parameters(self, seed: int) -> None:
+        """Fill every parameter from its full tensor drawn from (seed, name), then slice."""
+        m = self.spec.model
+        out_std = m.init_method_std / math.sqrt(2.0 * m.num_layers)
+        for name, param in self.named_parameters():
+            shape = full_shape(param, self.spec.tp_size)
+            if name.endswith("layernorm.weight"):
+                full = torch.ones(shape)
+            else:
+                if name.endswith("stem_table.weight"):
+                    std = xavier_normal_std(*shape)
+                elif name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+                    std = out_std
+                else:
+                    std = m.init_method_std
+                full = torch.empty(shape).normal_(0.0, std, generator=param_generator(seed, name))
+            param.copy_(local_slice(full, get_tp_shard(param), self.spec.tp_rank,
+                                    self.spec.tp_size))

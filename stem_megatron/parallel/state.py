@@ -1,0 +1,107 @@
+"""The one object that knows the parallel layout of a run and hands out its groups.
+
+megatron-core keeps its process groups in module globals (`parallel_state`); this is the
+only module of ours that initialises or tears them down. Everything else receives a
+`ParallelState` and asks it for ranks, sizes and the device.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from stem_megatron.parallel import cpu_compat
+
+
+def _env_int(*names: str, default: int | None = None) -> int | None:
+    for name in names:
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return default
+
+
+@dataclass(frozen=True)
+class ParallelState:
+    rank: int
+    world_size: int
+    tp_size: int
+    pp_size: int
+    device: torch.device
+
+    @property
+    def dp_size(self) -> int:
+        return self.world_size // (self.tp_size * self.pp_size)
+
+    @property
+    def tp_rank(self) -> int:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_tensor_model_parallel_rank()
+
+    @property
+    def pp_rank(self) -> int:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_pipeline_model_parallel_rank()
+
+    @property
+    def dp_rank(self) -> int:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_rank()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def initialize(cls, tp_size: int = 1, pp_size: int = 1,
+                   timeout_s: float = 600.0) -> "ParallelState":
+        """Join (or create) the process group from torchrun/SLURM variables, then build
+        megatron-core's TP/PP/DP groups. Without launcher variables: a world of one."""
+        rank = _env_int("RANK", "SLURM_PROCID", default=0)
+        world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+        local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+        if world_size % (tp_size * pp_size) != 0:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tensor_model_parallel_size "
+                f"({tp_size}) x pipeline_model_parallel_size ({pp_size}); the data-parallel size "
+                f"must be a whole number: launch a multiple of {tp_size * pp_size} processes")
+        if torch.cuda.is_available():
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+            backend = "nccl"
+        else:
+            device = torch.device("cpu")
+            backend = "gloo"
+        cpu_compat.apply()
+        if not dist.is_initialized():
+            timeout = datetime.timedelta(seconds=timeout_s)
+            if world_size == 1 and "MASTER_ADDR" not in os.environ:
+                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                        timeout=timeout)
+            else:
+                dist.init_process_group(backend, rank=rank, world_size=world_size,
+                                        timeout=timeout)
+        from megatron.core import parallel_state
+
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size)
+        return cls(rank=rank, world_size=world_size, tp_size=tp_size, pp_size=pp_size,
+                   device=device)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def destroy(self) -> None:
+        from megatron.core import parallel_state
+
+        parallel_state.destroy_model_parallel()
+        if dist.is_initialized():
+            dist.destroy_process_group()
