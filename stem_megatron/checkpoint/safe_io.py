@@ -1,0 +1,106 @@
+"""DCP reading without unrestricted pickle.
+
+torch 2.13's DCP has two pickle paths on load (torch/distributed/checkpoint/):
+- filesystem.py FileSystemReader.read_metadata: `metadata = pickle.load(metadata_file)`
+  on the `.metadata` file, with no restriction at all;
+- default_planner.py DefaultLoadPlanner.load_bytes: `torch.load(value, weights_only=False)`
+  for every non-tensor (BYTE_IO) item.
+Tensor items are safe: FileSystemReader.read_data uses `torch.load(..., weights_only=True)`.
+
+We close both: `.metadata` is unpickled with an allow-list of DCP's own metadata
+classes, and the load planner refuses byte items outright (our saves never write
+them: non-tensor values live in JSON, see flatten.py).
+"""
+
+import collections
+import io
+import pathlib
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import filesystem as dcp_filesystem
+from torch.distributed.checkpoint import metadata as dcp_metadata
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
+
+from stem_megatron.checkpoint.errors import UnsafeCheckpointError
+
+# Everything DCP's `.metadata` pickle references for plain tensors, DTensors and
+# ShardedTensors: its metadata dataclasses/enums, torch.Size, dtypes, layouts, paths.
+# Globals resolve from this table only, never by importing what the file names.
+_ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
+    **{
+        ("torch.distributed.checkpoint.metadata", name): getattr(dcp_metadata, name)
+        for name in (
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorProperties",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "_MEM_FORMAT_ENCODING",
+        )
+    },
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"): dcp_filesystem._StorageInfo,
+    ("torch", "Size"): torch.Size,
+    # Rebuilds a layout from its name; torch's weights_only unpickler allows it too.
+    ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
+    ("pathlib", "PosixPath"): pathlib.PosixPath,
+    ("pathlib", "WindowsPath"): pathlib.WindowsPath,
+    ("pathlib", "PurePosixPath"): pathlib.PurePosixPath,
+    ("pathlib", "PureWindowsPath"): pathlib.PureWindowsPath,
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    # vars(), not getattr(): torch resolves some attributes lazily by importing modules.
+    **{("torch", name): v for name, v in vars(torch).items() if isinstance(v, torch.dtype)},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS:
+            return _ALLOWED_GLOBALS[(module, name)]
+        raise UnsafeCheckpointError(
+            f"checkpoint .metadata references {module}.{name}, which is not part of DCP "
+            "metadata; refusing to unpickle it"
+        )
+
+
+def read_dcp_metadata(path: str | Path) -> Metadata:
+    """Read a DCP `.metadata` file with the allow-listed unpickler."""
+    with open(Path(path) / ".metadata", "rb") as f:
+        try:
+            metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
+        except UnsafeCheckpointError:
+            raise
+        except Exception as e:
+            raise UnsafeCheckpointError(f"unreadable DCP metadata in {path}: {e}") from e
+    if not isinstance(metadata, Metadata):
+        raise UnsafeCheckpointError(f"{path}/.metadata holds a {type(metadata).__name__}, not DCP Metadata")
+    return metadata
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """FileSystemReader whose `.metadata` goes through the allow-listed unpickler."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        # Only the single global `.metadata` of a collective save is supported (what we write).
+        metadata = read_dcp_metadata(self.path)
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class TensorOnlyLoadPlanner(DefaultLoadPlanner):
+    """Load planner that never unpickles a non-tensor item."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        raise UnsafeCheckpointError(
+            f"checkpoint stores {read_item.dest_index.fqn!r} as pickled bytes; "
+            "stem_megatron checkpoints keep non-tensor values in JSON and never unpickle them"
+        )
