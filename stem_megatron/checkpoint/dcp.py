@@ -29,6 +29,7 @@ from typing import Any
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 
 from stem_megatron.checkpoint import layout
 from stem_megatron.checkpoint.compare import check_rank, merge_reports
@@ -110,12 +111,18 @@ def _merge_scalars(per_rank: list[dict[str, Scalar]]) -> dict[str, Scalar]:
 
 
 @contextlib.contextmanager
-def _quiet_single_process() -> Iterator[None]:
+def _calling_dcp() -> Iterator[None]:
     # DCP warns that it assumes a single process when torch.distributed is not
     # initialised; that is exactly our intent on a laptop run.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+        try:
+            yield
+        except CheckpointException as e:
+            # DCP wraps every rank's failure in a BaseException that `except Exception`
+            # misses; surface the lowest failing rank's own error, with DCP's report chained.
+            rank = min(e.failures)
+            raise e.failures[rank][0] from e
 
 
 class Checkpointer:
@@ -162,7 +169,7 @@ class Checkpointer:
         merged_scalars = _merge_scalars([g[1] for g in gathered])
         tmp = self.dir / gathered[0][2]
 
-        with _quiet_single_process():
+        with _calling_dcp():
             dcp.save(
                 tensors,
                 storage_writer=FileSystemWriter(tmp, sync_files=True),
@@ -215,7 +222,7 @@ class Checkpointer:
             raise mismatch
 
         present = {key: t for key, t in tensors.items() if key in dcp_metadata.state_dict_metadata}
-        with _quiet_single_process():
+        with _calling_dcp():
             dcp.load(
                 present,
                 storage_reader=SafeFileSystemReader(ckpt),

@@ -171,11 +171,11 @@ def _check_meta(prefix: str, required: bool, docs: int, tokens: int, bin_bytes: 
     return meta
 
 
-def check_token_range(dataset: TokenDataset, vocab_size: int) -> None:
+def check_token_range(dataset: TokenDataset, vocab_size: int, *, block_tokens: int = _CHUNK) -> None:
     """Raise if any token id is outside [0, vocab_size). Vectorised, in bounded blocks."""
     toks = dataset.tokens
-    for lo in range(0, toks.shape[0], _CHUNK):
-        block = toks[lo : lo + _CHUNK]
+    for lo in range(0, toks.shape[0], block_tokens):
+        block = toks[lo : lo + block_tokens]
         if block.max() < vocab_size and (block.dtype.kind == "u" or block.min() >= 0):
             continue
         bad = np.flatnonzero((block >= vocab_size) | (block < 0))

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
+from megatron.core.transformer import TransformerConfig
+from megatron.core.enums import ModelType
 from megatron.core.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
                                            vocab_parallel_cross_entropy)
 
@@ -64,12 +66,17 @@ class ModelSpec:
         return self.layers if self.layers is not None else tuple(range(self.model.num_layers))
 
 
-def megatron_config(spec: ModelSpec) -> ModelParallelConfig:
+def megatron_config(spec: ModelSpec) -> TransformerConfig:
+    """The megatron-core config our layers and megatron's schedules read."""
+    m = spec.model
     # Parameters are created on the CPU and initialised by us from full tensors (see
     # sharding.py), so any TP layout holds exactly the single-process model's slices.
-    return ModelParallelConfig(tensor_model_parallel_size=spec.tp_size,
-                               use_cpu_initialization=True, perform_initialization=False,
-                               gradient_accumulation_fusion=False, params_dtype=torch.float32)
+    return TransformerConfig(
+        num_layers=m.num_layers, hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_hidden_size, tensor_model_parallel_size=spec.tp_size,
+        use_cpu_initialization=True, perform_initialization=False,
+        gradient_accumulation_fusion=False, params_dtype=torch.float32)
 
 
 def rotary_cos_sin(seq_length: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,11 +133,18 @@ class TransformerLayer(torch.nn.Module):
         return x + self.mlp(self.pre_mlp_layernorm(x), token_ids)
 
 
+class GlobalLayers(torch.nn.ModuleDict):
+    """Layers named by their global layer number (so names agree across pipeline stages)
+    that iterate like a ModuleList, as megatron-core's schedules expect of `decoder.layers`."""
+
+    def __iter__(self):
+        return iter(self.values())
+
+
 class TransformerBlock(torch.nn.Module):
     def __init__(self, spec: ModelSpec, config: ModelParallelConfig):
         super().__init__()
-        # Keyed by global layer number, so names agree across pipeline stages.
-        self.layers = torch.nn.ModuleDict(
+        self.layers = GlobalLayers(
             {str(i): TransformerLayer(spec, i, config) for i in spec.local_layers})
         if spec.post_process:
             self.final_layernorm = torch.nn.RMSNorm(spec.model.hidden_size,
@@ -148,6 +162,7 @@ class StemGPTModel(torch.nn.Module):
                 f"({m.ffn_hidden_size})")
         self.spec = spec
         self.config = megatron_config(spec)
+        self.model_type = ModelType.encoder_or_decoder  # read by megatron-core's schedules
         self.tied = not m.untie_embeddings_and_output_weights
         if spec.pre_process:
             self.embedding = torch.nn.Module()
@@ -189,7 +204,7 @@ class StemGPTModel(torch.nn.Module):
             x = self.input_tensor
         token_ids = input_ids.transpose(0, 1)  # [s, b], the layout of the hidden states
         cos, sin = self.rope_cos[:s], self.rope_sin[:s]
-        for layer in self.decoder.layers.values():
+        for layer in self.decoder.layers:
             x = layer(x, token_ids, cos, sin)
         if not self.spec.post_process:
             return x

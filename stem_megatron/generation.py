@@ -1,0 +1,57 @@
+"""Sampling from a trained model: greedy, temperature and top-k.
+
+Without a KV cache the whole (cropped) context is recomputed per token: fine for the small
+models and short samples this serves (reports, smoke tests, the editing demo).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from stem_megatron.data.tokenizer import Tokenizer
+
+
+@torch.no_grad()
+def generate_ids(model: torch.nn.Module, prompt_ids: list[int], *, max_new_tokens: int,
+                 vocab_size: int, seq_length: int, temperature: float = 0.0,
+                 top_k: int | None = None, seed: int = 0,
+                 device: torch.device | str = "cpu") -> list[int]:
+    """Continue `prompt_ids`. temperature 0 is greedy; top_k keeps the k likeliest tokens."""
+    if not prompt_ids:
+        raise ValueError("the prompt is empty: give at least one token")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    generator = torch.Generator().manual_seed(seed)
+    ids = list(prompt_ids)
+    was_training = model.training
+    model.eval()
+    try:
+        for _ in range(max_new_tokens):
+            context = torch.tensor([ids[-seq_length:]], device=device)
+            logits = model(context)[0, -1, :vocab_size].float().cpu()  # drop vocab padding
+            if temperature == 0:
+                next_id = int(logits.argmax())
+            else:
+                logits = logits / temperature
+                if top_k is not None and top_k < vocab_size:
+                    kth = torch.topk(logits, top_k).values[-1]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                next_id = int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+            ids.append(next_id)
+    finally:
+        model.train(was_training)
+    return ids
+
+
+def generate_text(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, *,
+                  max_new_tokens: int = 50, temperature: float = 0.0, top_k: int | None = None,
+                  seed: int = 0) -> str:
+    """Prompt plus continuation, decoded."""
+    spec = model.spec
+    device = next(model.parameters()).device
+    ids = generate_ids(model, tokenizer.encode(prompt), max_new_tokens=max_new_tokens,
+                       vocab_size=spec.vocab_size, seq_length=spec.model.seq_length,
+                       temperature=temperature, top_k=top_k, seed=seed, device=device)
+    return tokenizer.decode(ids)

@@ -1,0 +1,63 @@
+"""Entry point: `python -m stem_megatron.train --config configs/tiny.yaml key=value ...`
+(also under torchrun). Parses the config, joins the process group, trains, reports."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from stem_megatron.config import ConfigError, load_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m stem_megatron.train", description="Train a STEM language model.")
+    parser.add_argument("--config", help="YAML config file (defaults for every key not given)")
+    parser.add_argument("--sample-prompt", default="ROMEO.",
+                        help="prompt for the short sample printed at the end ('' to skip)")
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value",
+                        help="dotted overrides, e.g. train.train_iters=200 stem.layers=[1,3]")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    from stem_megatron.generation import generate_text
+    from stem_megatron.parallel.state import ParallelState
+    from stem_megatron.training.trainer import Trainer
+
+    parallel = ParallelState.initialize(config.parallel.tensor_model_parallel_size,
+                                        config.parallel.pipeline_model_parallel_size)
+    try:
+        trainer = Trainer(config, parallel)
+        if parallel.is_main:
+            n = trainer.counts
+            print(f"model: {n.total_params / 1e6:.2f}M total / {n.active_params / 1e6:.2f}M active "
+                  f"parameters, STEM layers {list(trainer.stem_layers)}, "
+                  f"{n.flops_per_token / 1e6:.1f} MFLOPs/token; run dir {config.run_dir}",
+                  flush=True)
+        result = trainer.run()
+        if parallel.is_main:
+            val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+            print(f"done: step {result.step} | final train loss {result.train_loss:.4f} | "
+                  f"final val loss {val} | {result.tokens_per_s:,.0f} tok/s | "
+                  f"run dir {config.run_dir}", flush=True)
+            if args.sample_prompt:
+                sample = generate_text(trainer.model, trainer.tokenizer, args.sample_prompt,
+                                       max_new_tokens=60, temperature=0.8, top_k=40,
+                                       seed=config.train.seed)
+                print(f"sample: {sample!r}", flush=True)
+    finally:
+        parallel.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""The training loop: one object that builds a run's components and steps them.
+
+Each optimizer step runs the step's micro-batches through megatron-core's forward-backward
+schedule (no pipelining at PP=1; the pipelined schedules slot in unchanged), then clips the
+global norm over dense and table gradients, updates dense parameters with fused AdamW and the
+touched table rows with the row-sparse AdamW, logs, evaluates and checkpoints.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from stem_megatron.checkpoint.dcp import Checkpointer
+from stem_megatron.config import RunConfig, save_config
+from stem_megatron.data.indexed import check_vocab, open_dataset
+from stem_megatron.data.sampler import PackedSampleStream, ValidationBatches
+from stem_megatron.data.tokenizer import load_tokenizer
+from stem_megatron.model.accounting import count_model
+from stem_megatron.model.transformer import ModelSpec, StemGPTModel
+from stem_megatron.parallel.state import ParallelState
+from stem_megatron.training.lr_schedule import LRSchedule
+from stem_megatron.training.metrics import MetricsLogger
+from stem_megatron.training.optimizer import TrainingOptimizer
+from stem_megatron.training.progress import TrainingProgress
+from stem_megatron.training.state import TrainingState
+
+
+@dataclass
+class RunResult:
+    step: int
+    train_loss: float
+    val_loss: float | None
+    tokens_per_s: float
+
+
+def _loss_func(per_token_loss: torch.Tensor):
+    loss = per_token_loss.float().mean()
+    # clone: megatron-core's schedule divides the returned loss in place by the micro-batch count
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, parallel: ParallelState):
+        self.config, self.parallel = config, parallel
+        c = config
+        if parallel.world_size > 1:
+            raise NotImplementedError(
+                "multi-process training (TP/PP/DP) is not available yet; run one process")
+        self.tokenizer = load_tokenizer(c.data.tokenizer)
+        self.vocab_size = c.model.vocab_size or self.tokenizer.vocab_size
+        train_data = open_dataset(c.data.train_data, vocab_size=self.vocab_size)
+        check_vocab(train_data, self.vocab_size, self.tokenizer)
+        self.val_data = None
+        if c.data.valid_data:
+            self.val_data = open_dataset(c.data.valid_data, vocab_size=self.vocab_size)
+            check_vocab(self.val_data, self.vocab_size, self.tokenizer)
+
+        torch.manual_seed(c.train.seed)
+        self.stem_layers = tuple(c.stem_layers())
+        spec = ModelSpec(model=c.model, vocab_size=self.vocab_size, stem_layers=self.stem_layers,
+                         tp_size=parallel.tp_size, tp_rank=parallel.tp_rank)
+        self.model = StemGPTModel(spec).to(parallel.device)
+        self.model.init_parameters(c.train.seed)
+        self.optimizer = TrainingOptimizer(self.model, c)
+        self.schedule = LRSchedule.from_megatron(
+            lr=c.optim.lr, min_lr=c.optim.min_lr, lr_warmup_iters=c.optim.lr_warmup_iters,
+            train_iters=c.train.train_iters, lr_decay_iters=c.optim.lr_decay_iters,
+            lr_decay_style=c.optim.lr_decay_style)
+        self.counts = count_model(c.model, self.vocab_size, self.stem_layers)
+        self.num_microbatches = c.train.global_batch_size // (
+            c.train.micro_batch_size * parallel.dp_size)
+        self.train_stream = PackedSampleStream(
+            train_data.tokens, c.model.seq_length, c.train.micro_batch_size,
+            seed=c.train.seed, dp_rank=parallel.dp_rank, dp_size=parallel.dp_size)
+        self.val_batches = None
+        if self.val_data is not None:
+            self.val_batches = ValidationBatches(
+                self.val_data.tokens, c.model.seq_length, c.train.micro_batch_size,
+                c.train.eval_iters, dp_rank=parallel.dp_rank, dp_size=parallel.dp_size)
+        self.checkpointer = Checkpointer(c.save_dir)
+        self.state = TrainingState(self.model, self.optimizer, self.train_stream, parallel)
+        self.step = 0
+        if c.checkpoint.load:
+            self.step = self.state.load(self.checkpointer, c.checkpoint.load)
+        self.metrics = MetricsLogger(c.run_dir, enabled=parallel.is_main)
+        self.metrics.truncate_after(self.step)
+        if parallel.is_main:
+            save_config(c, c.run_dir / "config.yaml")
+
+    # -- one step ----------------------------------------------------------------------
+    def _autocast(self):
+        if not self.config.train.bf16:
+            return contextlib.nullcontext()
+        return torch.autocast(self.parallel.device.type, dtype=torch.bfloat16)
+
+    def _forward_step(self, data_iterator: Iterator[torch.Tensor], model: StemGPTModel):
+        tokens = next(data_iterator).to(self.parallel.device)
+        with self._autocast():
+            losses = model(tokens[:, :-1], labels=tokens[:, 1:])
+        return losses, _loss_func
+
+    def _run_schedule(self, batches: list[torch.Tensor], forward_only: bool) -> float:
+        forward_backward = get_forward_backward_func()
+        outputs = forward_backward(
+            forward_step_func=self._forward_step, data_iterator=iter(batches),
+            model=[self.model], num_microbatches=len(batches),
+            seq_length=self.config.model.seq_length,
+            micro_batch_size=self.config.train.micro_batch_size, forward_only=forward_only)
+        return sum(o["lm loss"].item() for o in outputs) / len(outputs)
+
+    def train_step(self) -> dict[str, float]:
+        self.optimizer.zero_grad()
+        batches = [next(self.train_stream) for _ in range(self.num_microbatches)]
+        loss = self._run_schedule(batches, forward_only=False)
+        metrics = {"loss/train": loss, "stem/unique_rows": float(self.optimizer.unique_rows())}
+        metrics.update(self.optimizer.step(self.schedule.factor(self.step)))
+        self.step += 1
+        return metrics
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        if self.val_batches is None:
+            return None
+        self.model.eval()
+        try:
+            return self._run_schedule(list(self.val_batches), forward_only=True)
+        finally:
+            self.model.train()
+
+    # -- the loop ----------------------------------------------------------------------
+    def run(self) -> RunResult:
+        c = self.config
+        tokens_per_step = c.train.global_batch_size * c.model.seq_length
+        static = {"params/total": float(self.counts.total_params),
+                  "params/active": float(self.counts.active_params),
+                  "throughput/flops_per_token": float(self.counts.flops_per_token)}
+        progress = TrainingProgress(c.train.train_iters, start_step=self.step,
+                                    log_interval=c.logging.log_interval,
+                                    enabled=self.parallel.is_main)
+        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        run_start, run_start_step = time.perf_counter(), self.step
+        val_loss, metrics = None, {}
+        with self.metrics, progress:
+            while self.step < c.train.train_iters:
+                metrics = self.train_step()
+                window_loss += metrics["loss/train"]
+                window_steps += 1
+                progress.update(self.step, loss=metrics["loss/train"], tokens=tokens_per_step,
+                                lr=metrics["optim/lr"], grad_norm=metrics["optim/grad_norm"])
+                last = self.step == c.train.train_iters
+                if self.step % c.logging.log_interval == 0 or last:
+                    elapsed = time.perf_counter() - window_start
+                    self.metrics.log(self.step, {
+                        **metrics, **static, "loss/train": window_loss / window_steps,
+                        "throughput/tokens_per_s": tokens_per_step * window_steps / elapsed})
+                    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+                if (c.train.eval_interval and self.step % c.train.eval_interval == 0) or last:
+                    val_loss = self.evaluate()
+                    if val_loss is not None:
+                        self.metrics.log(self.step, {"loss/val": val_loss})
+                        progress.message(f"step {self.step} | val_loss {val_loss:.4f}")
+                if (c.checkpoint.save_interval and self.step % c.checkpoint.save_interval == 0) \
+                        or last:
+                    path = self.state.save(self.checkpointer, self.step, c)
+                    progress.message(f"step {self.step} | saved {path}")
+        elapsed = time.perf_counter() - run_start
+        steps = self.step - run_start_step
+        return RunResult(step=self.step, train_loss=metrics.get("loss/train", math.nan),
+                         val_loss=val_loss,
+                         tokens_per_s=tokens_per_step * steps / elapsed if steps else 0.0)
