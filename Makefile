@@ -1,0 +1,37 @@
+# Two commands on a fresh machine:  `make train` (the main job)  and  `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+RUN_ID := $(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: install data train train-dense test test-slow clean-venv
+
+# The CPU wheel of torch is pinned first: an unpinned torch would pull a multi-GB CUDA build.
+# On a GPU cluster, install your own torch and then `pip install -r requirements.txt`.
+$(STAMP): requirements.txt constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q -c constraints.txt torch
+	$(PY) -m pip install -q -c constraints.txt -r requirements.txt
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Bundled corpus -> tokenizer (byte-level BPE, 8192) -> indexed train/val datasets; idempotent.
+data: $(STAMP)
+	$(PY) tools/prepare_corpus.py
+
+train: data
+	$(PY) -m stem_megatron.train --config configs/tiny.yaml logging.run_dir=runs/tiny-$(RUN_ID)
+
+train-dense: data
+	$(PY) -m stem_megatron.train --config configs/tiny_dense.yaml logging.run_dir=runs/tiny_dense-$(RUN_ID)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+clean-venv:
+	rm -rf $(VENV)
