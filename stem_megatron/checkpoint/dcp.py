@@ -110,6 +110,13 @@ def _merge_scalars(per_rank: list[dict[str, Scalar]]) -> dict[str, Scalar]:
     return merged
 
 
+def _read_json_object(path: Path) -> dict[str, Any]:
+    value = json.loads(path.read_text())
+    if not isinstance(value, dict):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, expected an object")
+    return value
+
+
 @contextlib.contextmanager
 def _calling_dcp() -> Iterator[None]:
     # DCP warns that it assumes a single process when torch.distributed is not
@@ -144,14 +151,16 @@ class Checkpointer:
 
         Refuses (CheckpointExistsError) if `step_<step>` exists. A crash at any point
         leaves earlier checkpoints and `latest` as they were; its tmp dir is removed by
-        the next successful save.
+        the next successful save. `metadata` is written from rank 0; every rank still
+        checks that its own is JSON-serialisable so all fail alike.
         """
         ranks = _Ranks(self.process_group)
         final = self.dir / layout.step_dir_name(step)
         error: BaseException | None = None
         tensors: dict[str, Any] = {}
         scalars: dict[str, Scalar] = {}
-        metadata_text = tmp_name = None
+        metadata_text = ""
+        tmp_name: str | None = None
         try:
             if not isinstance(step, int) or isinstance(step, bool) or step < 0:
                 raise ValueError(f"step must be a non-negative int, got {step!r}")
@@ -181,7 +190,7 @@ class Checkpointer:
         if ranks.rank == 0:
             try:
                 layout.write_durable(tmp / layout.SCALARS_JSON, json.dumps(merged_scalars, indent=1))
-                layout.write_durable(tmp / layout.METADATA_JSON, metadata_text)  # type: ignore[arg-type]
+                layout.write_durable(tmp / layout.METADATA_JSON, metadata_text)
                 layout.commit(tmp, final)
             except Exception as e:
                 outcome = e
@@ -209,8 +218,8 @@ class Checkpointer:
             ckpt = resolve(path)
             tensors, scalars = flatten_state(state)
             dcp_metadata = read_dcp_metadata(ckpt)
-            stored_scalars = json.loads((ckpt / layout.SCALARS_JSON).read_text())
-            metadata = json.loads((ckpt / layout.METADATA_JSON).read_text())
+            stored_scalars = _read_json_object(ckpt / layout.SCALARS_JSON)
+            metadata = _read_json_object(ckpt / layout.METADATA_JSON)
             report = check_rank(ranks.rank, tensors, scalars, dcp_metadata, stored_scalars)
         except Exception as e:
             error = e

@@ -19,7 +19,7 @@ import secrets
 import shutil
 from pathlib import Path
 
-from stem_megatron.checkpoint.errors import CheckpointNotFoundError
+from stem_megatron.checkpoint.errors import CheckpointExistsError, CheckpointNotFoundError
 
 LATEST = "latest"
 DCP_METADATA = ".metadata"
@@ -58,7 +58,7 @@ def commit(tmp: Path, final: Path) -> None:
     """Publish a finished tmp checkpoint dir as `final`, then point `latest` at it."""
     fsync_dir(tmp)
     if final.exists():  # os.rename onto an empty dir would succeed on POSIX: never overwrite
-        raise FileExistsError(f"{final} appeared while saving; refusing to overwrite it")
+        raise CheckpointExistsError(f"{final} appeared while saving; refusing to overwrite it")
     os.rename(tmp, final)
     fsync_dir(final.parent)
     pointer_tmp = final.parent / f"{TMP_PREFIX}{LATEST}_{secrets.token_hex(4)}"
