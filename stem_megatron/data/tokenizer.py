@@ -89,9 +89,6 @@ class HuggingFaceTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=False)
 
-    def to_json(self) -> str:
-        return self._tok.to_str()
-
 
 class SentencePieceTokenizer(Tokenizer):
     def __init__(self, path: Path):

@@ -1,15 +1,11 @@
 """Shared fixtures for the data tests: a small synthetic corpus and a tokenizer trained on it."""
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))  # tools/ is imported as a namespace package from the repo root
-
-from stem_megatron.data.tokenizer import train_bpe_tokenizer  # noqa: E402
+from stem_megatron.data.tokenizer import train_bpe_tokenizer
 
 _WORDS = (
     "the of and to a in that is was he for it with as his on be at by had not are but from "
