@@ -1,7 +1,8 @@
 """Two gloo ranks save and load one checkpoint; errors on one rank reach both.
 
-Each rank holds its own tensors and scalars under rank-named keys plus a replicated
-tensor and scalar under shared keys. Workers come from a forkserver with torch
+Each rank holds its own tensors and scalars under rank-named keys, a replicated
+tensor and scalar under shared keys, and a STEM-like table as a DTensor sharded by
+rows that is loaded back sharded by columns, and by one process as a plain tensor. Workers come from a forkserver with torch
 preloaded (a fresh interpreter per rank costs seconds of imports).
 """
 
@@ -15,12 +16,15 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
 
 from stem_megatron.checkpoint.dcp import Checkpointer
 from stem_megatron.checkpoint.errors import CheckpointExistsError, CheckpointMismatchError
 from stem_megatron.checkpoint.safe_io import read_dcp_metadata
 
 WORLD = 2
+TABLE = torch.arange(24.0).reshape(4, 6)
 
 
 def _state(rank: int, filled: bool) -> dict:
@@ -49,19 +53,26 @@ def _worker(rank: int, root: Path, init_file: Path) -> None:
                 assert torch.equal(loaded[group][key], value), (rank, key)
         assert loaded["sparse"] == saved["sparse"]
 
+        mesh = init_device_mesh("cpu", (WORLD,))
+        ckpt.save(2, {"table": distribute_tensor(TABLE, mesh, [Shard(0)])}, {"step": 2})
+        by_columns = {"table": distribute_tensor(torch.zeros(4, 6), mesh, [Shard(1)])}
+        ckpt.load(root / "step_2", by_columns)
+        assert by_columns["table"].to_local().shape == (4, 3)
+        assert torch.equal(by_columns["table"].full_tensor(), TABLE)
+
         # A shape error on rank 1 alone must stop rank 0 too (else it would hang in DCP).
         wrong = _state(rank, filled=False)
         if rank == 1:
             wrong["model"]["rank1.table"] = torch.zeros(5, 3)
         with pytest.raises(CheckpointMismatchError) as info:
-            ckpt.load(root, wrong)
+            ckpt.load(root / "step_1", wrong)
         assert (info.value.key, info.value.checkpoint_shape, info.value.expected_shape) == ("model.rank1.table", (3, 3), (5, 3))
 
         # A shared key with per-rank values is refused on every rank, before writing.
         conflicting = _state(rank, filled=True)
         conflicting["sparse"]["lr"] = 0.1 * (rank + 1)
         with pytest.raises(ValueError, match="'sparse.lr'"):
-            ckpt.save(2, conflicting, {"step": 2})
+            ckpt.save(3, conflicting, {"step": 3})
         # Only rank 0 sees step_1 exists; rank 1 must raise as well.
         with pytest.raises(CheckpointExistsError):
             ckpt.save(1, saved, {"step": 1})
@@ -89,8 +100,8 @@ def test_two_ranks_save_load_and_fail_together(tmp_path: Path) -> None:
     _run(root, tmp_path / "pg_init")
 
     # Committed once, by rank 0, with both ranks' shards and the replicated key once.
-    assert (root / "latest").read_text().strip() == "step_1"
-    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_1"]
+    assert (root / "latest").read_text().strip() == "step_2"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_1", "step_2"]
     step = root / "step_1"
     assert sorted(p.name for p in step.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     tensors = read_dcp_metadata(step).state_dict_metadata
@@ -107,9 +118,12 @@ def test_two_ranks_save_load_and_fail_together(tmp_path: Path) -> None:
     one = _state(1, filled=False)
     for group in both:
         both[group].update(one[group])
-    Checkpointer(root).load(root, both)
+    Checkpointer(root).load(root / "step_1", both)
     assert torch.equal(both["model"]["rank1.table"], torch.full((3, 3), 2.0))
     assert torch.equal(both["model"]["shared.weight"], torch.arange(6.0).reshape(2, 3))
     assert both["sparse"] == {"rank0.last_settled": 10, "lr": 0.5, "rank1.last_settled": 11}
     torch.manual_seed(101)
     assert torch.equal(both["rng"]["rank1"], torch.get_rng_state())
+    table = {"table": torch.zeros(4, 6)}
+    Checkpointer(root).load(root / "step_2", table)
+    assert torch.equal(table["table"], TABLE)
