@@ -148,6 +148,9 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        non_none = [a for a in args if a is not type(None)]
+        if len(non_none) == 1:  # Optional[X]: X's own message is the precise one
+            return _check_value(key, value, non_none[0])
         for arg in args:
             if arg is type(None):
                 continue
@@ -281,6 +284,10 @@ def validate(config: RunConfig) -> None:
     require(o.lr_decay_style in ("cosine", "linear", "constant"),
             f"optim.lr_decay_style must be cosine, linear or constant, got '{o.lr_decay_style}'")
     require(0 <= o.min_lr <= o.lr, f"optim.min_lr ({o.min_lr}) must be in [0, optim.lr ({o.lr})]")
+    decay_iters = o.lr_decay_iters if o.lr_decay_iters is not None else t.train_iters
+    require(0 <= o.lr_warmup_iters <= decay_iters,
+            f"optim.lr_warmup_iters ({o.lr_warmup_iters}) must be in [0, optim.lr_decay_iters "
+            f"(or train.train_iters when unset) = {decay_iters}]")
     require(o.clip_grad >= 0, f"optim.clip_grad must be >= 0, got {o.clip_grad}")
     require(config.checkpoint.save_interval >= 0, "checkpoint.save_interval must be >= 0")
     require(config.logging.log_interval > 0, "logging.log_interval must be positive")

@@ -33,10 +33,19 @@ def main(argv: list[str] | None = None) -> int:
     from stem_megatron.parallel.state import ParallelState
     from stem_megatron.training.trainer import Trainer
 
+    from stem_megatron.checkpoint.errors import (CheckpointExistsError, CheckpointMismatchError,
+                                                 CheckpointNotFoundError)
+
     parallel = ParallelState.initialize(config.parallel.tensor_model_parallel_size,
                                         config.parallel.pipeline_model_parallel_size)
     try:
-        trainer = Trainer(config, parallel)
+        try:
+            trainer = Trainer(config, parallel)
+        except (ValueError, NotImplementedError, CheckpointNotFoundError,
+                CheckpointMismatchError, CheckpointExistsError) as exc:
+            # Bad data, checkpoint or layout: say what and how to fix it, no traceback.
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         if parallel.is_main:
             n = trainer.counts
             print(f"model: {n.total_params / 1e6:.2f}M total / {n.active_params / 1e6:.2f}M active "

@@ -27,14 +27,16 @@ def _rotate(x: torch.Tensor, position: torch.Tensor, theta: float) -> torch.Tens
 
 
 class ReferenceGPT:
-    """Forward-only reference: `logits(input_ids)` -> [b, s, padded_vocab]."""
+    """Reference forward: `logits(input_ids)` -> [b, s, padded_vocab]. Differentiable when the
+    given weights require grad (tests compare gradients), so wrap calls in no_grad otherwise."""
 
     def __init__(self, model: ModelConfig, stem_layers: list[int] | tuple[int, ...],
                  state_dict: dict[str, torch.Tensor]):
         self.m = model
         self.stem_layers = set(stem_layers)
         # megatron-core layers add `_extra_state` entries (None) to state dicts: skip them.
-        self.w = {k: v.float() for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+        self.w = {k: v if v.dtype == torch.float32 else v.float()
+                  for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
 
     def _attention(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
         m, b, s = self.m, x.shape[0], x.shape[1]
@@ -64,7 +66,6 @@ class ReferenceGPT:
             gate, up = fc1.chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.w[prefix + "linear_fc2.weight"])
 
-    @torch.no_grad()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         m, eps = self.m, self.m.norm_epsilon
         x = self.w["embedding.word_embeddings.weight"][input_ids]

@@ -76,7 +76,8 @@ def megatron_config(spec: ModelSpec) -> TransformerConfig:
         num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
         ffn_hidden_size=m.ffn_hidden_size, tensor_model_parallel_size=spec.tp_size,
         use_cpu_initialization=True, perform_initialization=False,
-        gradient_accumulation_fusion=False, params_dtype=torch.float32)
+        gradient_accumulation_fusion=False, params_dtype=torch.float32,
+        cuda_graph_scope=[])  # megatron-core 0.16 warns on its own default ("full")
 
 
 def rotary_cos_sin(seq_length: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,58 @@
+"""Fixtures shared across test folders: a small real corpus prepared like the main job's,
+and a factory for tiny run configs that train in seconds on CPU."""
+
+from __future__ import annotations
+
+import json
+import lzma
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+
+from stem_megatron.config import RunConfig, load_config  # noqa: E402
+from stem_megatron.data.tokenizer import train_bpe_tokenizer  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def small_corpus(tmp_path_factory) -> dict[str, Path]:
+    """Six works of the bundled corpus (~0.7 MB), a 512-token BPE and train/val datasets."""
+    from tools.preprocess_data import preprocess
+
+    out = tmp_path_factory.mktemp("corpus")
+    with lzma.open(ROOT / "data/corpus/shakespeare.jsonl.xz", "rt") as fh:
+        works = [json.loads(next(fh)) for _ in range(6)]
+    # Split works into ~20 documents so the train/val split has something to split.
+    docs = [w["text"][i:i + 40_000] for w in works for i in range(0, len(w["text"]), 40_000)]
+    corpus = out / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    tokenizer = out / "tokenizer.json"
+    train_bpe_tokenizer(docs, 512, tokenizer)
+    preprocess([corpus], tokenizer, out / "small", val_fraction=0.1, seed=1)
+    return {"tokenizer": tokenizer, "train": out / "small_train", "val": out / "small_val"}
+
+
+@pytest.fixture
+def tiny_config(small_corpus, tmp_path):
+    """`tiny_config(*overrides)`: a 2-layer STEM model on the small corpus, run dir in tmp."""
+
+    def make(*overrides: str) -> RunConfig:
+        base = [
+            "model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64",
+            "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=32",
+            "model.make_vocab_size_divisible_by=64",
+            "train.micro_batch_size=2", "train.global_batch_size=4", "train.train_iters=6",
+            "train.eval_interval=3", "train.eval_iters=2", "optim.lr_warmup_iters=2",
+            "optim.lr=0.003", "optim.min_lr=0.0003", "logging.log_interval=1",
+            f"data.tokenizer={small_corpus['tokenizer']}",
+            f"data.train_data={small_corpus['train']}", f"data.valid_data={small_corpus['val']}",
+            f"logging.run_dir={tmp_path / 'run'}",
+        ]
+        return load_config(None, base + list(overrides))
+
+    return make
