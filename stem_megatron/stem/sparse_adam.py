@@ -79,6 +79,9 @@ class SparseRowAdamW:
     the tables for a checkpoint, an export or an edit. Cost: up to 221 replayed row-steps
     for a row that was idle long enough, so a step costs more than in lazy mode.
 
+    `fused=True` computes the touched rows' step with the kernel of torch.optim.AdamW(fused=True)
+    (same formula, one pass, ulp-level differences in p from the single-tensor path).
+
     The state (exp_avg, exp_avg_sq: full [V, d] fp32 tensors) lives on the table's device.
     The table is updated in place through `table.data`; a bf16 table is updated in fp32
     and rounded once when written back.
@@ -94,6 +97,7 @@ class SparseRowAdamW:
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         mode: Mode = "lazy",
+        fused: bool = False,
     ) -> None:
         if mode not in ("lazy", "exact"):
             raise ValueError(f"SparseRowAdamW mode must be 'lazy' or 'exact', got {mode!r}")
@@ -110,6 +114,7 @@ class SparseRowAdamW:
         self.eps = eps
         self.weight_decay = weight_decay
         self.mode: Mode = mode
+        self.fused = fused
         self.step_count = 0
         self.exp_avg: dict[str, Tensor] = {}
         self.exp_avg_sq: dict[str, Tensor] = {}
@@ -156,8 +161,18 @@ class SparseRowAdamW:
                 self._settled[name].index_fill_(0, ids, self.step_count)
 
     def _adamw_rows(self, p: Tensor, m: Tensor, v: Tensor, g: Tensor, lr: float, step: int) -> None:
-        """One torch.optim.AdamW step (single-tensor path, same op order) on gathered rows."""
+        """One torch.optim.AdamW step on gathered rows: the single-tensor path's ops in its
+        order, or with `fused` the kernel of AdamW(fused=True)."""
         beta1, beta2 = self.betas
+        if self.fused:
+            # One pass over the rows instead of ~10 (about 10x faster on CPU); p then differs
+            # from the single-tensor path by a few ulps, as AdamW(fused=True) does.
+            step_t = torch.tensor(float(step), device=p.device)
+            torch._fused_adamw_(
+                [p], [g], [m], [v], [], [step_t], lr=lr, beta1=beta1, beta2=beta2,
+                weight_decay=self.weight_decay, eps=self.eps, amsgrad=False, maximize=False,
+            )
+            return
         if self.weight_decay != 0:
             p.mul_(1 - lr * self.weight_decay)
         m.lerp_(g, 1 - beta1)

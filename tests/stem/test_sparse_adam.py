@@ -28,13 +28,16 @@ def _table(seed: int = 0, vocab: int = V) -> torch.nn.Parameter:
     return torch.nn.Parameter(torch.randn(vocab, D, generator=torch.Generator().manual_seed(seed)) * 0.05)
 
 
-def test_fixed_rows_match_torch_adamw() -> None:
+@pytest.mark.parametrize("fused", [False, True])
+def test_fixed_rows_match_torch_adamw(fused: bool) -> None:
     table = _table()
     start = table.detach().clone()
     rows = torch.tensor([1, 4, 5, 17, 30, 39])
     ref = torch.nn.Parameter(start[rows].clone())
-    ref_opt = torch.optim.AdamW([ref], lr=1.0, betas=BETAS, eps=EPS, weight_decay=WD, foreach=False)
-    opt = SparseRowAdamW({"u": table}, betas=BETAS, eps=EPS, weight_decay=WD)
+    ref_opt = torch.optim.AdamW(
+        [ref], lr=1.0, betas=BETAS, eps=EPS, weight_decay=WD, foreach=False, fused=fused or None
+    )
+    opt = SparseRowAdamW({"u": table}, betas=BETAS, eps=EPS, weight_decay=WD, fused=fused)
     gen = torch.Generator().manual_seed(1)
     for step in range(1, 61):
         lr = _lr(step)
