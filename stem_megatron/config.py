@@ -40,7 +40,7 @@ class ModelConfig:
 
 @dataclass
 class StemOptimizerConfig:
-    mode: str = "lazy"  # lazy: only rows with a gradient move (torch SparseAdam semantics)
+    mode: str = "lazy"  # lazy: only rows with a gradient move (SparseAdam); exact: = dense AdamW
     lr: float | None = None  # None: optim.lr. Follows the same schedule as the dense groups.
     weight_decay: float = 0.0
 
@@ -273,8 +273,8 @@ def validate(config: RunConfig) -> None:
     bad = [i for i in layers if not 0 <= i < m.num_layers]
     require(not bad, f"stem.layers {bad} out of range: the model has layers 0..{m.num_layers - 1}")
     require(len(set(layers)) == len(layers), f"stem.layers has duplicates: {layers}")
-    require(config.stem.optimizer.mode in ("lazy",),
-            f"stem.optimizer.mode must be 'lazy', got '{config.stem.optimizer.mode}'")
+    require(config.stem.optimizer.mode in ("lazy", "exact"),
+            f"stem.optimizer.mode must be 'lazy' or 'exact', got '{config.stem.optimizer.mode}'")
     for key in ("micro_batch_size", "global_batch_size", "train_iters", "eval_iters"):
         require(getattr(t, key) > 0, f"train.{key} must be positive, got {getattr(t, key)}")
     require(t.global_batch_size % t.micro_batch_size == 0,

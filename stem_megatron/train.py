@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    # megatron-core announces that its optional CUDA accelerators are absent; they are optional.
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed")
     from stem_megatron.generation import generate_text
     from stem_megatron.parallel.state import ParallelState
     from stem_megatron.training.trainer import Trainer
