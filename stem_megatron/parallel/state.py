@@ -55,6 +55,25 @@ class ParallelState:
         return parallel_state.get_data_parallel_rank()
 
     @property
+    def tp_group(self) -> dist.ProcessGroup:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_tensor_model_parallel_group()
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_data_parallel_group()
+
+    @property
+    def model_parallel_group(self) -> dist.ProcessGroup:
+        """TP x PP: the ranks that together hold one replica of the model."""
+        from megatron.core import parallel_state
+
+        return parallel_state.get_model_parallel_group()
+
+    @property
     def is_main(self) -> bool:
         return self.rank == 0
 

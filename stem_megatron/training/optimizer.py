@@ -9,9 +9,13 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.distributed as dist
 
 from stem_megatron.config import RunConfig
+from stem_megatron.model.sharding import get_tp_shard
+from stem_megatron.parallel.state import ParallelState
 from stem_megatron.stem.sparse_adam import SparseRowAdamW
+from stem_megatron.stem.sync import sync_replicated_row_grads
 from stem_megatron.stem.table import StemTable
 
 
@@ -21,8 +25,9 @@ def _no_weight_decay(name: str, param: torch.Tensor) -> bool:
 
 
 class TrainingOptimizer:
-    def __init__(self, model: torch.nn.Module, config: RunConfig):
+    def __init__(self, model: torch.nn.Module, config: RunConfig, parallel: ParallelState):
         o = config.optim
+        self.parallel = parallel
         self.clip_grad = o.clip_grad
         self.tables: dict[str, StemTable] = {
             name: mod for name, mod in model.named_modules() if isinstance(mod, StemTable)}
@@ -51,22 +56,42 @@ class TrainingOptimizer:
             table.grad_accumulator.clear()
 
     def unique_rows(self) -> int:
-        """Distinct table rows with a gradient this step, summed over tables."""
+        """Distinct table rows with a gradient this step (over all DP replicas once synced),
+        summed over this rank's tables."""
         return sum(t.grad_accumulator.num_rows for t in self.tables.values())
 
-    def grad_norm(self) -> float:
-        """L2 norm over every dense gradient and every table's combined row gradient."""
-        grads = [p.grad for p in self.dense_params if p.grad is not None]
-        squared = torch.zeros((), dtype=torch.float32)
-        if grads:
-            squared += torch.nn.utils.get_total_norm(grads).float().cpu() ** 2
+    def sync_table_grads(self) -> None:
+        """Average table row gradients over data-parallel replicas (DDP does the dense ones)."""
+        if self.parallel.dp_size == 1:
+            return
         for table in self.tables.values():
+            sync_replicated_row_grads(table.grad_accumulator, self.parallel.dp_group,
+                                      table.weight.shape[1], table.weight.device)
+
+    def grad_norm(self) -> float:
+        """L2 norm over every dense gradient and every table's combined row gradient, over the
+        whole model: TP-sharded gradients summed across ranks, TP-duplicated ones counted once."""
+        sharded = [p.grad for p in self.dense_params if p.grad is not None and get_tp_shard(p)]
+        duplicated = [p.grad for p in self.dense_params
+                      if p.grad is not None and not get_tp_shard(p)]
+        device = self.parallel.device
+        squared = torch.zeros((), dtype=torch.float32, device=device)
+        if sharded:
+            squared += torch.nn.utils.get_total_norm(sharded).float() ** 2
+        if duplicated and self.parallel.tp_rank == 0:
+            squared += torch.nn.utils.get_total_norm(duplicated).float() ** 2
+        for table in self.tables.values():  # column slices: sharded like the gate
             if not table.grad_accumulator.is_empty:
-                squared += table.grad_accumulator.squared_norm().cpu()
+                squared += table.grad_accumulator.squared_norm().float()
+        if self.parallel.tp_size * self.parallel.pp_size > 1:
+            dist.all_reduce(squared, group=self.parallel.model_parallel_group)
         return math.sqrt(squared.item())
 
     def step(self, lr_factor: float) -> dict[str, float]:
-        """Clip, then update dense parameters and touched table rows. Returns metrics."""
+        """Sync table rows over DP, clip, then update dense parameters and touched table rows.
+        Returns metrics."""
+        self.sync_table_grads()
+        unique_rows = self.unique_rows()
         norm = self.grad_norm()
         if not math.isfinite(norm):
             raise FloatingPointError(f"gradient norm is {norm}: training diverged "
@@ -84,11 +109,5 @@ class TrainingOptimizer:
                           if not t.grad_accumulator.is_empty},
                          lr=self.table_lr * lr_factor)
         return {"optim/grad_norm": norm, "optim/lr": self.base_lr * lr_factor,
-                "optim/table_lr": self.table_lr * lr_factor}
+                "optim/table_lr": self.table_lr * lr_factor, "stem/unique_rows": unique_rows}
 
-    def state_dict(self) -> dict:
-        return {"dense": self.dense.state_dict(), "stem": self.sparse.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.dense.load_state_dict(state["dense"])
-        self.sparse.load_state_dict(state["stem"])

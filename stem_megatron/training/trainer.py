@@ -13,9 +13,9 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import partial
 
 import torch
+import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from stem_megatron.checkpoint.dcp import Checkpointer
@@ -25,6 +25,7 @@ from stem_megatron.data.sampler import PackedSampleStream, ValidationBatches
 from stem_megatron.data.tokenizer import load_tokenizer
 from stem_megatron.model.accounting import count_model
 from stem_megatron.model.transformer import ModelSpec, StemGPTModel
+from stem_megatron.parallel.data_parallel import wrap_data_parallel
 from stem_megatron.parallel.state import ParallelState
 from stem_megatron.training.lr_schedule import LRSchedule
 from stem_megatron.training.metrics import MetricsLogger
@@ -51,9 +52,9 @@ class Trainer:
     def __init__(self, config: RunConfig, parallel: ParallelState):
         self.config, self.parallel = config, parallel
         c = config
-        if parallel.world_size > 1:
+        if parallel.pp_size > 1:
             raise NotImplementedError(
-                "multi-process training (TP/PP/DP) is not available yet; run one process")
+                "pipeline parallelism is not available yet; use parallel.pipeline_model_parallel_size=1")
         self.tokenizer = load_tokenizer(c.data.tokenizer)
         self.vocab_size = c.model.vocab_size or self.tokenizer.vocab_size
         train_data = open_dataset(c.data.train_data, vocab_size=self.vocab_size)
@@ -69,7 +70,9 @@ class Trainer:
                          tp_size=parallel.tp_size, tp_rank=parallel.tp_rank)
         self.model = StemGPTModel(spec).to(parallel.device)
         self.model.init_parameters(c.train.seed)
-        self.optimizer = TrainingOptimizer(self.model, c)
+        self.optimizer = TrainingOptimizer(self.model, c, parallel)
+        # What the schedule runs: DDP over the data-parallel group when DP > 1.
+        self.wrapped_model = wrap_data_parallel(self.model, parallel.dp_group, parallel.dp_size)
         self.schedule = LRSchedule.from_megatron(
             lr=c.optim.lr, min_lr=c.optim.min_lr, lr_warmup_iters=c.optim.lr_warmup_iters,
             train_iters=c.train.train_iters, lr_decay_iters=c.optim.lr_decay_iters,
@@ -108,19 +111,24 @@ class Trainer:
         return losses, _loss_func
 
     def _run_schedule(self, batches: list[torch.Tensor], forward_only: bool) -> float:
+        """Run `batches` as one step's micro-batches; the mean loss over the global batch."""
         forward_backward = get_forward_backward_func()
         outputs = forward_backward(
             forward_step_func=self._forward_step, data_iterator=iter(batches),
-            model=[self.model], num_microbatches=len(batches),
+            model=[self.wrapped_model], num_microbatches=len(batches),
             seq_length=self.config.model.seq_length,
             micro_batch_size=self.config.train.micro_batch_size, forward_only=forward_only)
-        return sum(o["lm loss"].item() for o in outputs) / len(outputs)
+        loss = torch.stack([o["lm loss"] for o in outputs]).mean()
+        if self.parallel.dp_size > 1:  # each replica saw its share of the global batch
+            dist.all_reduce(loss, group=self.parallel.dp_group)
+            loss /= self.parallel.dp_size
+        return loss.item()
 
     def train_step(self) -> dict[str, float]:
         self.optimizer.zero_grad()
         batches = [next(self.train_stream) for _ in range(self.num_microbatches)]
         loss = self._run_schedule(batches, forward_only=False)
-        metrics = {"loss/train": loss, "stem/unique_rows": float(self.optimizer.unique_rows())}
+        metrics = {"loss/train": loss}
         metrics.update(self.optimizer.step(self.schedule.factor(self.step)))
         self.step += 1
         return metrics

@@ -1,0 +1,47 @@
+"""Functions that run inside spawned training processes (see distributed_harness.py)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def full_parameters(trainer) -> dict[str, torch.Tensor]:
+    """This rank's parameters as full logical tensors (TP slices gathered)."""
+    from stem_megatron.model.sharding import gather_full, get_tp_shard
+
+    parallel = trainer.parallel
+    out = {}
+    for name, param in trainer.model.named_parameters():
+        shard = get_tp_shard(param)
+        local = param.detach().contiguous()
+        if shard is not None and parallel.tp_size > 1:
+            slices = [torch.empty_like(local) for _ in range(parallel.tp_size)]
+            dist.all_gather(slices, local, group=parallel.tp_group)
+            local = gather_full(slices, shard)
+        out[name] = local.clone()
+    return out
+
+
+def train_steps(overrides: list[str], steps: int, save_at: int | None = None) -> dict:
+    """Build a Trainer from overrides, run `steps` optimizer steps (saving a checkpoint after
+    step `save_at`), and report losses and full parameters."""
+    from stem_megatron.config import load_config
+    from stem_megatron.parallel.state import ParallelState
+    from stem_megatron.training.trainer import Trainer
+
+    config = load_config(None, overrides)
+    parallel = ParallelState.initialize(config.parallel.tensor_model_parallel_size,
+                                        config.parallel.pipeline_model_parallel_size)
+    try:
+        trainer = Trainer(config, parallel)
+        start = trainer.step
+        losses = []
+        for _ in range(steps):
+            losses.append(trainer.train_step()["loss/train"])
+            if save_at is not None and trainer.step == save_at:
+                trainer.state.save(trainer.checkpointer, trainer.step, config)
+        return {"start": start, "losses": losses, "params": full_parameters(trainer),
+                "layout": (parallel.tp_rank, parallel.pp_rank, parallel.dp_rank)}
+    finally:
+        parallel.destroy()
