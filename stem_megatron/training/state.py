@@ -15,9 +15,10 @@ import torch
 from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
                                                      set_optimizer_state_dict)
 
-from stem_megatron.checkpoint.dcp import Checkpointer
+from stem_megatron.checkpoint.dcp import Checkpointer, resolve
 from stem_megatron.checkpoint.model_state import (model_state, tp_mesh, unwrap,
                                                   wrap_optimizer_states)
+from stem_megatron.checkpoint.safe_io import read_dcp_metadata
 from stem_megatron.config import RunConfig
 from stem_megatron.data.sampler import PackedSampleStream
 from stem_megatron.parallel.state import ParallelState
@@ -55,12 +56,18 @@ class TrainingState:
         return checkpointer.save(step, self._state()[0], metadata)
 
     def load(self, checkpointer: Checkpointer, path: str) -> int:
-        """Restore everything from the checkpoint at `path`; returns its step."""
+        """Restore everything from the checkpoint at `path`; returns its step. A checkpoint
+        from another world size has other ranks' RNG states: every rank reads all of them
+        (so the load stays strict) and takes its own if there is one."""
         state, dense = self._state()
+        stored = read_dcp_metadata(resolve(path)).state_dict_metadata
+        state["rng"] = {key.split(".", 1)[1]: torch.empty(tuple(meta.size), dtype=torch.uint8)
+                        for key, meta in stored.items() if key.startswith("rng.")}
         metadata = checkpointer.load(path, state)
         dense["state"] = unwrap(state["optim"])
         set_optimizer_state_dict(self.model, self.optimizer.dense, dense)
         self.optimizer.sparse.load_state_dict(unwrap(state["stem_optim"]))
-        torch.set_rng_state(state["rng"][self._rng_key()])
+        if self._rng_key() in state["rng"]:
+            torch.set_rng_state(state["rng"][self._rng_key()])
         self.train_stream.load_state_dict(metadata["data"])
         return int(metadata["step"])

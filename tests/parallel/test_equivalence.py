@@ -78,3 +78,24 @@ def test_layout_matches_single_process(base_overrides, reference, world, extra):
     results = run_workers(world, train_steps, base_overrides + extra, STEPS)
     worst = assert_equivalent(results, reference)
     print(f"max relative difference {worst:.2e}")
+
+
+@pytest.mark.parametrize("save_world,save_extra,load_world,load_extra", [
+    (2, ["parallel.tensor_model_parallel_size=2"], 1, []),
+    (1, [], 2, ["parallel.tensor_model_parallel_size=2"]),
+    (2, [], 2, ["parallel.tensor_model_parallel_size=2"]),
+], ids=["tp2-to-single", "single-to-tp2", "dp2-to-tp2"])
+def test_checkpoint_loads_under_another_layout(base_overrides, reference, tmp_path, save_world,
+                                               save_extra, load_world, load_extra):
+    """Save after step 3 under one layout, resume under another: steps 4-5 and the final
+    parameters equal the uninterrupted single-process run (DCP reshards on load)."""
+    saved = tmp_path / "saved"
+    run_workers(save_world, train_steps,
+                base_overrides + save_extra + [f"logging.run_dir={saved}"], 3, 3)
+    resumed = run_workers(
+        load_world, train_steps,
+        base_overrides + load_extra + [f"logging.run_dir={tmp_path / 'resumed'}",
+                                       f"checkpoint.load={saved}"], STEPS - 3)
+    assert all(r["start"] == 3 for r in resumed)
+    tail = {"losses": reference["losses"][3:], "params": reference["params"]}
+    assert_equivalent(resumed, tail)
