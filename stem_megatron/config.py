@@ -56,6 +56,8 @@ class StemConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    # Layers per pipeline stage, e.g. [7, 9, 9, 7]; None: an even split (parallel/pipeline_stages.py)
+    pipeline_layers: list[int] | None = None
 
 
 @dataclass
@@ -93,7 +95,9 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     save: str | None = None  # None: <run_dir>/checkpoints
-    load: str | None = None  # a step dir, a checkpoints dir or a run dir (follows `latest`)
+    # A step dir, a checkpoints dir or a run dir (follows `latest`); "auto": resume from the
+    # save dir's latest checkpoint if there is one, else start fresh (launchers, requeues).
+    load: str | None = None
     save_interval: int = 0  # 0: only at the end
 
 

@@ -91,12 +91,27 @@ class Trainer:
         self.checkpointer = Checkpointer(c.save_dir)
         self.state = TrainingState(self.model, self.optimizer, self.train_stream, parallel)
         self.step = 0
-        if c.checkpoint.load:
-            self.step = self.state.load(self.checkpointer, c.checkpoint.load)
+        load = self._resume_path()
+        if load:
+            self.step = self.state.load(self.checkpointer, load)
         self.metrics = MetricsLogger(c.run_dir, enabled=parallel.is_main)
         self.metrics.truncate_after(self.step)
         if parallel.is_main:
             save_config(c, c.run_dir / "config.yaml")
+
+    def _resume_path(self) -> str | None:
+        """What to load: `checkpoint.load`, with "auto" meaning this run's latest checkpoint.
+        A fresh start into a save dir that already holds checkpoints is refused: its later
+        saves would collide with them."""
+        load, latest = self.config.checkpoint.load, self.checkpointer.latest()
+        if load == "auto":
+            return str(latest) if latest is not None else None
+        if load is None and latest is not None:
+            raise ValueError(
+                f"{self.config.save_dir} already holds checkpoints (latest: {latest.name}); "
+                f"resume with checkpoint.load=auto, or start a new run with another "
+                f"logging.run_dir or checkpoint.save")
+        return load
 
     # -- one step ----------------------------------------------------------------------
     def _autocast(self):

@@ -111,3 +111,19 @@ def test_checkpoint_of_another_shape_is_refused(tiny_config, parallel, tmp_path)
 def test_model_vocab_smaller_than_data_is_refused_before_training(tiny_config, parallel):
     with pytest.raises(ValueError, match="vocab"):
         Trainer(tiny_config("model.vocab_size=100"), parallel)
+
+
+def test_auto_resume_and_refusal_to_start_over_existing_checkpoints(tiny_config, parallel):
+    first = tiny_config("train.train_iters=2", "optim.lr_warmup_iters=0", "train.eval_interval=0",
+                        "checkpoint.load=auto")
+    assert Trainer(first, parallel).step == 0  # nothing to resume yet: a fresh start
+    Trainer(first, parallel).run()
+    longer = tiny_config("train.train_iters=3", "optim.lr_warmup_iters=0",
+                         "train.eval_interval=0", "checkpoint.load=auto")
+    trainer = Trainer(longer, parallel)
+    assert trainer.step == 2
+    trainer.run()
+    assert (longer.save_dir / "latest").read_text().strip() == "step_3"
+    with pytest.raises(ValueError, match=r"already holds checkpoints \(latest: step_3\); resume "
+                                         r"with checkpoint.load=auto"):
+        Trainer(tiny_config("train.train_iters=4"), parallel)
