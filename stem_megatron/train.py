@@ -16,6 +16,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--config", help="YAML config file (defaults for every key not given)")
     parser.add_argument("--sample-prompt", default="ROMEO.",
                         help="prompt for the short sample printed at the end ('' to skip)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build each rank's shard on the meta device, print parameters and "
+                             "memory per rank type, and exit (no training, no process group)")
+    parser.add_argument("--world-size", type=int, default=None,
+                        help="ranks to plan the dry run for (default: TP x PP)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="dotted overrides, e.g. train.train_iters=200 stem.layers=[1,3]")
     return parser.parse_args(argv)
@@ -28,8 +33,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return 2
+    if args.world_size is not None and not args.dry_run:
+        print("error: --world-size plans a --dry-run; launchers set the real world size",
+              file=sys.stderr)
+        return 2
     # megatron-core announces that its optional CUDA accelerators are absent; they are optional.
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed")
+    if args.dry_run:
+        from stem_megatron.parallel.dry_run import run_dry_run
+
+        return run_dry_run(config, args.world_size)
     from stem_megatron.generation import generate_text
     from stem_megatron.parallel.state import ParallelState
     from stem_megatron.training.trainer import Trainer

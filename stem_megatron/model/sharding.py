@@ -9,8 +9,18 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+
+
+class TPGroup(Protocol):
+    """What megatron-core's layers ask of a TP group when they size their shards: a
+    torch.distributed ProcessGroup, or the dry run's LayoutGroup (parallel/dry_run.py)."""
+
+    def size(self) -> int: ...
+
+    def rank(self) -> int: ...
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@
 Both are built from megatron-core's parallel linears: the gate (and up) projections are
 column-parallel, the down projection is row-parallel, and the STEM table is split by columns
 exactly like the gate it multiplies, so under TP the lookup is local.
+
+`tp_group` goes to megatron's layers as is; None means megatron-core's default TP group.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-from stem_megatron.model.sharding import TPShard, set_tp_shard
+from stem_megatron.model.sharding import TPGroup, TPShard, set_tp_shard
 from stem_megatron.stem.table import StemTable
 
 
@@ -24,16 +26,18 @@ def _no_init(_weight: torch.Tensor) -> None:
 
 
 def column_linear(in_size: int, out_size: int, config: ModelParallelConfig,
-                  shard: TPShard = TPShard(dim=0)) -> ColumnParallelLinear:
+                  shard: TPShard = TPShard(dim=0),
+                  tp_group: TPGroup | None = None) -> ColumnParallelLinear:
     layer = ColumnParallelLinear(in_size, out_size, config=config, init_method=_no_init,
-                                 bias=False, gather_output=False)
+                                 bias=False, gather_output=False, tp_group=tp_group)
     set_tp_shard(layer.weight, shard)
     return layer
 
 
-def row_linear(in_size: int, out_size: int, config: ModelParallelConfig) -> RowParallelLinear:
+def row_linear(in_size: int, out_size: int, config: ModelParallelConfig,
+               tp_group: TPGroup | None = None) -> RowParallelLinear:
     layer = RowParallelLinear(in_size, out_size, config=config, init_method=_no_init, bias=False,
-                              input_is_parallel=True, skip_bias_add=True)
+                              input_is_parallel=True, skip_bias_add=True, tp_group=tp_group)
     set_tp_shard(layer.weight, TPShard(dim=1))
     return layer
 
@@ -41,11 +45,12 @@ def row_linear(in_size: int, out_size: int, config: ModelParallelConfig) -> RowP
 class SwiGLUMLP(torch.nn.Module):
     """Dense baseline. `linear_fc1` fuses [gate; up] as megatron-core's GPTModel does."""
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int, config: ModelParallelConfig):
+    def __init__(self, hidden_size: int, ffn_hidden_size: int, config: ModelParallelConfig,
+                 tp_group: TPGroup | None = None):
         super().__init__()
         self.linear_fc1 = column_linear(hidden_size, 2 * ffn_hidden_size, config,
-                                        TPShard(dim=0, chunks=2))
-        self.linear_fc2 = row_linear(ffn_hidden_size, hidden_size, config)
+                                        TPShard(dim=0, chunks=2), tp_group)
+        self.linear_fc2 = row_linear(ffn_hidden_size, hidden_size, config, tp_group)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         gate, up = self.linear_fc1(x)[0].chunk(2, dim=-1)
@@ -56,11 +61,12 @@ class StemMLP(torch.nn.Module):
     """STEM FFN: `linear_fc1` is the gate alone; the up-projection is `stem_table[token]`."""
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, vocab_size: int,
-                 config: ModelParallelConfig, tp_size: int):
+                 config: ModelParallelConfig, tp_size: int,
+                 tp_group: TPGroup | None = None):
         super().__init__()
-        self.linear_fc1 = column_linear(hidden_size, ffn_hidden_size, config)
+        self.linear_fc1 = column_linear(hidden_size, ffn_hidden_size, config, tp_group=tp_group)
         self.stem_table = StemTable(vocab_size, ffn_hidden_size, tp_size)
-        self.linear_fc2 = row_linear(ffn_hidden_size, hidden_size, config)
+        self.linear_fc2 = row_linear(ffn_hidden_size, hidden_size, config, tp_group)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         gate = self.linear_fc1(x)[0]

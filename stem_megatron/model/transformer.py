@@ -17,6 +17,10 @@ megatron-core. Parameter names follow megatron-core's GPTModel (local spec):
 
 N is the global layer number on every pipeline stage. Every STEM layer needs the token ids,
 so `forward` takes `input_ids` on every stage, not only the first.
+
+`tp_group` (optional) is the TP group handed to megatron's layers; None: megatron-core's
+default group. megatron sizes each shard from the group's size() and rank() when it is built,
+which is how the dry run builds any rank's shard on the meta device in one process.
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ from megatron.core.tensor_parallel import (ColumnParallelLinear, VocabParallelEm
                                            vocab_parallel_cross_entropy)
 
 from stem_megatron.config import ModelConfig
-from stem_megatron.model.sharding import (TPShard, full_shape, get_tp_shard, local_slice,
-                                          param_generator, set_tp_shard)
+from stem_megatron.model.sharding import (TPGroup, TPShard, full_shape, get_tp_shard,
+                                          local_slice, param_generator, set_tp_shard)
 from stem_megatron.model.stem_ffn import StemMLP, SwiGLUMLP, column_linear, row_linear
 from stem_megatron.stem.table import StemTable, xavier_normal_std
 
@@ -95,14 +99,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class SelfAttention(torch.nn.Module):
-    def __init__(self, m: ModelConfig, config: ModelParallelConfig, tp_size: int):
+    def __init__(self, m: ModelConfig, config: ModelParallelConfig, tp_size: int,
+                 tp_group: TPGroup | None = None):
         super().__init__()
         self.head_dim = m.hidden_size // m.num_attention_heads
         self.heads_per_group = m.num_attention_heads // m.num_query_groups
         self.local_groups = m.num_query_groups // tp_size
         qkv_size = m.num_query_groups * (self.heads_per_group + 2) * self.head_dim
-        self.linear_qkv = column_linear(m.hidden_size, qkv_size, config)
-        self.linear_proj = row_linear(m.num_attention_heads * self.head_dim, m.hidden_size, config)
+        self.linear_qkv = column_linear(m.hidden_size, qkv_size, config, tp_group=tp_group)
+        self.linear_proj = row_linear(m.num_attention_heads * self.head_dim, m.hidden_size, config,
+                                      tp_group)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         s, b, _ = x.shape
@@ -117,17 +123,18 @@ class SelfAttention(torch.nn.Module):
 
 
 class TransformerLayer(torch.nn.Module):
-    def __init__(self, spec: ModelSpec, layer_number: int, config: ModelParallelConfig):
+    def __init__(self, spec: ModelSpec, layer_number: int, config: ModelParallelConfig,
+                 tp_group: TPGroup | None = None):
         super().__init__()
         m = spec.model
         self.input_layernorm = torch.nn.RMSNorm(m.hidden_size, eps=m.norm_epsilon)
-        self.self_attention = SelfAttention(m, config, spec.tp_size)
+        self.self_attention = SelfAttention(m, config, spec.tp_size, tp_group)
         self.pre_mlp_layernorm = torch.nn.RMSNorm(m.hidden_size, eps=m.norm_epsilon)
         if layer_number in spec.stem_layers:
             self.mlp = StemMLP(m.hidden_size, m.ffn_hidden_size, spec.vocab_size, config,
-                               spec.tp_size)
+                               spec.tp_size, tp_group)
         else:
-            self.mlp = SwiGLUMLP(m.hidden_size, m.ffn_hidden_size, config)
+            self.mlp = SwiGLUMLP(m.hidden_size, m.ffn_hidden_size, config, tp_group)
 
     def forward(self, x, token_ids, cos, sin):
         x = x + self.self_attention(self.input_layernorm(x), cos, sin)
@@ -143,17 +150,18 @@ class GlobalLayers(torch.nn.ModuleDict):
 
 
 class TransformerBlock(torch.nn.Module):
-    def __init__(self, spec: ModelSpec, config: ModelParallelConfig):
+    def __init__(self, spec: ModelSpec, config: ModelParallelConfig,
+                 tp_group: TPGroup | None = None):
         super().__init__()
         self.layers = GlobalLayers(
-            {str(i): TransformerLayer(spec, i, config) for i in spec.local_layers})
+            {str(i): TransformerLayer(spec, i, config, tp_group) for i in spec.local_layers})
         if spec.post_process:
             self.final_layernorm = torch.nn.RMSNorm(spec.model.hidden_size,
                                                     eps=spec.model.norm_epsilon)
 
 
 class StemGPTModel(torch.nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, spec: ModelSpec, tp_group: TPGroup | None = None):
         super().__init__()
         m = spec.model
         if m.num_query_groups % spec.tp_size or m.ffn_hidden_size % spec.tp_size:
@@ -161,6 +169,10 @@ class StemGPTModel(torch.nn.Module):
                 f"tensor_model_parallel_size ({spec.tp_size}) must divide "
                 f"model.num_query_groups ({m.num_query_groups}) and model.ffn_hidden_size "
                 f"({m.ffn_hidden_size})")
+        if tp_group is not None and (tp_group.size(), tp_group.rank()) != (spec.tp_size,
+                                                                           spec.tp_rank):
+            raise ValueError(f"tp_group is rank {tp_group.rank()} of {tp_group.size()}, the "
+                             f"spec says rank {spec.tp_rank} of {spec.tp_size}")
         self.spec = spec
         self.config = megatron_config(spec)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron-core's schedules
@@ -169,14 +181,14 @@ class StemGPTModel(torch.nn.Module):
             self.embedding = torch.nn.Module()
             self.embedding.word_embeddings = VocabParallelEmbedding(
                 spec.padded_vocab_size, m.hidden_size, init_method=lambda w: None,
-                config=self.config)
+                config=self.config, tp_group=tp_group)
             set_tp_shard(self.embedding.word_embeddings.weight, TPShard(dim=0))
-        self.decoder = TransformerBlock(spec, self.config)
+        self.decoder = TransformerBlock(spec, self.config, tp_group)
         if spec.post_process:
             self.output_layer = ColumnParallelLinear(
                 m.hidden_size, spec.padded_vocab_size, config=self.config,
                 init_method=lambda w: None, bias=False, gather_output=False,
-                skip_weight_param_allocation=self.tied)
+                skip_weight_param_allocation=self.tied, tp_group=tp_group)
             if not self.tied:
                 set_tp_shard(self.output_layer.weight, TPShard(dim=0))
         cos, sin = rotary_cos_sin(m.seq_length, m.hidden_size // m.num_attention_heads,

@@ -1,0 +1,41 @@
+#!/usr/bin/env python
+"""Parameters and memory per rank type of a config's TP/PP layout, without a GPU or a process
+group: the report of `python -m stem_megatron.train --dry-run` (the same code).
+
+    python tools/estimate_memory.py --config configs/stem_1b.yaml [--world-size 64] \
+        [--json out.json] [section.key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python tools/x.py` without installing
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description="Estimate per-rank parameters and memory.")
+    ap.add_argument("--config", required=True, help="YAML config file")
+    ap.add_argument("--world-size", type=int, default=None,
+                    help="ranks to plan for (default: TP x PP, one model replica)")
+    ap.add_argument("--json", help="also write the numbers to this JSON file")
+    ap.add_argument("overrides", nargs="*", metavar="section.key=value")
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+
+    from stem_megatron.config import ConfigError, load_config
+    from stem_megatron.parallel.dry_run import run_dry_run
+
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    return run_dry_run(config, args.world_size, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
