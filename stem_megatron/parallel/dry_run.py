@@ -181,6 +181,9 @@ def format_report(report: DryRunReport, config: RunConfig) -> str:
     lay, c, t = report.layout, report.counts, config.train
     dense_sum, table_sum = replica_sums(report)
     sums_ok = dense_sum + table_sum == c.total_params and table_sum == c.table_params
+    tables = (f"{_n(c.table_params)} in {len(report.stem_layers)} STEM tables (layers "
+              f"{_ranges(report.stem_layers)} of {config.model.num_layers})"
+              if report.stem_layers else "no STEM tables")
     lines = [
         f"{report.name}: world {lay.world_size} = TP {lay.tp_size} x PP {lay.pp_size} x "
         f"DP {lay.dp_size}; vocab {report.vocab_size} (embedding/head padded to "
@@ -188,9 +191,7 @@ def format_report(report: DryRunReport, config: RunConfig) -> str:
         f"{config.model.seq_length}, {report.num_microbatches} micro-batches per step, "
         f"{'bf16 autocast' if t.bf16 else 'fp32'}",
         f"model: {_n(c.total_params)} total / {_n(c.active_params)} active parameters, "
-        f"{_n(c.table_params)} in {len(report.stem_layers)} STEM tables (layers "
-        f"{_ranges(report.stem_layers)} of {config.model.num_layers}); "
-        f"{c.flops_per_token / 1e9:.2f} GFLOPs/token",
+        f"{tables}; {c.flops_per_token / 1e9:.2f} GFLOPs/token",
         f"per-rank sums over one replica: dense {_n(dense_sum)} + tables {_n(table_sum)} = "
         f"{_n(dense_sum + table_sum)} ({'equals' if sums_ok else 'DIFFERS FROM'} the model total)",
         "",
