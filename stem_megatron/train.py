@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
                                                  CheckpointNotFoundError)
 
     parallel = ParallelState.initialize(config.parallel.tensor_model_parallel_size,
-                                        config.parallel.pipeline_model_parallel_size)
+                                        config.parallel.pipeline_model_parallel_size,
+                                        config.parallel.virtual_pipeline_model_parallel_size)
     try:
         try:
             trainer = Trainer(config, parallel)
@@ -72,8 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"done: step {result.step} | final train loss {result.train_loss:.4f} | "
                   f"final val loss {val} | {result.tokens_per_s:,.0f} tok/s | "
                   f"run dir {config.run_dir}", flush=True)
-            if args.sample_prompt:
-                sample = generate_text(trainer.model, trainer.tokenizer, args.sample_prompt,
+            if args.sample_prompt and parallel.tp_size == 1 and parallel.pp_size == 1:
+                # Rank 0 holds the whole model only without TP/PP; otherwise use
+                # tools/generate.py on the checkpoint.
+                sample = generate_text(trainer.chunks[0], trainer.tokenizer, args.sample_prompt,
                                        max_new_tokens=60, temperature=0.8, top_k=40,
                                        seed=config.train.seed)
                 print(f"sample: {sample!r}", flush=True)

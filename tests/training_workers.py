@@ -9,10 +9,11 @@ import torch.distributed as dist
 def full_parameters(trainer) -> dict[str, torch.Tensor]:
     """This rank's parameters as full logical tensors (TP slices gathered)."""
     from stem_megatron.model.sharding import gather_full, get_tp_shard
+    from stem_megatron.training.model_chunks import named_parameters
 
     parallel = trainer.parallel
     out = {}
-    for name, param in trainer.model.named_parameters():
+    for name, param in named_parameters(trainer.chunks):
         shard = get_tp_shard(param)
         local = param.detach().contiguous()
         if shard is not None and parallel.tp_size > 1:
@@ -32,7 +33,8 @@ def train_steps(overrides: list[str], steps: int, save_at: int | None = None) ->
 
     config = load_config(None, overrides)
     parallel = ParallelState.initialize(config.parallel.tensor_model_parallel_size,
-                                        config.parallel.pipeline_model_parallel_size)
+                                        config.parallel.pipeline_model_parallel_size,
+                                        config.parallel.virtual_pipeline_model_parallel_size)
     try:
         trainer = Trainer(config, parallel)
         start = trainer.step

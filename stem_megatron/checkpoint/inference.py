@@ -44,7 +44,8 @@ def load_for_inference(path: str, tokenizer_path: str | None = None) -> LoadedMo
     spec = ModelSpec(model=config.model, vocab_size=vocab_size,
                      stem_layers=tuple(config.stem_layers()))
     model = StemGPTModel(spec)
-    state = {"model": model_state(model, tp_mesh(dist.group.WORLD, torch.device("cpu")))}
+    mesh = tp_mesh(dist.group.WORLD, torch.device("cpu"))
+    state = {"model": model_state(model.named_parameters(), mesh)}
     with torch.no_grad():
         Checkpointer(layout.resolve(path).parent).load(path, state, strict=False)
     model.eval()

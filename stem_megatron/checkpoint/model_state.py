@@ -35,8 +35,9 @@ def checkpoint_view(tensor: torch.Tensor, shard: TPShard | None, mesh: DeviceMes
     return DTensor.from_local(local, mesh, [Shard(dim)], run_check=False)
 
 
-def model_state(model: torch.nn.Module, mesh: DeviceMesh) -> dict[str, torch.Tensor]:
-    return {name: checkpoint_view(p, get_tp_shard(p), mesh) for name, p in model.named_parameters()}
+def model_state(named_params, mesh: DeviceMesh) -> dict[str, torch.Tensor]:
+    """{name: checkpoint view} for an iterable of (name, parameter)."""
+    return {name: checkpoint_view(p, get_tp_shard(p), mesh) for name, p in named_params}
 
 
 def wrap_optimizer_states(states: dict[str, dict], params: dict[str, torch.Tensor],

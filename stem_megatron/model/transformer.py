@@ -57,6 +57,8 @@ class ModelSpec:
     stem_layers: tuple[int, ...]
     tp_size: int = 1
     tp_rank: int = 0
+    pp_size: int = 1  # read by megatron-core's pipeline schedules
+    vp_size: int | None = None
     layers: tuple[int, ...] | None = None  # global layer numbers on this stage; None: all
     pre_process: bool = True  # holds the embedding
     post_process: bool = True  # holds the final norm, the head and the loss
@@ -79,8 +81,16 @@ def megatron_config(spec: ModelSpec) -> TransformerConfig:
         num_layers=m.num_layers, hidden_size=m.hidden_size,
         num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
         ffn_hidden_size=m.ffn_hidden_size, tensor_model_parallel_size=spec.tp_size,
+        pipeline_model_parallel_size=spec.pp_size,
+        virtual_pipeline_model_parallel_size=spec.vp_size,
         use_cpu_initialization=True, perform_initialization=False,
         gradient_accumulation_fusion=False, params_dtype=torch.float32,
+        pipeline_dtype=torch.float32,  # activations sent between pipeline stages
+        # Unbatched p2p: with two pipeline ranks a batched exchange sends activations and
+        # gradients to the same peer on one group, and gloo pairs them by order, swapping
+        # them (interleaved 1F1B trains on wrong tensors); the unbatched path sends one
+        # direction on a second group.
+        batch_p2p_comm=False,
         cuda_graph_scope=[])  # megatron-core 0.16 warns on its own default ("full")
 
 
@@ -212,7 +222,7 @@ class StemGPTModel(torch.nn.Module):
             raise ValueError(f"sequence of {s} tokens is longer than model.seq_length "
                              f"({self.rope_cos.shape[0]})")
         if self.spec.pre_process:
-            x = self.embedding.word_embeddings(input_ids).transpose(0, 1)
+            x = self.embedding.word_embeddings(input_ids).transpose(0, 1).contiguous()
         else:
             x = self.input_tensor
         token_ids = input_ids.transpose(0, 1)  # [s, b], the layout of the hidden states

@@ -67,6 +67,19 @@ class ParallelState:
         return parallel_state.get_data_parallel_group()
 
     @property
+    def pp_group(self) -> dist.ProcessGroup:
+        from megatron.core import parallel_state
+
+        return parallel_state.get_pipeline_model_parallel_group()
+
+    @property
+    def pp_last_rank(self) -> int:
+        """Global rank of the last pipeline stage in this rank's pipeline."""
+        from megatron.core import parallel_state
+
+        return parallel_state.get_pipeline_model_parallel_last_rank()
+
+    @property
     def model_parallel_group(self) -> dist.ProcessGroup:
         """TP x PP: the ranks that together hold one replica of the model."""
         from megatron.core import parallel_state
@@ -78,7 +91,7 @@ class ParallelState:
         return self.rank == 0
 
     @classmethod
-    def initialize(cls, tp_size: int = 1, pp_size: int = 1,
+    def initialize(cls, tp_size: int = 1, pp_size: int = 1, vp_size: int | None = None,
                    timeout_s: float = 600.0) -> "ParallelState":
         """Join (or create) the process group from torchrun/SLURM variables, then build
         megatron-core's TP/PP/DP groups. Without launcher variables: a world of one."""
@@ -111,7 +124,8 @@ class ParallelState:
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size)
+            tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size,
+            virtual_pipeline_model_parallel_size=vp_size)
         return cls(rank=rank, world_size=world_size, tp_size=tp_size, pp_size=pp_size,
                    device=device)
 

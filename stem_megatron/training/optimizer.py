@@ -17,6 +17,7 @@ from stem_megatron.parallel.state import ParallelState
 from stem_megatron.stem.sparse_adam import SparseRowAdamW
 from stem_megatron.stem.sync import sync_replicated_row_grads
 from stem_megatron.stem.table import StemTable
+from stem_megatron.training.model_chunks import named_modules, named_parameters
 
 
 def _no_weight_decay(name: str, param: torch.Tensor) -> bool:
@@ -25,15 +26,15 @@ def _no_weight_decay(name: str, param: torch.Tensor) -> bool:
 
 
 class TrainingOptimizer:
-    def __init__(self, model: torch.nn.Module, config: RunConfig, parallel: ParallelState):
+    def __init__(self, chunks: list[torch.nn.Module], config: RunConfig, parallel: ParallelState):
         o = config.optim
         self.parallel = parallel
         self.clip_grad = o.clip_grad
         self.tables: dict[str, StemTable] = {
-            name: mod for name, mod in model.named_modules() if isinstance(mod, StemTable)}
+            name: mod for name, mod in named_modules(chunks) if isinstance(mod, StemTable)}
         table_params = {id(t.weight) for t in self.tables.values()}
         decay, no_decay = [], []
-        for name, param in model.named_parameters():
+        for name, param in named_parameters(chunks):
             if id(param) in table_params or not param.requires_grad:
                 continue
             (no_decay if _no_weight_decay(name, param) else decay).append(param)

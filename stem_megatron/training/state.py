@@ -12,8 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
-                                                     set_optimizer_state_dict)
 
 from stem_megatron.checkpoint.dcp import Checkpointer, resolve
 from stem_megatron.checkpoint.model_state import (model_state, tp_mesh, unwrap,
@@ -22,50 +20,67 @@ from stem_megatron.checkpoint.safe_io import read_dcp_metadata
 from stem_megatron.config import RunConfig
 from stem_megatron.data.sampler import PackedSampleStream
 from stem_megatron.parallel.state import ParallelState
+from stem_megatron.training.model_chunks import named_parameters
 from stem_megatron.training.optimizer import TrainingOptimizer
 
 
+def adamw_states(optimizer: torch.optim.AdamW,
+                 params: dict[str, torch.nn.Parameter]) -> dict[str, dict[str, torch.Tensor]]:
+    """The live AdamW state of each parameter, by name. A parameter without state yet (a
+    fresh optimizer about to be loaded into) gets AdamW's initial state, as its first step
+    would create it, so a checkpoint can be loaded into it in place."""
+    fused = any(group.get("fused") for group in optimizer.param_groups)
+    states = {}
+    for name, param in params.items():
+        state = optimizer.state[param]
+        if not state:
+            step_device = param.device if fused else torch.device("cpu")
+            state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
+            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+        states[name] = state
+    return states
+
+
 class TrainingState:
-    def __init__(self, model: torch.nn.Module, optimizer: TrainingOptimizer,
+    def __init__(self, chunks: list[torch.nn.Module], optimizer: TrainingOptimizer,
                  train_stream: PackedSampleStream, parallel: ParallelState):
-        self.model, self.optimizer = model, optimizer
+        self.chunks, self.optimizer = chunks, optimizer
         self.train_stream, self.parallel = train_stream, parallel
         self.mesh = tp_mesh(parallel.tp_group, parallel.device)
 
     def _rng_key(self) -> str:
         return f"torch_rank{self.parallel.rank}"  # per-rank keys: DCP must not dedupe them
 
-    def _state(self) -> tuple[dict, dict]:
-        """(checkpoint state, the dense optimizer's full state dict it was taken from)."""
-        dense = get_optimizer_state_dict(self.model, self.optimizer.dense)
+    def _state(self) -> dict:
+        params = dict(named_parameters(self.chunks))
+        dense_params = {name: p for name, p in params.items()
+                        if any(p is q for q in self.optimizer.dense_params)}
         sparse = self.optimizer.sparse.state_dict()  # settles exact-mode debts first
         tables = {name: t.weight for name, t in self.optimizer.tables.items()}
-        state = {
-            "model": model_state(self.model, self.mesh),
-            "optim": wrap_optimizer_states(dense["state"], dict(self.model.named_parameters()),
-                                           self.mesh),
+        return {
+            "model": model_state(params.items(), self.mesh),
+            "optim": wrap_optimizer_states(adamw_states(self.optimizer.dense, dense_params),
+                                           dense_params, self.mesh),
             "stem_optim": {"step": sparse["step"],
                            "tables": wrap_optimizer_states(sparse["tables"], tables, self.mesh)},
             "rng": {self._rng_key(): torch.get_rng_state()},
         }
-        return state, dense
 
     def save(self, checkpointer: Checkpointer, step: int, config: RunConfig) -> Path:
         metadata = {"step": step, "data": self.train_stream.state_dict(),
                     "config": config.to_dict()}
-        return checkpointer.save(step, self._state()[0], metadata)
+        return checkpointer.save(step, self._state(), metadata)
 
     def load(self, checkpointer: Checkpointer, path: str) -> int:
         """Restore everything from the checkpoint at `path`; returns its step. A checkpoint
         from another world size has other ranks' RNG states: every rank reads all of them
         (so the load stays strict) and takes its own if there is one."""
-        state, dense = self._state()
+        state = self._state()
         stored = read_dcp_metadata(resolve(path)).state_dict_metadata
         state["rng"] = {key.split(".", 1)[1]: torch.empty(tuple(meta.size), dtype=torch.uint8)
                         for key, meta in stored.items() if key.startswith("rng.")}
-        metadata = checkpointer.load(path, state)
-        dense["state"] = unwrap(state["optim"])
-        set_optimizer_state_dict(self.model, self.optimizer.dense, dense)
+        metadata = checkpointer.load(path, state)  # model and AdamW states load in place
         self.optimizer.sparse.load_state_dict(unwrap(state["stem_optim"]))
         if self._rng_key() in state["rng"]:
             torch.set_rng_state(state["rng"][self._rng_key()])

@@ -24,11 +24,12 @@ from stem_megatron.data.indexed import check_vocab, open_dataset
 from stem_megatron.data.sampler import PackedSampleStream, ValidationBatches
 from stem_megatron.data.tokenizer import load_tokenizer
 from stem_megatron.model.accounting import count_model
-from stem_megatron.model.transformer import ModelSpec, StemGPTModel
+from stem_megatron.model.transformer import StemGPTModel
 from stem_megatron.parallel.data_parallel import wrap_data_parallel
 from stem_megatron.parallel.state import ParallelState
 from stem_megatron.training.lr_schedule import LRSchedule
 from stem_megatron.training.metrics import MetricsLogger
+from stem_megatron.training.model_chunks import build_model_chunks
 from stem_megatron.training.optimizer import TrainingOptimizer
 from stem_megatron.training.progress import TrainingProgress
 from stem_megatron.training.state import TrainingState
@@ -52,9 +53,6 @@ class Trainer:
     def __init__(self, config: RunConfig, parallel: ParallelState):
         self.config, self.parallel = config, parallel
         c = config
-        if parallel.pp_size > 1:
-            raise NotImplementedError(
-                "pipeline parallelism is not available yet; use parallel.pipeline_model_parallel_size=1")
         self.tokenizer = load_tokenizer(c.data.tokenizer)
         self.vocab_size = c.model.vocab_size or self.tokenizer.vocab_size
         train_data = open_dataset(c.data.train_data, vocab_size=self.vocab_size)
@@ -66,13 +64,10 @@ class Trainer:
 
         torch.manual_seed(c.train.seed)
         self.stem_layers = tuple(c.stem_layers())
-        spec = ModelSpec(model=c.model, vocab_size=self.vocab_size, stem_layers=self.stem_layers,
-                         tp_size=parallel.tp_size, tp_rank=parallel.tp_rank)
-        self.model = StemGPTModel(spec).to(parallel.device)
-        self.model.init_parameters(c.train.seed)
-        self.optimizer = TrainingOptimizer(self.model, c, parallel)
+        self.chunks = build_model_chunks(c, parallel, self.vocab_size)
+        self.optimizer = TrainingOptimizer(self.chunks, c, parallel)
         # What the schedule runs: DDP over the data-parallel group when DP > 1.
-        self.wrapped_model = wrap_data_parallel(self.model, parallel.dp_group, parallel.dp_size)
+        self.wrapped_chunks = wrap_data_parallel(self.chunks, parallel.dp_group, parallel.dp_size)
         self.schedule = LRSchedule.from_megatron(
             lr=c.optim.lr, min_lr=c.optim.min_lr, lr_warmup_iters=c.optim.lr_warmup_iters,
             train_iters=c.train.train_iters, lr_decay_iters=c.optim.lr_decay_iters,
@@ -89,7 +84,7 @@ class Trainer:
                 self.val_data.tokens, c.model.seq_length, c.train.micro_batch_size,
                 c.train.eval_iters, dp_rank=parallel.dp_rank, dp_size=parallel.dp_size)
         self.checkpointer = Checkpointer(c.save_dir)
-        self.state = TrainingState(self.model, self.optimizer, self.train_stream, parallel)
+        self.state = TrainingState(self.chunks, self.optimizer, self.train_stream, parallel)
         self.step = 0
         load = self._resume_path()
         if load:
@@ -120,23 +115,33 @@ class Trainer:
         return torch.autocast(self.parallel.device.type, dtype=torch.bfloat16)
 
     def _forward_step(self, data_iterator: Iterator[torch.Tensor], model: StemGPTModel):
+        # Every pipeline stage reads the micro-batch: each STEM layer needs the token ids.
         tokens = next(data_iterator).to(self.parallel.device)
         with self._autocast():
             losses = model(tokens[:, :-1], labels=tokens[:, 1:])
         return losses, _loss_func
 
     def _run_schedule(self, batches: list[torch.Tensor], forward_only: bool) -> float:
-        """Run `batches` as one step's micro-batches; the mean loss over the global batch."""
+        """Run `batches` as one step's micro-batches through megatron-core's schedule (no
+        pipelining, 1F1B or interleaved, from the parallel layout); the mean loss over the
+        global batch, on every rank."""
         forward_backward = get_forward_backward_func()
+        iterators = [iter(batches) for _ in self.wrapped_chunks]  # one per model chunk
         outputs = forward_backward(
-            forward_step_func=self._forward_step, data_iterator=iter(batches),
-            model=[self.wrapped_model], num_microbatches=len(batches),
+            forward_step_func=self._forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=self.wrapped_chunks, num_microbatches=len(batches),
             seq_length=self.config.model.seq_length,
             micro_batch_size=self.config.train.micro_batch_size, forward_only=forward_only)
-        loss = torch.stack([o["lm loss"] for o in outputs]).mean()
-        if self.parallel.dp_size > 1:  # each replica saw its share of the global batch
-            dist.all_reduce(loss, group=self.parallel.dp_group)
-            loss /= self.parallel.dp_size
+        p = self.parallel
+        loss = torch.zeros((), dtype=torch.float32, device=p.device)
+        if outputs:  # the last pipeline stage holds the losses
+            loss = torch.stack([o["lm loss"] for o in outputs]).mean()
+        if p.pp_size > 1:
+            dist.broadcast(loss, src=p.pp_last_rank, group=p.pp_group)
+        if p.dp_size > 1:  # each replica saw its share of the global batch
+            dist.all_reduce(loss, group=p.dp_group)
+            loss /= p.dp_size
         return loss.item()
 
     def train_step(self) -> dict[str, float]:
@@ -152,11 +157,13 @@ class Trainer:
     def evaluate(self) -> float | None:
         if self.val_batches is None:
             return None
-        self.model.eval()
+        for chunk in self.chunks:
+            chunk.eval()
         try:
             return self._run_schedule(list(self.val_batches), forward_only=True)
         finally:
-            self.model.train()
+            for chunk in self.chunks:
+                chunk.train()
 
     # -- the loop ----------------------------------------------------------------------
     def run(self) -> RunResult:

@@ -28,6 +28,7 @@ def base_overrides(small_corpus, tmp_path_factory):
         "model.num_layers=4", "model.hidden_size=32", "model.ffn_hidden_size=64",
         "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=32",
         "model.make_vocab_size_divisible_by=64", "stem.layers=[1,2]",
+        "model.untie_embeddings_and_output_weights=true",
         "stem.optimizer.lr=0.01", "train.micro_batch_size=2", "train.global_batch_size=8",
         "train.train_iters=20", "optim.lr_warmup_iters=2", "optim.lr=0.003",
         "optim.min_lr=0.0003", "optim.clip_grad=0.5", "optim.adam_eps=1e-5",
@@ -73,7 +74,11 @@ def assert_equivalent(results, reference) -> float:
 @pytest.mark.parametrize("world,extra", [
     (2, ["parallel.tensor_model_parallel_size=2"]),
     (2, []),  # DP=2, replicated tables
-], ids=["tp2", "dp2-replicated"])
+    (2, ["parallel.pipeline_model_parallel_size=2"]),
+    (2, ["parallel.pipeline_model_parallel_size=2",
+         "parallel.virtual_pipeline_model_parallel_size=2"]),
+    (4, ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"]),
+], ids=["tp2", "dp2-replicated", "pp2", "pp2-interleaved", "tp2xpp2"])
 def test_layout_matches_single_process(base_overrides, reference, world, extra):
     results = run_workers(world, train_steps, base_overrides + extra, STEPS)
     worst = assert_equivalent(results, reference)

@@ -75,7 +75,7 @@ def test_gradient_accumulation_matches_one_big_micro_batch(tiny_config, parallel
         trainer = Trainer(config, parallel)
         trainer.run()
         losses.append([metrics_by_step(config.run_dir)[s]["loss/train"] for s in (1, 2)])
-        params = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+        params = {n: p.detach().clone() for n, p in trainer.chunks[0].named_parameters()}
         if micro == 1:
             reference = params
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
@@ -94,7 +94,7 @@ def test_bf16_autocast_trains(tiny_config, parallel):
 def test_dense_baseline_trains_from_same_code(tiny_config, parallel):
     config = tiny_config("stem.enabled=false", "train.train_iters=2", "train.eval_interval=0")
     trainer = Trainer(config, parallel)
-    assert trainer.model.stem_tables() == {}
+    assert trainer.chunks[0].stem_tables() == {}
     trainer.run()
     assert metrics_by_step(config.run_dir)[2]["stem/unique_rows"] == 0
 

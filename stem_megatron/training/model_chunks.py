@@ -1,0 +1,58 @@
+"""The pieces of the model this rank holds: one per virtual pipeline stage (one without
+interleaving). Parameter names are global (layers keep their global numbers), so the chunks of
+a rank together name their parameters exactly as the single-process model does."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from stem_megatron.config import ConfigError, RunConfig
+from stem_megatron.model.transformer import ModelSpec, StemGPTModel
+from stem_megatron.parallel.layout import validate_layout
+from stem_megatron.parallel.pipeline_stages import pipeline_stages
+from stem_megatron.parallel.state import ParallelState
+
+
+def build_model_chunks(config: RunConfig, parallel: ParallelState,
+                       vocab_size: int) -> list[StemGPTModel]:
+    """This rank's chunks, initialised from the seed (the same values as the matching
+    parameters of the single-process model)."""
+    layout = validate_layout(config, parallel.world_size, vocab_size)
+    pp, vp = parallel.pp_size, config.parallel.virtual_pipeline_model_parallel_size or 1
+    stages = layout.stages
+    if vp > 1:
+        if config.parallel.pipeline_layers is not None:
+            raise ConfigError("parallel.pipeline_layers cannot be combined with "
+                              "parallel.virtual_pipeline_model_parallel_size (the interleaved "
+                              "split is even)")
+        if config.model.num_layers < pp * vp:
+            raise ConfigError(
+                f"model.num_layers ({config.model.num_layers}) is smaller than "
+                f"pipeline_model_parallel_size x virtual_pipeline_model_parallel_size "
+                f"({pp} x {vp}): every virtual stage needs a layer")
+        # Virtual stage v of pipeline rank r is chunk v * pp + r of the layer sequence.
+        stages = pipeline_stages(config.model.num_layers, pp * vp)
+    chunks = []
+    for v in range(vp):
+        stage = stages[v * pp + parallel.pp_rank]
+        spec = ModelSpec(model=config.model, vocab_size=vocab_size,
+                         stem_layers=tuple(config.stem_layers()), tp_size=parallel.tp_size,
+                         tp_rank=parallel.tp_rank, pp_size=pp, vp_size=vp if vp > 1 else None,
+                         layers=stage.layers,
+                         pre_process=stage.pre_process, post_process=stage.post_process)
+        chunk = StemGPTModel(spec).to(parallel.device)
+        chunk.init_parameters(config.train.seed)
+        chunks.append(chunk)
+    return chunks
+
+
+def named_parameters(chunks: list[torch.nn.Module]) -> Iterator[tuple[str, torch.nn.Parameter]]:
+    for chunk in chunks:
+        yield from chunk.named_parameters()
+
+
+def named_modules(chunks: list[torch.nn.Module]) -> Iterator[tuple[str, torch.nn.Module]]:
+    for chunk in chunks:
+        yield from chunk.named_modules()
