@@ -49,6 +49,10 @@ class StemOptimizerConfig:
 class StemConfig:
     enabled: bool = True
     layers: list[int] | None = None  # None: every other layer from layer 1 (the paper's 1/2)
+    # Data parallel: "replicated" (every DP rank holds the table, row gradients all-reduced
+    # over the union of touched rows) or "vocab_sharded" (rows and their optimizer state
+    # owned by DP ranks; lookups all-gather the needed rows, gradients reduce-scatter).
+    dp_layout: str = "replicated"
     optimizer: StemOptimizerConfig = field(default_factory=StemOptimizerConfig)
 
 
@@ -279,6 +283,9 @@ def validate(config: RunConfig) -> None:
     bad = [i for i in layers if not 0 <= i < m.num_layers]
     require(not bad, f"stem.layers {bad} out of range: the model has layers 0..{m.num_layers - 1}")
     require(len(set(layers)) == len(layers), f"stem.layers has duplicates: {layers}")
+    require(config.stem.dp_layout in ("replicated", "vocab_sharded"),
+            f"stem.dp_layout must be 'replicated' or 'vocab_sharded', got "
+            f"'{config.stem.dp_layout}'")
     require(config.stem.optimizer.mode in ("lazy", "exact"),
             f"stem.optimizer.mode must be 'lazy' or 'exact', got '{config.stem.optimizer.mode}'")
     for key in ("micro_batch_size", "global_batch_size", "train_iters", "eval_iters"):

@@ -8,7 +8,7 @@ import torch.distributed as dist
 
 def full_parameters(trainer) -> dict[str, torch.Tensor]:
     """This rank's parameters as full logical tensors (TP slices gathered)."""
-    from stem_megatron.model.sharding import gather_full, get_tp_shard
+    from stem_megatron.model.sharding import gather_full, get_row_block, get_tp_shard
     from stem_megatron.training.model_chunks import named_parameters
 
     parallel = trainer.parallel
@@ -20,6 +20,14 @@ def full_parameters(trainer) -> dict[str, torch.Tensor]:
             slices = [torch.empty_like(local) for _ in range(parallel.tp_size)]
             dist.all_gather(slices, local, group=parallel.tp_group)
             local = gather_full(slices, shard)
+        block = get_row_block(param)
+        if block is not None:  # vocab-sharded table: rows live on the DP ranks
+            longest = -(-block.rows // parallel.dp_size)
+            padded = local.new_zeros(longest, local.shape[1])
+            padded[:local.shape[0]] = local
+            pieces = [torch.empty_like(padded) for _ in range(parallel.dp_size)]
+            dist.all_gather(pieces, padded, group=parallel.dp_group)
+            local = torch.cat(pieces)[:block.rows]
         out[name] = local.clone()
     return out
 

@@ -6,11 +6,10 @@ import json
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from stem_megatron.checkpoint import layout
 from stem_megatron.checkpoint.dcp import Checkpointer
-from stem_megatron.checkpoint.model_state import model_state, tp_mesh
+from stem_megatron.checkpoint.model_state import CheckpointMeshes, model_state
 from stem_megatron.config import RunConfig, _build, validate
 from stem_megatron.data.tokenizer import Tokenizer, load_tokenizer
 from stem_megatron.model.transformer import ModelSpec, StemGPTModel
@@ -44,8 +43,8 @@ def load_for_inference(path: str, tokenizer_path: str | None = None) -> LoadedMo
     spec = ModelSpec(model=config.model, vocab_size=vocab_size,
                      stem_layers=tuple(config.stem_layers()))
     model = StemGPTModel(spec)
-    mesh = tp_mesh(dist.group.WORLD, torch.device("cpu"))
-    state = {"model": model_state(model.named_parameters(), mesh)}
+    meshes = CheckpointMeshes.single(torch.device("cpu"))
+    state = {"model": model_state(model.named_parameters(), meshes)}
     with torch.no_grad():
         Checkpointer(layout.resolve(path).parent).load(path, state, strict=False)
     model.eval()

@@ -4,27 +4,55 @@ Every tensor is saved as its full logical tensor: a TP-sharded parameter (or opt
 of one) is wrapped as a DTensor sharded over the tensor-parallel mesh, so DCP records global
 offsets and any TP/PP/DP layout can load it. megatron's fused [gate; up] `linear_fc1` is
 stored as [2, d_ff, h] sharded on dim 1 (each rank holds [gate_r; up_r]), a shape that means
-the same thing under every TP size. Hyperparameters are not saved: they come from the config.
+the same thing under every TP size. A vocab-sharded STEM table is sharded twice: rows over
+the data-parallel ranks, columns over the tensor-parallel ones. Hyperparameters are not
+saved: they come from the config.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from stem_megatron.model.sharding import TPShard, get_tp_shard
+from stem_megatron.model.sharding import full_shape, get_row_block, get_tp_shard
 
 
-def tp_mesh(group: dist.ProcessGroup, device: torch.device) -> DeviceMesh:
-    return DeviceMesh.from_group(group, device.type)
+@dataclass(frozen=True)
+class CheckpointMeshes:
+    tp: DeviceMesh  # this rank's tensor-parallel group
+    dp_tp: DeviceMesh | None = None  # [dp, tp] ranks of this pipeline stage (vocab-sharded tables)
+
+    @classmethod
+    def build(cls, parallel) -> "CheckpointMeshes":
+        """Collective over the world: every rank learns the [dp, tp] grid of its stage."""
+        device = parallel.device.type
+        tp = DeviceMesh.from_group(parallel.tp_group, device)
+        if parallel.dp_size == 1:
+            return cls(tp)
+        coords = [None] * parallel.world_size
+        dist.all_gather_object(coords, (parallel.pp_rank, parallel.dp_rank, parallel.tp_rank))
+        grid = torch.empty(parallel.dp_size, parallel.tp_size, dtype=torch.int)
+        for rank, (pp, dp, tp_rank) in enumerate(coords):
+            if pp == parallel.pp_rank:
+                grid[dp, tp_rank] = rank
+        dp_tp = DeviceMesh.from_group([parallel.dp_group, parallel.tp_group], device, mesh=grid,
+                                      mesh_dim_names=("dp", "tp"))
+        return cls(tp, dp_tp)
+
+    @classmethod
+    def single(cls, device: torch.device) -> "CheckpointMeshes":
+        return cls(DeviceMesh.from_group(dist.group.WORLD, device.type))
 
 
-def checkpoint_view(tensor: torch.Tensor, shard: TPShard | None, mesh: DeviceMesh) -> torch.Tensor:
-    """`tensor` (a rank's local slice) as the piece of its full logical tensor. Shares storage,
-    so DCP loads into it in place."""
+def checkpoint_view(tensor: torch.Tensor, like: torch.Tensor, meshes: CheckpointMeshes) -> torch.Tensor:
+    """`tensor` (this rank's piece of a parameter `like`, or of an optimizer state shaped like
+    it) as a piece of its full logical tensor. Shares storage, so DCP loads into it in place."""
     local = tensor.detach()
+    shard, rows = get_tp_shard(like), get_row_block(like)
     if shard is None:
         return local
     dim = shard.dim
@@ -32,16 +60,22 @@ def checkpoint_view(tensor: torch.Tensor, shard: TPShard | None, mesh: DeviceMes
         shape = list(local.shape)
         local = local.view(*shape[:dim], shard.chunks, shape[dim] // shard.chunks, *shape[dim + 1:])
         dim += 1
-    return DTensor.from_local(local, mesh, [Shard(dim)], run_check=False)
+    if rows is None:
+        return DTensor.from_local(local, meshes.tp, [Shard(dim)], run_check=False)
+    tp_size = meshes.tp.size()
+    shape = torch.Size(full_shape(like, tp_size))
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, meshes.dp_tp, [Shard(0), Shard(dim)], run_check=False,
+                              shape=shape, stride=stride)
 
 
-def model_state(named_params, mesh: DeviceMesh) -> dict[str, torch.Tensor]:
+def model_state(named_params, meshes: CheckpointMeshes) -> dict[str, torch.Tensor]:
     """{name: checkpoint view} for an iterable of (name, parameter)."""
-    return {name: checkpoint_view(p, get_tp_shard(p), mesh) for name, p in named_params}
+    return {name: checkpoint_view(p, p, meshes) for name, p in named_params}
 
 
 def wrap_optimizer_states(states: dict[str, dict], params: dict[str, torch.Tensor],
-                          mesh: DeviceMesh) -> dict:
+                          meshes: CheckpointMeshes) -> dict:
     """Per-parameter optimizer states {key: {name: tensor}} in checkpoint views, `params[key]`
     being the parameter they belong to: tensors shaped like it take its sharding; scalars
     (AdamW's `step`) stay as they are."""
@@ -49,7 +83,7 @@ def wrap_optimizer_states(states: dict[str, dict], params: dict[str, torch.Tenso
     for fqn, state in states.items():
         param = params[fqn]
         wrapped[fqn] = {
-            key: checkpoint_view(value, get_tp_shard(param), mesh)
+            key: checkpoint_view(value, param, meshes)
             if isinstance(value, torch.Tensor) and value.shape == param.shape else value
             for key, value in state.items()}
     return wrapped

@@ -33,6 +33,31 @@ class TPShard:
     chunks: int = 1
 
 
+@dataclass(frozen=True)
+class RowBlock:
+    """Rows [start, end) of a tensor of `rows` rows: the part of a vocab-sharded STEM table
+    one data-parallel rank owns. Blocks follow torch.chunk (and DTensor Shard(0)): ceil-sized,
+    the last one shorter."""
+
+    start: int
+    end: int
+    rows: int
+
+    @classmethod
+    def of(cls, rows: int, rank: int, size: int) -> "RowBlock":
+        block = -(-rows // size)
+        start = min(rank * block, rows)
+        return cls(start, min(start + block, rows), rows)
+
+
+def set_row_block(param: torch.nn.Parameter, block: RowBlock | None) -> None:
+    param.row_block = block
+
+
+def get_row_block(param: torch.Tensor) -> RowBlock | None:
+    return getattr(param, "row_block", None)
+
+
 def set_tp_shard(param: torch.nn.Parameter, shard: TPShard | None) -> None:
     param.tp_shard = shard
 
@@ -46,6 +71,9 @@ def full_shape(param: torch.Tensor, tp_size: int) -> tuple[int, ...]:
     shard = get_tp_shard(param)
     if shard is not None:
         shape[shard.dim] *= tp_size
+    block = get_row_block(param)
+    if block is not None:
+        shape[0] = block.rows
     return tuple(shape)
 
 

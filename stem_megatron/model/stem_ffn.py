@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-from stem_megatron.model.sharding import TPGroup, TPShard, set_tp_shard
+from stem_megatron.model.sharding import RowBlock, TPGroup, TPShard, set_tp_shard
 from stem_megatron.stem.table import StemTable
 
 
@@ -62,10 +62,10 @@ class StemMLP(torch.nn.Module):
 
     def __init__(self, hidden_size: int, ffn_hidden_size: int, vocab_size: int,
                  config: ModelParallelConfig, tp_size: int,
-                 tp_group: TPGroup | None = None):
+                 tp_group: TPGroup | None = None, table_rows: RowBlock | None = None):
         super().__init__()
         self.linear_fc1 = column_linear(hidden_size, ffn_hidden_size, config, tp_group=tp_group)
-        self.stem_table = StemTable(vocab_size, ffn_hidden_size, tp_size)
+        self.stem_table = StemTable(vocab_size, ffn_hidden_size, tp_size, row_block=table_rows)
         self.linear_fc2 = row_linear(ffn_hidden_size, hidden_size, config, tp_group)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:

@@ -37,8 +37,9 @@ from megatron.core.tensor_parallel import (ColumnParallelLinear, VocabParallelEm
                                            vocab_parallel_cross_entropy)
 
 from stem_megatron.config import ModelConfig
-from stem_megatron.model.sharding import (TPGroup, TPShard, full_shape, get_tp_shard,
-                                          local_slice, param_generator, set_tp_shard)
+from stem_megatron.model.sharding import (RowBlock, TPGroup, TPShard, full_shape,
+                                          get_row_block, get_tp_shard, local_slice,
+                                          param_generator, set_tp_shard)
 from stem_megatron.model.stem_ffn import StemMLP, SwiGLUMLP, column_linear, row_linear
 from stem_megatron.stem.table import StemTable, xavier_normal_std
 
@@ -62,6 +63,15 @@ class ModelSpec:
     layers: tuple[int, ...] | None = None  # global layer numbers on this stage; None: all
     pre_process: bool = True  # holds the embedding
     post_process: bool = True  # holds the final norm, the head and the loss
+    # (dp_rank, dp_size) when STEM tables are vocab-sharded over data-parallel ranks
+    vocab_shard: tuple[int, int] | None = None
+
+    @property
+    def table_rows(self) -> RowBlock | None:
+        """The table rows this rank holds under the vocab-sharded layout (None: all)."""
+        if self.vocab_shard is None:
+            return None
+        return RowBlock.of(self.vocab_size, *self.vocab_shard)
 
     @property
     def padded_vocab_size(self) -> int:
@@ -142,7 +152,7 @@ class TransformerLayer(torch.nn.Module):
         self.pre_mlp_layernorm = torch.nn.RMSNorm(m.hidden_size, eps=m.norm_epsilon)
         if layer_number in spec.stem_layers:
             self.mlp = StemMLP(m.hidden_size, m.ffn_hidden_size, spec.vocab_size, config,
-                               spec.tp_size, tp_group)
+                               spec.tp_size, tp_group, spec.table_rows)
         else:
             self.mlp = SwiGLUMLP(m.hidden_size, m.ffn_hidden_size, config, tp_group)
 
@@ -257,5 +267,6 @@ class StemGPTModel(torch.nn.Module):
                 else:
                     std = m.init_method_std
                 full = torch.empty(shape).normal_(0.0, std, generator=param_generator(seed, name))
-            param.copy_(local_slice(full, get_tp_shard(param), self.spec.tp_rank,
-                                    self.spec.tp_size))
+            local = local_slice(full, get_tp_shard(param), self.spec.tp_rank, self.spec.tp_size)
+            block = get_row_block(param)
+            param.copy_(local[block.start:block.end] if block is not None else local)

@@ -12,8 +12,9 @@ import math
 
 import torch
 
-from stem_megatron.model.sharding import TPShard, set_tp_shard
+from stem_megatron.model.sharding import RowBlock, TPShard, set_row_block, set_tp_shard
 from stem_megatron.stem.lookup import RowGradAccumulator, stem_lookup
+from stem_megatron.stem.vocab_sharded import vocab_sharded_lookup
 
 
 def xavier_normal_std(vocab_size: int, ffn_hidden_size: int) -> float:
@@ -22,23 +23,35 @@ def xavier_normal_std(vocab_size: int, ffn_hidden_size: int) -> float:
 
 
 class StemTable(torch.nn.Module):
+    """`row_block`: under the `vocab_sharded` DP layout, the rows this DP rank owns (the
+    lookup then gathers other rows from their owners over `dp_group`, set by the trainer);
+    None: the whole table (the `replicated` layout)."""
+
     def __init__(self, vocab_size: int, ffn_hidden_size: int, tp_size: int = 1,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                 row_block: RowBlock | None = None):
         super().__init__()
         if ffn_hidden_size % tp_size:
             raise ValueError(f"ffn_hidden_size ({ffn_hidden_size}) is not divisible by "
                              f"tensor_model_parallel_size ({tp_size})")
         self.vocab_size = vocab_size
         self.ffn_hidden_size = ffn_hidden_size
+        rows = vocab_size if row_block is None else row_block.end - row_block.start
         self.weight = torch.nn.Parameter(
-            torch.empty(vocab_size, ffn_hidden_size // tp_size, device=device, dtype=dtype))
+            torch.empty(rows, ffn_hidden_size // tp_size, device=device, dtype=dtype))
         set_tp_shard(self.weight, TPShard(dim=1))
+        set_row_block(self.weight, row_block)
         self.weight.is_stem_table = True
+        self.row_block = row_block
+        self.dp_group = None
         self.grad_accumulator = RowGradAccumulator()
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Rows of the table for `token_ids` (any shape), shape token_ids.shape + (d_ff/TP,)."""
-        return stem_lookup(self.weight, token_ids, self.grad_accumulator)
+        if self.row_block is None:
+            return stem_lookup(self.weight, token_ids, self.grad_accumulator)
+        return vocab_sharded_lookup(self.weight, token_ids, self.row_block, self.dp_group,
+                                    self.grad_accumulator)
 
     def extra_repr(self) -> str:
         return f"vocab_size={self.vocab_size}, local_shape={tuple(self.weight.shape)}"

@@ -34,16 +34,21 @@ def build_model_chunks(config: RunConfig, parallel: ParallelState,
                 f"({pp} x {vp}): every virtual stage needs a layer")
         # Virtual stage v of pipeline rank r is chunk v * pp + r of the layer sequence.
         stages = pipeline_stages(config.model.num_layers, pp * vp)
+    vocab_shard = None
+    if config.stem.dp_layout == "vocab_sharded" and parallel.dp_size > 1:
+        vocab_shard = (parallel.dp_rank, parallel.dp_size)
     chunks = []
     for v in range(vp):
         stage = stages[v * pp + parallel.pp_rank]
         spec = ModelSpec(model=config.model, vocab_size=vocab_size,
                          stem_layers=tuple(config.stem_layers()), tp_size=parallel.tp_size,
                          tp_rank=parallel.tp_rank, pp_size=pp, vp_size=vp if vp > 1 else None,
-                         layers=stage.layers,
+                         layers=stage.layers, vocab_shard=vocab_shard,
                          pre_process=stage.pre_process, post_process=stage.post_process)
         chunk = StemGPTModel(spec).to(parallel.device)
         chunk.init_parameters(config.train.seed)
+        for table in chunk.stem_tables().values():
+            table.dp_group = parallel.dp_group  # vocab-sharded lookups gather over it
         chunks.append(chunk)
     return chunks
 

@@ -57,13 +57,23 @@ class TrainingOptimizer:
             table.grad_accumulator.clear()
 
     def unique_rows(self) -> int:
-        """Distinct table rows with a gradient this step (over all DP replicas once synced),
+        """Distinct table rows with a gradient this step over all DP replicas (once synced),
         summed over this rank's tables."""
-        return sum(t.grad_accumulator.num_rows for t in self.tables.values())
+        rows = sum(t.grad_accumulator.num_rows for t in self.tables.values())
+        if self.vocab_sharded:  # each owner counts its own rows
+            count = torch.tensor(rows, device=self.parallel.device)
+            dist.all_reduce(count, group=self.parallel.dp_group)
+            rows = int(count.item())
+        return rows
+
+    @property
+    def vocab_sharded(self) -> bool:
+        return any(t.row_block is not None for t in self.tables.values())
 
     def sync_table_grads(self) -> None:
-        """Average table row gradients over data-parallel replicas (DDP does the dense ones)."""
-        if self.parallel.dp_size == 1:
+        """Average table row gradients over data-parallel replicas (DDP does the dense ones).
+        Vocab-sharded tables need nothing: their lookups reduce-scattered to the owners."""
+        if self.parallel.dp_size == 1 or self.vocab_sharded:
             return
         for table in self.tables.values():
             sync_replicated_row_grads(table.grad_accumulator, self.parallel.dp_group,
@@ -81,9 +91,13 @@ class TrainingOptimizer:
             squared += torch.nn.utils.get_total_norm(sharded).float() ** 2
         if duplicated and self.parallel.tp_rank == 0:
             squared += torch.nn.utils.get_total_norm(duplicated).float() ** 2
+        tables = torch.zeros((), dtype=torch.float32, device=device)
         for table in self.tables.values():  # column slices: sharded like the gate
             if not table.grad_accumulator.is_empty:
-                squared += table.grad_accumulator.squared_norm().float()
+                tables += table.grad_accumulator.squared_norm().float()
+        if self.vocab_sharded:  # each DP rank holds the gradient of its own rows
+            dist.all_reduce(tables, group=self.parallel.dp_group)
+        squared += tables
         if self.parallel.tp_size * self.parallel.pp_size > 1:
             dist.all_reduce(squared, group=self.parallel.model_parallel_group)
         return math.sqrt(squared.item())

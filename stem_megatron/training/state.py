@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from stem_megatron.checkpoint.dcp import Checkpointer, resolve
-from stem_megatron.checkpoint.model_state import (model_state, tp_mesh, unwrap,
+from stem_megatron.checkpoint.model_state import (CheckpointMeshes, model_state, unwrap,
                                                   wrap_optimizer_states)
 from stem_megatron.checkpoint.safe_io import read_dcp_metadata
 from stem_megatron.config import RunConfig
@@ -47,7 +47,7 @@ class TrainingState:
                  train_stream: PackedSampleStream, parallel: ParallelState):
         self.chunks, self.optimizer = chunks, optimizer
         self.train_stream, self.parallel = train_stream, parallel
-        self.mesh = tp_mesh(parallel.tp_group, parallel.device)
+        self.meshes = CheckpointMeshes.build(parallel)
 
     def _rng_key(self) -> str:
         return f"torch_rank{self.parallel.rank}"  # per-rank keys: DCP must not dedupe them
@@ -59,11 +59,11 @@ class TrainingState:
         sparse = self.optimizer.sparse.state_dict()  # settles exact-mode debts first
         tables = {name: t.weight for name, t in self.optimizer.tables.items()}
         return {
-            "model": model_state(params.items(), self.mesh),
+            "model": model_state(params.items(), self.meshes),
             "optim": wrap_optimizer_states(adamw_states(self.optimizer.dense, dense_params),
-                                           dense_params, self.mesh),
+                                           dense_params, self.meshes),
             "stem_optim": {"step": sparse["step"],
-                           "tables": wrap_optimizer_states(sparse["tables"], tables, self.mesh)},
+                           "tables": wrap_optimizer_states(sparse["tables"], tables, self.meshes)},
             "rng": {self._rng_key(): torch.get_rng_state()},
         }
 

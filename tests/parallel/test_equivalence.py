@@ -74,11 +74,12 @@ def assert_equivalent(results, reference) -> float:
 @pytest.mark.parametrize("world,extra", [
     (2, ["parallel.tensor_model_parallel_size=2"]),
     (2, []),  # DP=2, replicated tables
+    (2, ["stem.dp_layout=vocab_sharded"]),
     (2, ["parallel.pipeline_model_parallel_size=2"]),
     (2, ["parallel.pipeline_model_parallel_size=2",
          "parallel.virtual_pipeline_model_parallel_size=2"]),
     (4, ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"]),
-], ids=["tp2", "dp2-replicated", "pp2", "pp2-interleaved", "tp2xpp2"])
+], ids=["tp2", "dp2-replicated", "dp2-vocab-sharded", "pp2", "pp2-interleaved", "tp2xpp2"])
 def test_layout_matches_single_process(base_overrides, reference, world, extra):
     results = run_workers(world, train_steps, base_overrides + extra, STEPS)
     worst = assert_equivalent(results, reference)
@@ -89,7 +90,10 @@ def test_layout_matches_single_process(base_overrides, reference, world, extra):
     (2, ["parallel.tensor_model_parallel_size=2"], 1, []),
     (1, [], 2, ["parallel.tensor_model_parallel_size=2"]),
     (2, [], 2, ["parallel.tensor_model_parallel_size=2"]),
-], ids=["tp2-to-single", "single-to-tp2", "dp2-to-tp2"])
+    (2, ["stem.dp_layout=vocab_sharded"], 1, []),
+    (1, [], 2, ["stem.dp_layout=vocab_sharded"]),
+], ids=["tp2-to-single", "single-to-tp2", "dp2-to-tp2", "vocab-sharded-to-single",
+        "single-to-vocab-sharded"])
 def test_checkpoint_loads_under_another_layout(base_overrides, reference, tmp_path, save_world,
                                                save_extra, load_world, load_extra):
     """Save after step 3 under one layout, resume under another: steps 4-5 and the final
