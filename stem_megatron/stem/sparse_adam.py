@@ -9,14 +9,22 @@ param, exp_avg and exp_avg_sq. Per element that is 28 bytes of traffic in fp32 i
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
+from stem_megatron.stem.csrc import row_kernel
+from stem_megatron.stem.csrc.row_kernel import Kernel
+
 Mode = Literal["lazy", "exact"]
+# Rows of the per-step history (exact mode); column i is step _base + 1 + i, except
+# _LOG_DECAY whose column i sums log(decay) over steps _base + 1 .. _base + i.
+_LR, _STEP_SIZE, _INV_BC2_SQRT, _DECAY, _LOG_DECAY = range(5)
 
 
 def _f32(x: float) -> float:
@@ -79,8 +87,13 @@ class SparseRowAdamW:
     the tables for a checkpoint, an export or an edit. Cost: up to 221 replayed row-steps
     for a row that was idle long enough, so a step costs more than in lazy mode.
 
-    `fused=True` computes the touched rows' step with the kernel of torch.optim.AdamW(fused=True)
-    (same formula, one pass, ulp-level differences in p from the single-tensor path).
+    `kernel` picks the code that updates the rows (`csrc/row_kernel.py`; the default `auto`
+    takes the C++ kernel when it builds): `cpp` updates rows in place in one pass and settles
+    exact mode's idle steps in closed form in that pass (no replay; against the `torch` path
+    within 1e-6 relative + 1e-6 * max|p| absolute in p and 1e-6 relative in the moments,
+    tests/stem/test_row_kernel.py); `torch` is the reference described above; `torch_fused`
+    computes the row step with the kernel of torch.optim.AdamW(fused=True) (ulp-level
+    differences in p from the single-tensor path).
 
     The state (exp_avg, exp_avg_sq: full [V, d] fp32 tensors) lives on the table's device.
     The table is updated in place through `table.data`; a bf16 table is updated in fp32
@@ -97,7 +110,7 @@ class SparseRowAdamW:
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         mode: Mode = "lazy",
-        fused: bool = False,
+        kernel: Kernel = "auto",
     ) -> None:
         if mode not in ("lazy", "exact"):
             raise ValueError(f"SparseRowAdamW mode must be 'lazy' or 'exact', got {mode!r}")
@@ -114,7 +127,7 @@ class SparseRowAdamW:
         self.eps = eps
         self.weight_decay = weight_decay
         self.mode: Mode = mode
-        self.fused = fused
+        self.kernel = row_kernel.select(kernel, list(self.tables.values()))
         self.step_count = 0
         self.exp_avg: dict[str, Tensor] = {}
         self.exp_avg_sq: dict[str, Tensor] = {}
@@ -142,18 +155,22 @@ class SparseRowAdamW:
         lr = self.lr if lr is None else float(lr)
         self.step_count += 1
         if self.mode == "exact":
-            self._record_lr(lr)
+            self._record_step(lr)
         for name, (ids, grad) in grads.items():
             if ids.numel() == 0:
                 continue
             table = self.tables[name]
             ids = ids.to(table.device)
+            grad = grad.to(device=table.device, dtype=torch.float32)
+            if self.kernel == "cpp":
+                self._cpp_rows(name, ids, grad.contiguous(), lr)
+                continue
             if self.mode == "exact":
                 self._settle_rows(name, ids, self.step_count - 1)
             p = table.data.index_select(0, ids).float()
             m = self.exp_avg[name].index_select(0, ids)
             v = self.exp_avg_sq[name].index_select(0, ids)
-            self._adamw_rows(p, m, v, grad.to(device=table.device, dtype=torch.float32), lr, self.step_count)
+            self._adamw_rows(p, m, v, grad, lr, self.step_count)
             table.data.index_copy_(0, ids, p.to(table.dtype))
             self.exp_avg[name].index_copy_(0, ids, m)
             self.exp_avg_sq[name].index_copy_(0, ids, v)
@@ -162,9 +179,9 @@ class SparseRowAdamW:
 
     def _adamw_rows(self, p: Tensor, m: Tensor, v: Tensor, g: Tensor, lr: float, step: int) -> None:
         """One torch.optim.AdamW step on gathered rows: the single-tensor path's ops in its
-        order, or with `fused` the kernel of AdamW(fused=True)."""
+        order, or (`torch_fused`) the kernel of AdamW(fused=True)."""
         beta1, beta2 = self.betas
-        if self.fused:
+        if self.kernel == "torch_fused":
             # One pass over the rows instead of ~10 (about 10x faster on CPU); p then differs
             # from the single-tensor path by a few ulps, as AdamW(fused=True) does.
             step_t = torch.tensor(float(step), device=p.device)
@@ -183,6 +200,37 @@ class SparseRowAdamW:
         denom = (v.sqrt() / bias_correction2**0.5).add_(self.eps)
         p.addcdiv_(m, denom, value=-step_size)
 
+    def _cpp_rows(self, name: str, ids: Tensor, grad: Tensor | None, lr: float) -> None:
+        """The C++ kernel on rows `ids`: in exact mode settle their owed idle steps, then
+        (with `grad`) take this step; one pass over each row. Without `grad`: settle only,
+        up to the current step."""
+        beta1, beta2 = self.betas
+        t = self.step_count
+        step = row_kernel.StepArgs()  # settling alone: unused (and t may still be 0)
+        if grad is not None:
+            step = row_kernel.StepArgs(
+                wd_factor=1 - lr * self.weight_decay, lerp_weight=1 - beta1, beta2=beta2,
+                one_minus_beta2=1 - beta2, neg_step_size=-(lr / (1 - beta1**t)),
+                bc2_sqrt=(1 - beta2**t) ** 0.5, eps=self.eps,
+            )
+        settle = row_kernel.SettleArgs()
+        if self.mode == "exact":
+            h = self._hist
+            settle = row_kernel.SettleArgs(
+                settled=row_kernel.ptr(self._settled[name], ctypes.c_int64),
+                upto=t - 1 if grad is not None else t, base=self._base,
+                step_size=_row_ptr(h[_STEP_SIZE]), inv_bc2_sqrt=_row_ptr(h[_INV_BC2_SQRT]),
+                decay=_row_ptr(h[_DECAY]), log_decay=_row_ptr(h[_LOG_DECAY]), tail=self._tail,
+                beta1_idle=1 - _f32(1 - beta1), beta2_idle=_f32(beta2), eps=self.eps, settled_to=t,
+            )
+        ids = ids.contiguous()
+        row_kernel.load().stem_row_adamw(
+            self.tables[name].data.data_ptr(), self.exp_avg[name].data_ptr(),
+            self.exp_avg_sq[name].data_ptr(), self.tables[name].shape[1], ids.data_ptr(), ids.numel(),
+            None if grad is None else grad.data_ptr(), ctypes.byref(step), ctypes.byref(settle),
+            torch.get_num_threads(),
+        )
+
     # ---- exact mode: settling the idle steps a row owes -------------------------------
 
     def _reset_history(self) -> None:
@@ -190,15 +238,21 @@ class SparseRowAdamW:
         self._base = self.step_count
         for settled in self._settled.values():
             settled.fill_(self.step_count)
-        # _lrs[i] is the LR of step _base + 1 + i; _log_decay[i] sums log(1 - lr * wd), as
-        # rounded to fp32 like torch applies it, over steps _base + 1 .. _base + i.
-        self._lrs = torch.empty(0, dtype=torch.float64)
-        self._log_decay = torch.zeros(1, dtype=torch.float64)
+        # Per-step values since _base (rows _LR.. above); grows by doubling.
+        self._hist = np.zeros((5, 1024))
 
-    def _record_lr(self, lr: float) -> None:
-        log_decay = math.log(_f32(1 - lr * self.weight_decay))
-        self._lrs = torch.cat([self._lrs, torch.tensor([lr], dtype=torch.float64)])
-        self._log_decay = torch.cat([self._log_decay, self._log_decay[-1:] + log_decay])
+    def _record_step(self, lr: float) -> None:
+        """Append step `step_count`'s LR and the per-step factors the settling needs."""
+        n = self.step_count - self._base
+        if n >= self._hist.shape[1]:
+            self._hist = np.concatenate([self._hist, np.zeros_like(self._hist)], axis=1)
+        beta1, beta2 = self.betas
+        decay = _f32(1 - lr * self.weight_decay)  # rounded to fp32 like torch applies it
+        h, i = self._hist, n - 1
+        h[_LR, i], h[_DECAY, i] = lr, decay
+        h[_STEP_SIZE, i] = lr / (1 - beta1**self.step_count)
+        h[_INV_BC2_SQRT, i] = 1 / (1 - beta2**self.step_count) ** 0.5
+        h[_LOG_DECAY, n] = h[_LOG_DECAY, i] + math.log(decay)
 
     def _settle_rows(self, name: str, ids: Tensor, upto: int) -> None:
         """Bring rows `ids` from their settled step to step `upto`, as dense AdamW would move
@@ -221,7 +275,7 @@ class SparseRowAdamW:
         ids, settled, replay = ids[order], settled[order], replay[order]
         p, m, v = p[order], m[order], v[order]
         active = torch.bincount(replay, minlength=self._tail + 1).flip(0).cumsum(0).flip(0).tolist()
-        lrs = self._lrs.to(p.device)
+        lrs = torch.from_numpy(self._hist[_LR]).to(p.device)
         for j in range(1, int(replay[0]) + 1):
             n = active[j]
             self._idle_step(p[:n], m[:n], v[:n], lrs[settled[:n] + j - 1 - self._base], settled[:n] + j)
@@ -233,7 +287,7 @@ class SparseRowAdamW:
         m.mul_(((1 - _f32(1 - beta1)) ** rest).to(torch.float32)[:, None])
         v.mul_((_f32(beta2) ** rest).to(torch.float32)[:, None])
         if self.weight_decay != 0:
-            log_decay = self._log_decay.to(p.device)
+            log_decay = torch.from_numpy(self._hist[_LOG_DECAY]).to(p.device)
             decay = torch.exp(log_decay[upto - self._base] - log_decay[done - self._base])
             p.mul_(decay.to(torch.float32)[:, None])
         table.data.index_copy_(0, ids, p.to(table.dtype))
@@ -263,6 +317,9 @@ class SparseRowAdamW:
         if self.mode != "exact":
             return
         for name, table in self.tables.items():
+            if self.kernel == "cpp":
+                self._cpp_rows(name, torch.arange(table.shape[0]), None, self.lr)
+                continue
             # In blocks: settling gathers fp32 copies of the rows' param and moments.
             for start in range(0, table.shape[0], self._SETTLE_BLOCK):
                 stop = min(start + self._SETTLE_BLOCK, table.shape[0])
@@ -321,3 +378,7 @@ class SparseRowAdamW:
         self.step_count = int(state_dict["step"])
         if self.mode == "exact":
             self._reset_history()
+
+
+def _row_ptr(row: np.ndarray) -> ctypes._Pointer:
+    return row.ctypes.data_as(ctypes.POINTER(ctypes.c_double))

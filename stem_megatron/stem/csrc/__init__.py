@@ -1,0 +1,1 @@
+"""The compiled row kernel of the sparse table optimizer (C++ source and its loader)."""
