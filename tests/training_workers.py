@@ -46,12 +46,18 @@ def train_steps(overrides: list[str], steps: int, save_at: int | None = None) ->
     try:
         trainer = Trainer(config, parallel)
         start = trainer.step
-        losses = []
+        losses, comm, unique_rows = [], {}, 0
         for _ in range(steps):
-            losses.append(trainer.train_step()["loss/train"])
+            metrics = trainer.train_step()
+            losses.append(metrics["loss/train"])
+            comm = {k: v for k, v in metrics.items() if k.startswith("comm/")}
+            unique_rows = metrics["stem/unique_rows"]
             if save_at is not None and trainer.step == save_at:
                 trainer.state.save(trainer.checkpointer, trainer.step, config)
+        tables = sum(t.weight.numel() for t in trainer.optimizer.tables.values())
+        dense = sum(p.numel() for p in trainer.optimizer.dense_params)
         return {"start": start, "losses": losses, "params": full_parameters(trainer),
+                "comm": comm, "unique_rows": unique_rows, "counts": {"table_params": tables, "dense_params": dense},
                 "layout": (parallel.tp_rank, parallel.pp_rank, parallel.dp_rank)}
     finally:
         parallel.destroy()

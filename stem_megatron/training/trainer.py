@@ -25,6 +25,7 @@ from stem_megatron.data.sampler import PackedSampleStream, ValidationBatches
 from stem_megatron.data.tokenizer import load_tokenizer
 from stem_megatron.model.accounting import count_model
 from stem_megatron.model.transformer import StemGPTModel
+from stem_megatron.parallel.comm_meter import CommMeter
 from stem_megatron.parallel.data_parallel import wrap_data_parallel
 from stem_megatron.parallel.state import ParallelState
 from stem_megatron.training.lr_schedule import LRSchedule
@@ -67,7 +68,9 @@ class Trainer:
         self.chunks = build_model_chunks(c, parallel, self.vocab_size)
         self.optimizer = TrainingOptimizer(self.chunks, c, parallel)
         # What the schedule runs: DDP over the data-parallel group when DP > 1.
-        self.wrapped_chunks = wrap_data_parallel(self.chunks, parallel.dp_group, parallel.dp_size)
+        self.comm = CommMeter(parallel.tp_group, parallel.dp_group, parallel.dp_size)
+        self.wrapped_chunks = wrap_data_parallel(self.chunks, parallel.dp_group, parallel.dp_size,
+                                                 self.comm.ddp_comm_hook)
         self.schedule = LRSchedule.from_megatron(
             lr=c.optim.lr, min_lr=c.optim.min_lr, lr_warmup_iters=c.optim.lr_warmup_iters,
             train_iters=c.train.train_iters, lr_decay_iters=c.optim.lr_decay_iters,
@@ -137,19 +140,22 @@ class Trainer:
         loss = torch.zeros((), dtype=torch.float32, device=p.device)
         if outputs:  # the last pipeline stage holds the losses
             loss = torch.stack([o["lm loss"] for o in outputs]).mean()
-        if p.pp_size > 1:
-            dist.broadcast(loss, src=p.pp_last_rank, group=p.pp_group)
-        if p.dp_size > 1:  # each replica saw its share of the global batch
-            dist.all_reduce(loss, group=p.dp_group)
-            loss /= p.dp_size
+        with self.comm.purpose("other"):
+            if p.pp_size > 1:
+                dist.broadcast(loss, src=p.pp_last_rank, group=p.pp_group)
+            if p.dp_size > 1:  # each replica saw its share of the global batch
+                dist.all_reduce(loss, group=p.dp_group)
+                loss /= p.dp_size
         return loss.item()
 
     def train_step(self) -> dict[str, float]:
         self.optimizer.zero_grad()
         batches = [next(self.train_stream) for _ in range(self.num_microbatches)]
-        loss = self._run_schedule(batches, forward_only=False)
-        metrics = {"loss/train": loss}
-        metrics.update(self.optimizer.step(self.schedule.factor(self.step)))
+        with self.comm.counting():
+            loss = self._run_schedule(batches, forward_only=False)
+            metrics = {"loss/train": loss}
+            metrics.update(self.optimizer.step(self.schedule.factor(self.step)))
+        metrics.update(self.comm.take())  # bytes this step moved, by purpose and kind
         self.step += 1
         return metrics
 
