@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.distributed_harness import run_workers
-from tests.training_workers import train_steps
+from stem_megatron.parallel.local_workers import run_local_workers
+from stem_megatron.training.short_run import train_steps
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,8 @@ def base(small_corpus, tmp_path_factory):
 
 def test_stem_adds_no_tensor_parallel_traffic(base):
     tp = ["parallel.tensor_model_parallel_size=2"]
-    stem = run_workers(2, train_steps, base + tp, 2)[0]["comm"]
-    dense = run_workers(2, train_steps, base + tp + ["stem.enabled=false"], 2)[0]["comm"]
+    stem = run_local_workers(2, train_steps, base + tp, 2)[0]["comm"]
+    dense = run_local_workers(2, train_steps, base + tp + ["stem.enabled=false"], 2)[0]["comm"]
     assert stem["comm/tp_bytes"] > 0
     assert stem["comm/tp_bytes"] == dense["comm/tp_bytes"]
     assert stem["comm/dp_stem_bytes"] == 0 and stem["comm/dp_dense_bytes"] == 0
@@ -33,7 +33,7 @@ def test_stem_adds_no_tensor_parallel_traffic(base):
 
 @pytest.mark.parametrize("layout", ["replicated", "vocab_sharded"])
 def test_data_parallel_bytes(base, layout):
-    result = run_workers(2, train_steps, base + [f"stem.dp_layout={layout}"], 2)[0]
+    result = run_local_workers(2, train_steps, base + [f"stem.dp_layout={layout}"], 2)[0]
     comm, counts = result["comm"], result["counts"]
     # DDP all-reduces each dense gradient once per step, fp32.
     assert comm["comm/dp_dense_bytes"] == 4 * counts["dense_params"]
@@ -49,7 +49,7 @@ def test_data_parallel_bytes(base, layout):
 
 
 def test_pipeline_sends_activations_and_gradients(base):
-    result = run_workers(2, train_steps, base + ["parallel.pipeline_model_parallel_size=2",
+    result = run_local_workers(2, train_steps, base + ["parallel.pipeline_model_parallel_size=2",
                                                  "model.untie_embeddings_and_output_weights=true"],
                          1)
     # 2 micro-batches of [seq 32, batch 2, hidden 32] fp32: stage 0 sends activations forward,

@@ -14,8 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.distributed_harness import run_workers
-from tests.training_workers import train_steps
+from stem_megatron.parallel.local_workers import run_local_workers
+from stem_megatron.training.short_run import train_steps
 
 STEPS = 5
 RTOL = 1e-5
@@ -40,7 +40,7 @@ def base_overrides(small_corpus, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(base_overrides):
-    return run_workers(1, train_steps, base_overrides, STEPS)[0]
+    return run_local_workers(1, train_steps, base_overrides, STEPS)[0]
 
 
 def merged_params(results) -> dict[str, torch.Tensor]:
@@ -81,7 +81,7 @@ def assert_equivalent(results, reference) -> float:
     (4, ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"]),
 ], ids=["tp2", "dp2-replicated", "dp2-vocab-sharded", "pp2", "pp2-interleaved", "tp2xpp2"])
 def test_layout_matches_single_process(base_overrides, reference, world, extra):
-    results = run_workers(world, train_steps, base_overrides + extra, STEPS)
+    results = run_local_workers(world, train_steps, base_overrides + extra, STEPS)
     worst = assert_equivalent(results, reference)
     print(f"max relative difference {worst:.2e}")
 
@@ -99,9 +99,9 @@ def test_checkpoint_loads_under_another_layout(base_overrides, reference, tmp_pa
     """Save after step 3 under one layout, resume under another: steps 4-5 and the final
     parameters equal the uninterrupted single-process run (DCP reshards on load)."""
     saved = tmp_path / "saved"
-    run_workers(save_world, train_steps,
+    run_local_workers(save_world, train_steps,
                 base_overrides + save_extra + [f"logging.run_dir={saved}"], 3, 3)
-    resumed = run_workers(
+    resumed = run_local_workers(
         load_world, train_steps,
         base_overrides + load_extra + [f"logging.run_dir={tmp_path / 'resumed'}",
                                        f"checkpoint.load={saved}"], STEPS - 3)

@@ -1,5 +1,6 @@
-"""Run a function on N real processes joined by gloo, the way torchrun starts them (RANK,
-WORLD_SIZE, MASTER_ADDR/PORT in the environment), and collect each rank's result."""
+"""Run a function on N local processes joined by gloo, the way torchrun starts them (RANK,
+WORLD_SIZE, MASTER_ADDR/PORT in the environment), and collect each rank's result: how tests
+and benchmarks compare parallel layouts on one machine."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def _entry(rank: int, world: int, port: int, fn, args, queue) -> None:
         queue.put((rank, False, traceback.format_exc()))
 
 
-def run_workers(world: int, fn, *args, timeout: float = 300.0) -> list:
+def run_local_workers(world: int, fn, *args, timeout: float = 300.0) -> list:
     """fn(*args) on `world` processes; returns the results in rank order. A failure or a
     hang on any rank fails with that rank's traceback."""
     ctx = mp.get_context("spawn")

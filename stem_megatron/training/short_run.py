@@ -1,4 +1,6 @@
-"""Functions that run inside spawned training processes (see distributed_harness.py)."""
+"""A short training run on one rank of a local job, reporting what layouts are compared by:
+per-step losses, communication, and the full (gathered) parameters. Runs inside processes
+started by stem_megatron.parallel.local_workers."""
 
 from __future__ import annotations
 
