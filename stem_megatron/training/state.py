@@ -54,8 +54,8 @@ class TrainingState:
 
     def _state(self) -> dict:
         params = dict(named_parameters(self.chunks))
-        dense_params = {name: p for name, p in params.items()
-                        if any(p is q for q in self.optimizer.dense_params)}
+        dense_ids = {id(p) for p in self.optimizer.dense_params}
+        dense_params = {name: p for name, p in params.items() if id(p) in dense_ids}
         sparse = self.optimizer.sparse.state_dict()  # settles exact-mode debts first
         tables = {name: t.weight for name, t in self.optimizer.tables.items()}
         return {

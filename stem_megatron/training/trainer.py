@@ -1,9 +1,10 @@
 """The training loop: one object that builds a run's components and steps them.
 
 Each optimizer step runs the step's micro-batches through megatron-core's forward-backward
-schedule (no pipelining at PP=1; the pipelined schedules slot in unchanged), then clips the
-global norm over dense and table gradients, updates dense parameters with fused AdamW and the
-touched table rows with the row-sparse AdamW, logs, evaluates and checkpoints.
+schedule (no pipelining, 1F1B or interleaved, as the layout says), synchronises table rows
+over data-parallel replicas, clips the global norm over dense and table gradients, updates
+dense parameters with fused AdamW and the touched table rows with the row-sparse AdamW,
+logs (with the bytes each step moved), evaluates and checkpoints.
 """
 
 from __future__ import annotations
