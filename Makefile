@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_ID := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install data train train-dense test test-slow clean-venv
+.PHONY: install data train train-dense test test-slow test-slurm clean-venv
 
 # The CPU wheel of torch is pinned first: an unpinned torch would pull a multi-GB CUDA build.
 # On a GPU cluster, install your own torch and then `pip install -r requirements.txt`.
@@ -32,6 +32,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# launch/slurm.sbatch on a real one-node SLURM cluster on localhost (root; installs
+# slurm-wlm and munge with apt-get if missing). About 2-3 minutes.
+test-slurm: $(STAMP)
+	$(PY) -m pytest -q -m slurm tests/launch
 
 clean-venv:
 	rm -rf $(VENV)
