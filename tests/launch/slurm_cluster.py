@@ -13,7 +13,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.distributed_harness import free_port
+from stem_megatron.parallel.local_workers import free_port
 from tests.launch.processes import ProcessScope
 
 PACKAGES = ["slurm-wlm", "munge"]

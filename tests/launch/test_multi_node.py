@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from tests.distributed_harness import free_port
+from stem_megatron.parallel.local_workers import free_port
 from tests.launch.conftest import (CONFIG, TORCHRUN_SH, assert_trained_like_reference,
                                    train_command)
 

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from tests.distributed_harness import free_port
+from stem_megatron.parallel.local_workers import free_port
 from tests.launch.conftest import (CONFIG, ROOT, TRAIN_ITERS, assert_trained_like_reference,
                                    train_command)
 from tests.launch.processes import environ_of
