@@ -18,6 +18,9 @@ from typing import Any
 import yaml
 
 
+STORAGE_TIERS = ("device", "host")  # where STEM tables live (stem/storage.py)
+
+
 class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or inconsistent."""
 
@@ -53,6 +56,9 @@ class StemConfig:
     # over the union of touched rows) or "vocab_sharded" (rows and their optimizer state
     # owned by DP ranks; lookups all-gather the needed rows, gradients reduce-scatter).
     dp_layout: str = "replicated"
+    # "device": the table is a tensor on the compute device; "host": the table and its
+    # optimizer state live in host memory and each micro-batch's rows are prefetched.
+    storage: str = "device"
     optimizer: StemOptimizerConfig = field(default_factory=StemOptimizerConfig)
 
 
@@ -94,7 +100,7 @@ class TrainConfig:
     train_iters: int = 100
     seed: int = 1234
     eval_interval: int = 50
-    eval_iters: int = 10
+    eval_iters: int = 10  # global batches per evaluation
     bf16: bool = False  # bf16 autocast; parameters and optimizer states stay fp32
 
 
@@ -286,6 +292,13 @@ def validate(config: RunConfig) -> None:
     require(config.stem.dp_layout in ("replicated", "vocab_sharded"),
             f"stem.dp_layout must be 'replicated' or 'vocab_sharded', got "
             f"'{config.stem.dp_layout}'")
+    require(config.stem.storage in STORAGE_TIERS,
+            f"stem.storage must be one of {', '.join(repr(t) for t in STORAGE_TIERS)}, got "
+            f"'{config.stem.storage}'")
+    require(not (config.stem.storage == "host" and config.stem.dp_layout == "vocab_sharded"),
+            "stem.storage=host is not supported with stem.dp_layout=vocab_sharded yet (its "
+            "lookup gathers rows from the owners at forward time, not from a prefetch); use "
+            "stem.dp_layout=replicated or stem.storage=device")
     require(config.stem.optimizer.mode in ("lazy", "exact"),
             f"stem.optimizer.mode must be 'lazy' or 'exact', got '{config.stem.optimizer.mode}'")
     for key in ("micro_batch_size", "global_batch_size", "train_iters", "eval_iters"):

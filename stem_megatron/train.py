@@ -68,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
                   f"{n.flops_per_token / 1e6:.1f} MFLOPs/token; run dir {config.run_dir}",
                   flush=True)
         result = trainer.run()
+        if parallel.is_main and result.stopped_by:
+            print(f"stopped at step {result.step} on {result.stopped_by} after saving a "
+                  f"checkpoint; resume with checkpoint.load=auto", flush=True)
+            return 0
         if parallel.is_main:
             val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
             print(f"done: step {result.step} | final train loss {result.train_loss:.4f} | "

@@ -114,10 +114,20 @@ def resolve(path: str | os.PathLike) -> Path:
 
 
 def latest_checkpoint(checkpoints: Path) -> Path | None:
-    """The checkpoint `latest` designates, or None if nothing was ever committed here."""
-    if not (checkpoints / LATEST).exists():
+    """The newest complete checkpoint here, or None if nothing was ever committed.
+
+    Usually the one `latest` names; but a save that died between renaming its `step_N` into
+    place and replacing `latest` leaves a complete `step_N` newer than the pointer (a step
+    dir only appears whole, by rename). Resuming from the pointer would then redo step N and
+    fail to save it on every restart, so the newest complete step wins."""
+    if not checkpoints.is_dir():
         return None
-    return resolve(checkpoints)
+    steps = sorted(((int(m.group(1)), entry) for entry in checkpoints.iterdir()
+                    if (m := _STEP_DIR.fullmatch(entry.name)) and entry.is_dir()), reverse=True)
+    for _, entry in steps:
+        if all((entry / name).is_file() for name in REQUIRED_FILES):
+            return entry
+    return None
 
 
 def _require_complete(p: Path) -> Path:

@@ -34,6 +34,7 @@ from stem_megatron.training.metrics import MetricsLogger
 from stem_megatron.training.model_chunks import build_model_chunks
 from stem_megatron.training.optimizer import TrainingOptimizer
 from stem_megatron.training.progress import TrainingProgress
+from stem_megatron.training.preemption import StopRequest
 from stem_megatron.training.state import TrainingState
 
 
@@ -43,6 +44,7 @@ class RunResult:
     train_loss: float
     val_loss: float | None
     tokens_per_s: float
+    stopped_by: str | None = None  # the signal that ended training early, after a save
 
 
 def _loss_func(per_token_loss: torch.Tensor):
@@ -84,9 +86,11 @@ class Trainer:
             seed=c.train.seed, dp_rank=parallel.dp_rank, dp_size=parallel.dp_size)
         self.val_batches = None
         if self.val_data is not None:
+            # eval_iters global batches (Megatron's meaning): the same samples in any layout.
             self.val_batches = ValidationBatches(
                 self.val_data.tokens, c.model.seq_length, c.train.micro_batch_size,
-                c.train.eval_iters, dp_rank=parallel.dp_rank, dp_size=parallel.dp_size)
+                c.train.eval_iters * self.num_microbatches, dp_rank=parallel.dp_rank,
+                dp_size=parallel.dp_size)
         self.checkpointer = Checkpointer(c.save_dir)
         self.state = TrainingState(self.chunks, self.optimizer, self.train_stream, parallel)
         self.step = 0
@@ -184,8 +188,8 @@ class Trainer:
                                     enabled=self.parallel.is_main)
         window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
         run_start, run_start_step = time.perf_counter(), self.step
-        val_loss, metrics = None, {}
-        with self.metrics, progress:
+        val_loss, metrics, stopped_by = None, {}, None
+        with self.metrics, progress, StopRequest(self.parallel.device) as stop:
             while self.step < c.train.train_iters:
                 metrics = self.train_step()
                 window_loss += metrics["loss/train"]
@@ -204,12 +208,21 @@ class Trainer:
                     if val_loss is not None:
                         self.metrics.log(self.step, {"loss/val": val_loss})
                         progress.message(f"step {self.step} | val_loss {val_loss:.4f}")
-                if (c.checkpoint.save_interval and self.step % c.checkpoint.save_interval == 0) \
-                        or last:
+                saved = (c.checkpoint.save_interval
+                         and self.step % c.checkpoint.save_interval == 0) or last
+                if saved:
                     path = self.state.save(self.checkpointer, self.step, c)
                     progress.message(f"step {self.step} | saved {path}")
+                if not last and stop.agreed():
+                    stopped_by = stop.name
+                    if not saved:
+                        path = self.state.save(self.checkpointer, self.step, c)
+                    progress.message(f"step {self.step} | stopping on {stopped_by}: "
+                                     f"checkpoint {path}")
+                    break
         elapsed = time.perf_counter() - run_start
         steps = self.step - run_start_step
         return RunResult(step=self.step, train_loss=metrics.get("loss/train", math.nan),
                          val_loss=val_loss,
-                         tokens_per_s=tokens_per_step * steps / elapsed if steps else 0.0)
+                         tokens_per_s=tokens_per_step * steps / elapsed if steps else 0.0,
+                         stopped_by=stopped_by)

@@ -63,3 +63,18 @@ def test_tmp_dir_is_not_a_checkpoint(run: Path) -> None:
     tmp.mkdir()
     with pytest.raises(CheckpointNotFoundError, match="unfinished"):
         resolve(tmp)
+
+
+def test_latest_prefers_a_newer_complete_step_than_the_pointer(tmp_path):
+    """A crash between the rename of step_N and the pointer update must not make resumes
+    redo step N (its save would be refused forever)."""
+    import torch
+
+    from stem_megatron.checkpoint.dcp import Checkpointer
+
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(1, {"w": torch.zeros(2)}, {"step": 1})
+    ckpt.save(2, {"w": torch.ones(2)}, {"step": 2})
+    (tmp_path / "latest").write_text("step_1\n")  # as if the save of step 2 died before it
+    (tmp_path / "step_3").mkdir()  # an incomplete dir never counts
+    assert ckpt.latest() == tmp_path / "step_2"

@@ -127,3 +127,30 @@ def test_auto_resume_and_refusal_to_start_over_existing_checkpoints(tiny_config,
     with pytest.raises(ValueError, match=r"already holds checkpoints \(latest: step_3\); resume "
                                          r"with checkpoint.load=auto"):
         Trainer(tiny_config("train.train_iters=4"), parallel)
+
+
+def test_stop_signal_saves_and_resume_matches_uninterrupted(tiny_config, parallel, tmp_path):
+    import os
+    import signal
+
+    full = tiny_config("train.eval_interval=0")
+    Trainer(full, parallel).run()
+
+    stopped = tiny_config("train.eval_interval=0", f"logging.run_dir={tmp_path / 'stopped'}",
+                          "checkpoint.load=auto")
+    trainer = Trainer(stopped, parallel)
+    step = trainer.train_step
+
+    def step_then_preempt():  # the scheduler's SIGTERM arrives during step 2
+        metrics = step()
+        if trainer.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return metrics
+
+    trainer.train_step = step_then_preempt
+    result = trainer.run()
+    assert (result.step, result.stopped_by) == (2, "SIGTERM")
+    assert (stopped.save_dir / "latest").read_text().strip() == "step_2"
+    Trainer(stopped, parallel).run()  # the requeued job
+    a, b = metrics_by_step(full.run_dir), metrics_by_step(stopped.run_dir)
+    assert [b[s]["loss/train"] for s in range(1, 7)] == [a[s]["loss/train"] for s in range(1, 7)]
