@@ -120,15 +120,40 @@ class _StemLookup(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: Tensor) -> tuple[None, None, None]:  # type: ignore[override]
-        unique_ids, inverse = ctx.saved_tensors
-        d = grad_out.shape[-1]
-        grad_flat = grad_out.reshape(-1, d)
-        dtype = _accum_dtype(grad_out.dtype)
-        rows_grad = torch.zeros(unique_ids.numel(), d, dtype=dtype, device=grad_out.device)
-        rows_grad.index_add_(0, inverse, grad_flat.to(dtype))
-        ctx.accumulator.add(unique_ids, rows_grad)
+        _rows_backward(ctx, grad_out)
         # None for the table: no dense gradient is ever materialised, table.grad stays None.
         return None, None, None
+
+
+def _rows_backward(ctx, grad_out: Tensor) -> None:
+    """Sum the output gradient per unique id and hand the rows to the accumulator."""
+    unique_ids, inverse = ctx.saved_tensors
+    d = grad_out.shape[-1]
+    grad_flat = grad_out.reshape(-1, d)
+    dtype = _accum_dtype(grad_out.dtype)
+    rows_grad = torch.zeros(unique_ids.numel(), d, dtype=dtype, device=grad_out.device)
+    rows_grad.index_add_(0, inverse, grad_flat.to(dtype))
+    ctx.accumulator.add(unique_ids, rows_grad)
+
+
+class _StagedLookup(torch.autograd.Function):
+    """The lookup of a host-resident table: its rows for this micro-batch's unique ids were
+    staged on the compute device; ids are remapped to staging positions. `table` is an input
+    only so that autograd records the lookup; the backward is the same as `_StemLookup`'s."""
+
+    @staticmethod
+    def forward(ctx, table: Tensor, ids: Tensor, unique_ids: Tensor, rows: Tensor,  # type: ignore[override]
+                accumulator: RowGradAccumulator) -> Tensor:
+        inverse = torch.searchsorted(unique_ids, ids.reshape(-1))
+        out = rows.index_select(0, inverse).view(*ids.shape, rows.shape[1])
+        ctx.save_for_backward(unique_ids, inverse)
+        ctx.accumulator = accumulator
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[None, None, None, None, None]:  # type: ignore[override]
+        _rows_backward(ctx, grad_out)
+        return None, None, None, None, None
 
 
 def stem_lookup(table: torch.nn.Parameter, ids: Tensor, accumulator: RowGradAccumulator) -> Tensor:
@@ -141,3 +166,11 @@ def stem_lookup(table: torch.nn.Parameter, ids: Tensor, accumulator: RowGradAccu
     if ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"stem_lookup ids must be int32/int64, got {ids.dtype}")
     return _StemLookup.apply(table, ids, accumulator)
+
+
+def staged_lookup(table: torch.nn.Parameter, ids: Tensor, unique_ids: Tensor, rows: Tensor,
+                  accumulator: RowGradAccumulator) -> Tensor:
+    """`stem_lookup` for a table whose rows for `unique_ids` (sorted, exactly the distinct values of
+    `ids`) were staged as `rows` on the compute device. The output is a new tensor, so the
+    staging buffer behind `rows` may be reused once this returns."""
+    return _StagedLookup.apply(table, ids, unique_ids, rows, accumulator)

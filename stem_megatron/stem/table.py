@@ -13,7 +13,9 @@ import math
 import torch
 
 from stem_megatron.model.sharding import RowBlock, TPShard, set_row_block, set_tp_shard
-from stem_megatron.stem.lookup import RowGradAccumulator, stem_lookup
+from stem_megatron.stem.lookup import RowGradAccumulator, staged_lookup, stem_lookup
+from stem_megatron.stem.prefetch import RowPrefetcher, stage_now
+from stem_megatron.stem.storage import to_host
 from stem_megatron.stem.vocab_sharded import vocab_sharded_lookup
 
 
@@ -25,7 +27,10 @@ def xavier_normal_std(vocab_size: int, ffn_hidden_size: int) -> float:
 class StemTable(torch.nn.Module):
     """`row_block`: under the `vocab_sharded` DP layout, the rows this DP rank owns (the
     lookup then gathers other rows from their owners over `dp_group`, set by the trainer);
-    None: the whole table (the `replicated` layout)."""
+    None: the whole table (the `replicated` layout).
+
+    Storage (stem/storage.py): on the compute device, or after `move_to_host` in host memory,
+    where lookups read rows staged on the compute device by the trainer's `RowPrefetcher`."""
 
     def __init__(self, vocab_size: int, ffn_hidden_size: int, tp_size: int = 1,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
@@ -45,13 +50,36 @@ class StemTable(torch.nn.Module):
         self.row_block = row_block
         self.dp_group = None
         self.grad_accumulator = RowGradAccumulator()
+        self.compute_device: torch.device | None = None  # set by move_to_host
+        self.prefetcher: RowPrefetcher | None = None
+        self.prefetch_key = ""
+
+    @property
+    def on_host(self) -> bool:
+        return self.compute_device is not None
+
+    def move_to_host(self) -> None:
+        """Keep the table in host memory; lookups return rows on the current device."""
+        self.compute_device = self.weight.device
+        self.weight.data = to_host(self.weight.data)
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Rows of the table for `token_ids` (any shape), shape token_ids.shape + (d_ff/TP,)."""
+        if self.on_host:
+            return self._host_lookup(token_ids)
         if self.row_block is None:
             return stem_lookup(self.weight, token_ids, self.grad_accumulator)
         return vocab_sharded_lookup(self.weight, token_ids, self.row_block, self.dp_group,
                                     self.grad_accumulator)
+
+    def _host_lookup(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if self.prefetcher is not None and self.prefetcher.active:
+            with self.prefetcher.staged(self.prefetch_key, token_ids.numel()) as staged:
+                return staged_lookup(self.weight, token_ids, staged.unique_ids, staged.rows,
+                                     self.grad_accumulator)
+        staged = stage_now(self.weight.detach(), token_ids, self.compute_device)
+        return staged_lookup(self.weight, token_ids, staged.unique_ids, staged.rows,
+                             self.grad_accumulator)
 
     def extra_repr(self) -> str:
         return f"vocab_size={self.vocab_size}, local_shape={tuple(self.weight.shape)}"

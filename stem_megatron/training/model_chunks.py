@@ -11,8 +11,9 @@ import torch
 from stem_megatron.config import ConfigError, RunConfig
 from stem_megatron.model.transformer import ModelSpec, StemGPTModel
 from stem_megatron.parallel.layout import validate_layout
-from stem_megatron.parallel.pipeline_stages import pipeline_stages
+from stem_megatron.parallel.pipeline_stages import PipelineStage, pipeline_stages
 from stem_megatron.parallel.state import ParallelState
+from stem_megatron.stem.storage import check_host_fits, host_table_bytes
 
 
 def build_model_chunks(config: RunConfig, parallel: ParallelState,
@@ -37,9 +38,11 @@ def build_model_chunks(config: RunConfig, parallel: ParallelState,
     vocab_shard = None
     if config.stem.dp_layout == "vocab_sharded" and parallel.dp_size > 1:
         vocab_shard = (parallel.dp_rank, parallel.dp_size)
+    my_stages = [stages[v * pp + parallel.pp_rank] for v in range(vp)]
+    if config.stem.storage == "host":
+        _check_host_tables_fit(config, parallel, vocab_size, my_stages)
     chunks = []
-    for v in range(vp):
-        stage = stages[v * pp + parallel.pp_rank]
+    for stage in my_stages:
         spec = ModelSpec(model=config.model, vocab_size=vocab_size,
                          stem_layers=tuple(config.stem_layers()), tp_size=parallel.tp_size,
                          tp_rank=parallel.tp_rank, pp_size=pp, vp_size=vp if vp > 1 else None,
@@ -49,8 +52,24 @@ def build_model_chunks(config: RunConfig, parallel: ParallelState,
         chunk.init_parameters(config.train.seed)
         for table in chunk.stem_tables().values():
             table.dp_group = parallel.dp_group  # vocab-sharded lookups gather over it
+            if config.stem.storage == "host":
+                table.move_to_host()
         chunks.append(chunk)
     return chunks
+
+
+def _check_host_tables_fit(config: RunConfig, parallel: ParallelState, vocab_size: int,
+                           stages: list[PipelineStage]) -> None:
+    """Refuse host tables (with their optimizer state) larger than free host RAM before any
+    is allocated."""
+    stem = set(config.stem_layers())
+    tables = sum(1 for stage in stages for layer in stage.layers if layer in stem)
+    width = config.model.ffn_hidden_size // parallel.tp_size
+    per_table = host_table_bytes(vocab_size, width, torch.float32,
+                                 exact=config.stem.optimizer.mode == "exact")
+    check_host_fits(tables * per_table,
+                    f"{tables} host-resident STEM tables of [{vocab_size}, {width}] with "
+                    f"their optimizer state")
 
 
 def named_parameters(chunks: list[torch.nn.Module]) -> Iterator[tuple[str, torch.nn.Parameter]]:

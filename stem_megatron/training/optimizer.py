@@ -7,6 +7,7 @@ Global-norm clipping covers the dense gradients and the tables' row gradients to
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.distributed as dist
@@ -15,6 +16,7 @@ from stem_megatron.config import RunConfig
 from stem_megatron.model.sharding import get_tp_shard
 from stem_megatron.parallel.state import ParallelState
 from stem_megatron.stem.sparse_adam import SparseRowAdamW
+from stem_megatron.stem.storage import synchronize
 from stem_megatron.stem.sync import sync_replicated_row_grads
 from stem_megatron.stem.table import StemTable
 from stem_megatron.training.model_chunks import named_modules, named_parameters
@@ -76,8 +78,9 @@ class TrainingOptimizer:
         if self.parallel.dp_size == 1 or self.vocab_sharded:
             return
         for table in self.tables.values():
+            # On the compute device whatever the table's storage: the collective runs there.
             sync_replicated_row_grads(table.grad_accumulator, self.parallel.dp_group,
-                                      table.weight.shape[1], table.weight.device)
+                                      table.weight.shape[1], self.parallel.device)
 
     def grad_norm(self) -> float:
         """L2 norm over every dense gradient and every table's combined row gradient, over the
@@ -120,9 +123,17 @@ class TrainingOptimizer:
         for group in self.dense.param_groups:
             group["lr"] = self.base_lr * lr_factor
         self.dense.step()
-        self.sparse.step({name: t.grad_accumulator.reduce() for name, t in self.tables.items()
-                          if not t.grad_accumulator.is_empty},
-                         lr=self.table_lr * lr_factor)
+        grads = {name: t.grad_accumulator.reduce() for name, t in self.tables.items()
+                 if not t.grad_accumulator.is_empty}
+        # Host tables: the sparse optimizer moves the row gradients (ids and rows) to host.
+        bytes_d2h = sum(ids.numel() * ids.element_size() + grad.numel() * grad.element_size()
+                        for name, (ids, grad) in grads.items() if self.tables[name].on_host)
+        synchronize(self.parallel.device)  # time the table update alone, not queued compute
+        start = time.perf_counter()
+        self.sparse.step(grads, lr=self.table_lr * lr_factor)
+        synchronize(self.parallel.device)
+        sparse_ms = (time.perf_counter() - start) * 1e3
         return {"optim/grad_norm": norm, "optim/lr": self.base_lr * lr_factor,
-                "optim/table_lr": self.table_lr * lr_factor, "stem/unique_rows": unique_rows}
+                "optim/table_lr": self.table_lr * lr_factor, "stem/unique_rows": unique_rows,
+                "stem/bytes_d2h": float(bytes_d2h), "stem/sparse_optim_ms": sparse_ms}
 

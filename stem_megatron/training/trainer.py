@@ -29,6 +29,7 @@ from stem_megatron.model.transformer import StemGPTModel
 from stem_megatron.parallel.comm_meter import CommMeter
 from stem_megatron.parallel.data_parallel import wrap_data_parallel
 from stem_megatron.parallel.state import ParallelState
+from stem_megatron.stem.prefetch import RowPrefetcher
 from stem_megatron.training.lr_schedule import LRSchedule
 from stem_megatron.training.metrics import MetricsLogger
 from stem_megatron.training.model_chunks import build_model_chunks
@@ -45,6 +46,11 @@ class RunResult:
     val_loss: float | None
     tokens_per_s: float
     stopped_by: str | None = None  # the signal that ended training early, after a save
+
+
+def _inputs(tokens: torch.Tensor) -> torch.Tensor:
+    """The ids a micro-batch's model forward reads (the last token is only a label)."""
+    return tokens[:, :-1]
 
 
 def _loss_func(per_token_loss: torch.Tensor):
@@ -70,6 +76,7 @@ class Trainer:
         self.stem_layers = tuple(c.stem_layers())
         self.chunks = build_model_chunks(c, parallel, self.vocab_size)
         self.optimizer = TrainingOptimizer(self.chunks, c, parallel)
+        self.prefetcher = self._host_table_prefetcher()
         # What the schedule runs: DDP over the data-parallel group when DP > 1.
         self.comm = CommMeter(parallel.tp_group, parallel.dp_group, parallel.dp_size)
         self.wrapped_chunks = wrap_data_parallel(self.chunks, parallel.dp_group, parallel.dp_size,
@@ -116,6 +123,29 @@ class Trainer:
                 f"logging.run_dir or checkpoint.save")
         return load
 
+    def _host_table_prefetcher(self) -> RowPrefetcher | None:
+        """One prefetcher for every host-resident table of this rank (None: no host tables)."""
+        tables = {name: t for name, t in self.optimizer.tables.items() if t.on_host}
+        if not tables:
+            return None
+        prefetcher = RowPrefetcher({name: t.weight for name, t in tables.items()},
+                                   self.parallel.device)
+        for name, table in tables.items():
+            table.prefetcher, table.prefetch_key = prefetcher, name
+        return prefetcher
+
+    @contextlib.contextmanager
+    def _prefetching(self, batches: list[torch.Tensor], metrics: dict[str, float]):
+        """Stage host-table rows of `batches` while the block runs the schedule over them;
+        adds the staging metrics to `metrics`. The staging thread is joined when the block
+        ends, before the step's table update, and the next step's staging starts after it."""
+        if self.prefetcher is None:
+            yield
+            return
+        with self.prefetcher.prefetching([_inputs(b) for b in batches]):
+            yield
+        metrics.update(self.prefetcher.finish())
+
     # -- one step ----------------------------------------------------------------------
     def _autocast(self):
         if not self.config.train.bf16:
@@ -126,7 +156,7 @@ class Trainer:
         # Every pipeline stage reads the micro-batch: each STEM layer needs the token ids.
         tokens = next(data_iterator).to(self.parallel.device)
         with self._autocast():
-            losses = model(tokens[:, :-1], labels=tokens[:, 1:])
+            losses = model(_inputs(tokens), labels=tokens[:, 1:])
         return losses, _loss_func
 
     def _run_schedule(self, batches: list[torch.Tensor], forward_only: bool) -> float:
@@ -156,9 +186,10 @@ class Trainer:
     def train_step(self) -> dict[str, float]:
         self.optimizer.zero_grad()
         batches = [next(self.train_stream) for _ in range(self.num_microbatches)]
+        metrics = {"stem/bytes_h2d": 0.0, "stem/prefetch_stall_ms": 0.0}
         with self.comm.counting():
-            loss = self._run_schedule(batches, forward_only=False)
-            metrics = {"loss/train": loss}
+            with self._prefetching(batches, metrics):
+                metrics["loss/train"] = self._run_schedule(batches, forward_only=False)
             metrics.update(self.optimizer.step(self.schedule.factor(self.step)))
         metrics.update(self.comm.take())  # bytes this step moved, by purpose and kind
         self.step += 1
@@ -171,7 +202,9 @@ class Trainer:
         for chunk in self.chunks:
             chunk.eval()
         try:
-            return self._run_schedule(list(self.val_batches), forward_only=True)
+            batches = list(self.val_batches)
+            with self._prefetching(batches, {}):
+                return self._run_schedule(batches, forward_only=True)
         finally:
             for chunk in self.chunks:
                 chunk.train()

@@ -1,0 +1,107 @@
+"""Where STEM tables are stored, and the engine that copies their rows to the compute device.
+
+`device` tier: the table is an ordinary tensor on the compute device. `host` tier: the table
+and its optimizer state live in host memory and the rows each micro-batch needs are staged
+ahead of use (stem/prefetch.py). This file is the one place that looks at the machine's
+capabilities: host memory is pinned when CUDA is present (so copies can be asynchronous), and
+the copies then run on their own CUDA stream with events ordering them against the compute
+stream; on a CPU machine the same logic runs and a copy is a memcpy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+
+def pin_host_memory() -> bool:
+    """Pinned (page-locked) host memory is only worth its cost when a GPU copies from it."""
+    return torch.cuda.is_available()
+
+
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of `tensor` in host memory (pinned when that allows asynchronous copies)."""
+    out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin_host_memory())
+    return out.copy_(tensor)
+
+
+def host_empty(rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(rows, width, dtype=dtype, device="cpu", pin_memory=pin_host_memory())
+
+
+def available_host_bytes() -> int:
+    """Host RAM that can be allocated now without swapping (psutil when installed, else the
+    kernel's count of available physical pages)."""
+    try:
+        import psutil
+    except ImportError:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return int(psutil.virtual_memory().available)
+
+
+def host_table_bytes(rows: int, width: int, dtype: torch.dtype, exact: bool) -> int:
+    """Host bytes of one table and its optimizer state: the rows, fp32 exp_avg and
+    exp_avg_sq, and in exact mode the per-row settled step (int64)."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return rows * width * (element + 8) + (rows * 8 if exact else 0)
+
+
+def check_host_fits(needed: int, what: str, available: int | None = None) -> None:
+    """Refuse before allocating: a table that does not fit would be killed by the OOM killer
+    (or swap) mid-run, long after the config was read."""
+    available = available_host_bytes() if available is None else available
+    if needed > available:
+        raise MemoryError(
+            f"{what} needs {needed:,} bytes of host memory but only {available:,} bytes are "
+            f"available; use fewer or narrower tables, more tensor/pipeline parallelism, or "
+            f"stem.storage=device")
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the compute device (to time work that may run asynchronously on it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class CopyEngine:
+    """Host-to-device row copies off the compute stream. With CUDA: a side stream, and events
+    that make the compute stream wait for a copy and a later copy wait for the compute that
+    read its buffer. Without: copies run inline in the calling thread and markers are None."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def context(self):
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+    def copy_marker(self):
+        """Marks the copies issued so far on the copy stream."""
+        if self.stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        return event
+
+    def compute_marker(self):
+        """Marks the compute issued so far (e.g. the last read of a staging buffer)."""
+        if self.stream is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def compute_waits(self, marker) -> None:
+        if marker is not None:
+            torch.cuda.current_stream(self.device).wait_event(marker)
+
+    def host_waits(self, marker) -> None:
+        """Block the calling thread until a copy has read its host buffer (before refilling it)."""
+        if marker is not None:
+            marker.synchronize()
+
+    def copy_waits(self, marker) -> None:
+        if marker is not None:
+            self.stream.wait_event(marker)

@@ -1,0 +1,97 @@
+"""Host-resident STEM tables (`stem.storage=host`) train exactly like device tables: the
+same rows reach the same math, only where they are read from changes. Also: resume from a
+checkpoint of host tables, their metrics, and the configurations that are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from stem_megatron.config import ConfigError
+from stem_megatron.parallel.state import ParallelState
+from stem_megatron.training.trainer import Trainer
+
+from tests.training.test_trainer import metrics_by_step
+
+STEPS = 50
+
+
+@pytest.fixture
+def parallel():
+    state = ParallelState.initialize()
+    yield state
+    state.destroy()
+
+
+def test_host_tables_train_exactly_like_device_tables(tiny_config, parallel, tmp_path):
+    """50 steps of two tables, with evaluations: identical losses and parameters (bitwise)."""
+    runs = {}
+    for storage in ("device", "host"):
+        config = tiny_config(f"stem.storage={storage}", "stem.layers=[0,1]",
+                             f"train.train_iters={STEPS}", "train.eval_interval=25",
+                             f"logging.run_dir={tmp_path / storage}")
+        trainer = Trainer(config, parallel)
+        trainer.run()
+        assert trainer.prefetcher is None or not trainer.prefetcher.active
+        tables = trainer.optimizer.tables.values()
+        assert all(t.on_host == (storage == "host") for t in tables)
+        runs[storage] = (metrics_by_step(config.run_dir),
+                         {n: p.detach().clone() for n, p in trainer.chunks[0].named_parameters()})
+    (device, device_params), (host, host_params) = runs["device"], runs["host"]
+    assert sorted(host) == list(range(1, STEPS + 1))
+    for step in host:
+        for tag in ("loss/train", "optim/grad_norm", "stem/unique_rows"):
+            assert host[step][tag] == device[step][tag], (step, tag)
+    assert host[25]["loss/val"] == device[25]["loss/val"]
+    assert host[STEPS]["loss/val"] == device[STEPS]["loss/val"]
+    for name, value in device_params.items():
+        assert torch.equal(host_params[name], value), name
+    # Bytes: each step stages every micro-batch's unique rows (fp32 rows of 64 plus int64 ids)
+    # of 2 tables and returns the step's unique rows' gradients.
+    row = host[STEPS]
+    assert row["stem/bytes_h2d"] >= row["stem/unique_rows"] * (64 * 4 + 8)
+    assert row["stem/bytes_d2h"] == row["stem/unique_rows"] * (64 * 4 + 8)
+    assert row["stem/prefetch_stall_ms"] >= 0 and row["stem/sparse_optim_ms"] > 0
+    assert device[STEPS]["stem/bytes_h2d"] == device[STEPS]["stem/bytes_d2h"] == 0
+    assert device[STEPS]["stem/sparse_optim_ms"] > 0
+
+
+@pytest.mark.parametrize("resume_storage", ["host", "device"])
+def test_resume_of_host_tables_reproduces_uninterrupted_run(tiny_config, parallel, tmp_path,
+                                                            resume_storage):
+    """Exact-mode table optimizer; the checkpoint does not depend on the storage tier."""
+    full = tiny_config("checkpoint.save_interval=3", "stem.optimizer.mode=exact",
+                       "stem.storage=host")
+    Trainer(full, parallel).run()
+    resumed = tiny_config(f"checkpoint.load={full.run_dir / 'checkpoints' / 'step_3'}",
+                          f"logging.run_dir={tmp_path / 'resumed'}", "stem.optimizer.mode=exact",
+                          f"stem.storage={resume_storage}")
+    trainer = Trainer(resumed, parallel)
+    assert trainer.step == 3
+    trainer.run()
+    a, b = metrics_by_step(full.run_dir), metrics_by_step(resumed.run_dir)
+    assert sorted(b) == [4, 5, 6]
+    for step in (4, 5, 6):
+        assert b[step]["loss/train"] == a[step]["loss/train"]
+        assert b[step]["optim/grad_norm"] == a[step]["optim/grad_norm"]
+    assert b[6]["loss/val"] == a[6]["loss/val"]
+
+
+def test_unknown_storage_is_a_config_error(tiny_config):
+    with pytest.raises(ConfigError, match=r"stem.storage must be one of 'device', 'host', got 'ssd'"):
+        tiny_config("stem.storage=ssd")
+
+
+def test_host_storage_with_vocab_sharded_tables_is_refused(tiny_config):
+    with pytest.raises(ConfigError, match="stem.storage=host is not supported with "
+                                          "stem.dp_layout=vocab_sharded"):
+        tiny_config("stem.storage=host", "stem.dp_layout=vocab_sharded")
+
+
+def test_tables_larger_than_host_memory_are_refused_before_allocation(tiny_config, parallel):
+    # 2^34 rows x 64 x 12 bytes: ~13 TB of tables and optimizer state; allocating would fail.
+    config = tiny_config("stem.storage=host", f"model.vocab_size={2**34}")
+    with pytest.raises(MemoryError, match=r"1 host-resident STEM tables of \[17179869184, 64\] "
+                                          r"with their optimizer state needs [\d,]+ bytes of "
+                                          r"host memory but only [\d,]+ bytes are available"):
+        Trainer(config, parallel)
