@@ -76,10 +76,12 @@ def assert_equivalent(results, reference) -> float:
     (2, []),  # DP=2, replicated tables
     (2, ["stem.dp_layout=vocab_sharded"]),
     (2, ["parallel.pipeline_model_parallel_size=2"]),
+    (2, ["parallel.pipeline_model_parallel_size=2", "parallel.pipeline_layers=[1,3]"]),
     (2, ["parallel.pipeline_model_parallel_size=2",
          "parallel.virtual_pipeline_model_parallel_size=2"]),
     (4, ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"]),
-], ids=["tp2", "dp2-replicated", "dp2-vocab-sharded", "pp2", "pp2-interleaved", "tp2xpp2"])
+], ids=["tp2", "dp2-replicated", "dp2-vocab-sharded", "pp2", "pp2-uneven", "pp2-interleaved",
+        "tp2xpp2"])
 def test_layout_matches_single_process(base_overrides, reference, world, extra):
     results = run_local_workers(world, train_steps, base_overrides + extra, STEPS)
     worst = assert_equivalent(results, reference)
