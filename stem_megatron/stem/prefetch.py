@@ -61,12 +61,11 @@ def stage_now(table: torch.Tensor, ids: torch.Tensor, device: torch.device) -> S
 
 class RowPrefetcher:
     """Stages rows of `tables` (name -> host tensor [V, d]) for the micro-batches of one step
-    at a time: `with prefetcher.prefetching(ids_per_micro_batch): <run the schedule>`."""
+    at a time: `with prefetcher.prefetching(ids_per_micro_batch): <run the schedule>`, then
+    `prefetcher.finish()` (joins the thread, checks every lookup happened, returns metrics)."""
 
     def __init__(self, tables: Mapping[str, torch.Tensor], device: torch.device):
-        # Detached views share the tables' storage: in-place updates are seen, and gathers
-        # into the staging buffers (out=) are not recorded by autograd.
-        self.tables = {name: t.detach() for name, t in tables.items()}
+        self.tables = dict(tables)
         self.engine = CopyEngine(device)
         self.device = device
         self._slots = {name: [_Slot() for _ in range(_SLOTS)] for name in self.tables}
@@ -158,7 +157,7 @@ class RowPrefetcher:
         if rows.num_ids != num_ids:
             raise RuntimeError(f"table {name}: a lookup of {num_ids} ids, but micro-batch {index} "
                                f"was staged with {rows.num_ids}: micro-batches out of order")
-        self.engine.compute_waits(slot.copied)
+        self.engine.compute_waits(slot.copied, rows.unique_ids)
         yield rows
         with self._cond:
             slot.released = self.engine.compute_marker()
@@ -202,7 +201,9 @@ class RowPrefetcher:
                 self._cond.notify_all()
 
     def _stage(self, name: str, index: int, unique: torch.Tensor) -> tuple[StagedRows, _Slot]:
-        table, slot = self.tables[name], self._slots[name][index % _SLOTS]
+        # Detached at each use: reads whatever storage the table has now (a load may have
+        # replaced it), and the gather into the staging buffer (out=) is not recorded by autograd.
+        table, slot = self.tables[name].detach(), self._slots[name][index % _SLOTS]
         n, width = unique.numel(), table.shape[1]
         if slot.host is None or slot.host.shape[0] < n:
             rows = -(-max(n, 1) // _GROW_ROWS) * _GROW_ROWS

@@ -93,9 +93,15 @@ class CopyEngine:
         event.record(torch.cuda.current_stream(self.device))
         return event
 
-    def compute_waits(self, marker) -> None:
-        if marker is not None:
-            torch.cuda.current_stream(self.device).wait_event(marker)
+    def compute_waits(self, marker, *tensors: torch.Tensor) -> None:
+        """The compute stream waits for a copy; `tensors` allocated on the copy stream are
+        marked as used by the compute stream, so their memory is not reused too early."""
+        if marker is None:
+            return
+        stream = torch.cuda.current_stream(self.device)
+        stream.wait_event(marker)
+        for tensor in tensors:
+            tensor.record_stream(stream)
 
     def host_waits(self, marker) -> None:
         """Block the calling thread until a copy has read its host buffer (before refilling it)."""
