@@ -144,3 +144,23 @@ def test_host_memory_check_names_needed_and_available_bytes():
     with pytest.raises(MemoryError, match=r"needs 776,000 bytes .* only 1,000 bytes are available"):
         check_host_fits(needed, "a table", available=1000)
     assert available_host_bytes() > 0
+
+
+def test_host_table_outside_a_prefetched_step_stages_synchronously():
+    """A host table looked up with no step being prefetched (generation, a direct call)
+    gathers its rows on the spot, with the same output and row gradient."""
+    from stem_megatron.stem.table import StemTable
+
+    torch.manual_seed(0)
+    device_table = StemTable(30, 4)
+    torch.nn.init.normal_(device_table.weight)
+    host_table = StemTable(30, 4)
+    host_table.weight.data.copy_(device_table.weight.data)
+    host_table.move_to_host()
+    assert host_table.on_host and host_table.prefetcher is None
+    ids = torch.randint(0, 30, (5, 2))
+    for table in (device_table, host_table):
+        table(ids).pow(2).sum().backward()
+    assert torch.equal(host_table(ids), device_table(ids))
+    for a, b in zip(host_table.grad_accumulator.reduce(), device_table.grad_accumulator.reduce()):
+        assert torch.equal(a, b)
