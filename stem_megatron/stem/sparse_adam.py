@@ -312,6 +312,20 @@ class SparseRowAdamW:
         p.add_((neg_step_size * m).div_(denom))
 
     @torch.no_grad()
+    def settle_rows(self, rows: Mapping[str, Tensor]) -> None:
+        """Exact mode: bring the given rows ({table: sorted unique ids}) up to the current step,
+        as dense AdamW would have moved them while idle. Call before a step reads them, so the
+        forward sees the values dense AdamW would have (a no-op in lazy mode)."""
+        if self.mode != "exact":
+            return
+        for name, ids in rows.items():
+            if ids.numel() == 0:
+                continue
+            if self.kernel == "cpp":
+                self._cpp_rows(name, ids, None, self.lr)
+            else:
+                self._settle_rows(name, ids, self.step_count)
+
     def settle(self) -> None:
         """Exact mode: bring every row of every table up to the current step (a no-op in lazy mode)."""
         if self.mode != "exact":

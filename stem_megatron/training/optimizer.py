@@ -17,7 +17,7 @@ from stem_megatron.model.sharding import get_tp_shard
 from stem_megatron.parallel.state import ParallelState
 from stem_megatron.stem.sparse_adam import SparseRowAdamW
 from stem_megatron.stem.storage import synchronize
-from stem_megatron.stem.sync import sync_replicated_row_grads
+from stem_megatron.stem.sync import gather_union_ids, sync_replicated_row_grads
 from stem_megatron.stem.table import StemTable
 from stem_megatron.training.model_chunks import named_modules, named_parameters
 
@@ -67,6 +67,26 @@ class TrainingOptimizer:
             dist.all_reduce(count, group=self.parallel.dp_group)
             rows = int(count.item())
         return rows
+
+    def settle_rows_to_read(self, token_ids: torch.Tensor) -> None:
+        """Exact mode: settle, before the step reads them, the table rows its tokens select,
+        so the forward sees what dense AdamW would hold. Every replica settles the same rows
+        (the union over DP ranks), which keeps replicated tables bitwise identical; under the
+        vocab-sharded layout each owner settles the union's rows it owns."""
+        if self.sparse.mode != "exact" or not self.tables:
+            return
+        ids = torch.unique(token_ids)
+        if self.parallel.dp_size > 1:
+            ids = gather_union_ids(ids.to(self.parallel.device), self.parallel.dp_group)
+        rows = {}
+        for name, table in self.tables.items():
+            block = table.row_block
+            if block is not None:
+                ids_here = ids[(ids >= block.start) & (ids < block.end)] - block.start
+            else:
+                ids_here = ids
+            rows[name] = ids_here.to(table.weight.device)
+        self.sparse.settle_rows(rows)
 
     @property
     def vocab_sharded(self) -> bool:

@@ -183,11 +183,16 @@ class Trainer:
                 loss /= p.dp_size
         return loss.item()
 
+    @staticmethod
+    def _input_ids(batches: list[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([b[:, :-1].reshape(-1) for b in batches])
+
     def train_step(self) -> dict[str, float]:
         self.optimizer.zero_grad()
         batches = [next(self.train_stream) for _ in range(self.num_microbatches)]
         metrics = {"stem/bytes_h2d": 0.0, "stem/prefetch_stall_ms": 0.0}
         with self.comm.counting():
+            self.optimizer.settle_rows_to_read(self._input_ids(batches))
             with self._prefetching(batches, metrics):
                 metrics["loss/train"] = self._run_schedule(batches, forward_only=False)
             metrics.update(self.optimizer.step(self.schedule.factor(self.step)))
@@ -203,6 +208,7 @@ class Trainer:
             chunk.eval()
         try:
             batches = list(self.val_batches)
+            self.optimizer.settle_rows_to_read(self._input_ids(batches))
             with self._prefetching(batches, {}):
                 return self._run_schedule(batches, forward_only=True)
         finally:
