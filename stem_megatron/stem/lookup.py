@@ -110,10 +110,11 @@ class _StemLookup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, table: Tensor, ids: Tensor, accumulator: RowGradAccumulator) -> Tensor:  # type: ignore[override]
         flat = ids.reshape(-1)
+        # The backward's row ids; sorting a micro-batch of ids costs ~0.1 ms.
         unique_ids, inverse = torch.unique(flat, sorted=True, return_inverse=True)
-        # Read each distinct row once (Zipfian batches repeat hot rows many times).
-        rows = table.index_select(0, unique_ids)
-        out = rows.index_select(0, inverse).view(*ids.shape, table.shape[1])
+        # One gather straight into the output: gathering the distinct rows first and then
+        # expanding them writes and reads an extra copy (2x the time, measured 4096 x 1536).
+        out = table.index_select(0, flat).view(*ids.shape, table.shape[1])
         ctx.save_for_backward(unique_ids, inverse)
         ctx.accumulator = accumulator
         return out

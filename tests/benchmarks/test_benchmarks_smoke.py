@@ -1,0 +1,43 @@
+"""The benchmarks run end to end at tiny sizes and write the JSON their README tables come from."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(script: str, tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "out.json"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--json", str(out), *args],
+                   check=True, cwd=ROOT, timeout=120, capture_output=True)
+    return json.loads(out.read_text())
+
+
+def test_table_update_benchmark(tmp_path: Path) -> None:
+    # --no-deepspeed: the benchmark must not need it; its absence is reported, not fatal.
+    out = run("bench_table_update.py", tmp_path, "--rows", "400", "--dim", "64", "--repeats", "2",
+              "--warmup", "1", "--history", "3", "--fractions", "0.05", "0.25", "--no-deepspeed")
+    assert out["fused_adamw_ms"] > 0 and out["stream_gbs"] > 0
+    assert out["deepspeed_cpu_adam_ms"] is None and out["deepspeed_status"].startswith("skipped")
+    assert out["row_kernel"] in ("cpp", "torch")
+    assert [(r["dist"], r["fraction"]) for r in out["results"]] == [
+        ("zipf", 0.05), ("zipf", 0.25), ("uniform", 0.05), ("uniform", 0.25)]
+    for r in out["results"]:
+        assert r["touched_rows"] == round(400 * r["fraction"])
+        assert set(r["ms"]) == {"exact", "lazy", "lazy_torch_fused", "lazy_torch", "torch_sparse_adam"}
+        assert all(v > 0 for v in [*r["ms"].values(), *r["speedup_vs_fused"].values()])
+        assert set(r["fraction_of_stream"]) == {"lazy", "exact"}
+        assert all(v > 0 for v in [*r["row_update_gbs"].values(), *r["fraction_of_stream"].values()])
+
+
+def test_stem_ffn_benchmark(tmp_path: Path) -> None:
+    out = run("bench_stem_ffn.py", tmp_path, "--shapes", "256,32,64,500", "--repeats", "2", "--warmup", "1")
+    (r,) = out["results"]
+    assert (r["tokens"], r["hidden"], r["ffn_hidden"], r["vocab"]) == (256, 32, 64, 500)
+    assert set(r["ms"]) == {"dense", "stem", "stem_dense_grad"} and all(v > 0 for v in r["ms"].values())
+    assert 0 < r["unique_ids"] <= 256
+    assert r["stem_vs_dense"] > 0 and r["stem_vs_stem_dense_grad"] > 0 and r["flops_ratio"] == 2 / 3
