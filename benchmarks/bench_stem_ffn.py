@@ -7,7 +7,7 @@ table gradient (the official STEM code's path), at equal hidden size and d_ff.
   [vocab, d_ff] gradient every backward (set to None between steps, as zero_grad does).
 STEM has two of the three matmuls, so its FLOPs are 2/3 of dense; the lookup is extra.
 Tokens are drawn Zipfian (p ~ 1/rank^1.1), like real text. Reported: median time of
---repeats forward+backward passes after --warmup, and the ratios.
+--repeats forward+backward passes after --warmup (the three take turns), and the ratios.
 
     .venv/bin/python benchmarks/bench_stem_ffn.py [--shapes 4096,512,1536,32000 ...]
 """
@@ -53,15 +53,17 @@ class EmbeddingDenseGradMLP(torch.nn.Module):
         return self.stem.linear_fc2(F.silu(gate) * rows)[0]
 
 
-def median_ms(step: Callable[[], None], warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+def median_ms(steps: dict[str, Callable[[], None]], warmup: int, repeats: int) -> dict[str, float]:
+    """Median time of each step, the steps taking turns within each repeat so that a load
+    change on the shared machine hits all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for repeat in range(warmup + repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            if repeat >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
 def fwd_bwd(module: torch.nn.Module, x: torch.Tensor, ids: torch.Tensor, upstream: torch.Tensor) -> Callable[[], None]:
@@ -93,12 +95,11 @@ def bench_shape(tokens: int, hidden: int, ffn: int, vocab: int, args: argparse.N
     ids = torch.multinomial(probs, tokens, replacement=True, generator=gen).view(shape)
     x = torch.randn(*shape, hidden, generator=gen).requires_grad_()
     upstream = torch.randn(*shape, hidden, generator=gen)
-    ms = {
-        "dense": median_ms(fwd_bwd(dense, x, ids, upstream), args.warmup, args.repeats),
-        "stem": median_ms(fwd_bwd(stem, x, ids, upstream), args.warmup, args.repeats),
-        "stem_dense_grad": median_ms(fwd_bwd(EmbeddingDenseGradMLP(stem), x, ids, upstream),
-                                     args.warmup, args.repeats),
-    }
+    ms = median_ms({
+        "dense": fwd_bwd(dense, x, ids, upstream),
+        "stem": fwd_bwd(stem, x, ids, upstream),
+        "stem_dense_grad": fwd_bwd(EmbeddingDenseGradMLP(stem), x, ids, upstream),
+    }, args.warmup, args.repeats)
     return {
         "tokens": tokens, "hidden": hidden, "ffn_hidden": ffn, "vocab": vocab,
         "unique_ids": int(ids.unique().numel()), "ms": ms,
