@@ -56,27 +56,6 @@ def test_host_tables_train_exactly_like_device_tables(tiny_config, parallel, tmp
     assert device[STEPS]["stem/sparse_optim_ms"] > 0
 
 
-@pytest.mark.parametrize("resume_storage", ["host", "device"])
-def test_resume_of_host_tables_reproduces_uninterrupted_run(tiny_config, parallel, tmp_path,
-                                                            resume_storage):
-    """Exact-mode table optimizer; the checkpoint does not depend on the storage tier."""
-    full = tiny_config("checkpoint.save_interval=3", "stem.optimizer.mode=exact",
-                       "stem.storage=host")
-    Trainer(full, parallel).run()
-    resumed = tiny_config(f"checkpoint.load={full.run_dir / 'checkpoints' / 'step_3'}",
-                          f"logging.run_dir={tmp_path / 'resumed'}", "stem.optimizer.mode=exact",
-                          f"stem.storage={resume_storage}")
-    trainer = Trainer(resumed, parallel)
-    assert trainer.step == 3
-    trainer.run()
-    a, b = metrics_by_step(full.run_dir), metrics_by_step(resumed.run_dir)
-    assert sorted(b) == [4, 5, 6]
-    for step in (4, 5, 6):
-        assert b[step]["loss/train"] == a[step]["loss/train"]
-        assert b[step]["optim/grad_norm"] == a[step]["optim/grad_norm"]
-    assert b[6]["loss/val"] == a[6]["loss/val"]
-
-
 def test_unknown_storage_is_a_config_error(tiny_config):
     with pytest.raises(ConfigError, match=r"stem.storage must be one of 'device', 'host', got 'ssd'"):
         tiny_config("stem.storage=ssd")

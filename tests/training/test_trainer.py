@@ -50,12 +50,18 @@ def test_training_writes_metrics_checkpoints_and_config(tiny_config, parallel):
     assert (ckpts / "step_3").is_dir() and (ckpts / "step_6").is_dir()
 
 
-@pytest.mark.parametrize("mode", ["lazy", "exact"])
-def test_resume_reproduces_uninterrupted_run(tiny_config, parallel, tmp_path, mode):
-    full = tiny_config("checkpoint.save_interval=3", f"stem.optimizer.mode={mode}")
+@pytest.mark.parametrize("mode,storage,resume_storage", [
+    ("lazy", "device", "device"), ("exact", "device", "device"),
+    ("exact", "host", "host"), ("exact", "host", "device"),  # checkpoints do not depend on the tier
+])
+def test_resume_reproduces_uninterrupted_run(tiny_config, parallel, tmp_path, mode, storage,
+                                             resume_storage):
+    full = tiny_config("checkpoint.save_interval=3", f"stem.optimizer.mode={mode}",
+                       f"stem.storage={storage}")
     Trainer(full, parallel).run()
     resumed = tiny_config(f"checkpoint.load={full.run_dir / 'checkpoints' / 'step_3'}",
-                          f"logging.run_dir={tmp_path / 'resumed'}", f"stem.optimizer.mode={mode}")
+                          f"logging.run_dir={tmp_path / 'resumed'}", f"stem.optimizer.mode={mode}",
+                          f"stem.storage={resume_storage}")
     trainer = Trainer(resumed, parallel)
     assert trainer.step == 3
     trainer.run()
