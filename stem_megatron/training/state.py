@@ -9,11 +9,13 @@ The JSON part (`metadata.json`): step, data-stream position and the resolved con
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from stem_megatron.checkpoint.dcp import Checkpointer, resolve
+from stem_megatron.checkpoint.layout import METADATA_JSON
 from stem_megatron.checkpoint.model_state import (CheckpointMeshes, model_state, unwrap,
                                                   wrap_optimizer_states)
 from stem_megatron.checkpoint.safe_io import read_dcp_metadata
@@ -72,10 +74,22 @@ class TrainingState:
                     "config": config.to_dict()}
         return checkpointer.save(step, self._state(), metadata)
 
+    def _check_optimizer_mode(self, checkpoint: Path) -> None:
+        """Lazy and exact table states look alike but mean different things (exact-mode
+        moments carry every idle step's decay); resuming one as the other silently changes
+        the run, so it is refused before anything is read."""
+        saved = json.loads((checkpoint / METADATA_JSON).read_text())
+        mode = saved.get("config", {}).get("stem", {}).get("optimizer", {}).get("mode")
+        if mode is not None and mode != self.optimizer.sparse.mode:
+            raise ValueError(
+                f"checkpoint {checkpoint} was trained with stem.optimizer.mode={mode}, this run "
+                f"uses {self.optimizer.sparse.mode}: resume with stem.optimizer.mode={mode}")
+
     def load(self, checkpointer: Checkpointer, path: str) -> int:
         """Restore everything from the checkpoint at `path`; returns its step. A checkpoint
         from another world size has other ranks' RNG states: every rank reads all of them
         (so the load stays strict) and takes its own if there is one."""
+        self._check_optimizer_mode(resolve(path))
         state = self._state()
         stored = read_dcp_metadata(resolve(path)).state_dict_metadata
         state["rng"] = {key.split(".", 1)[1]: torch.empty(tuple(meta.size), dtype=torch.uint8)

@@ -160,3 +160,13 @@ def test_stop_signal_saves_and_resume_matches_uninterrupted(tiny_config, paralle
     Trainer(stopped, parallel).run()  # the requeued job
     a, b = metrics_by_step(full.run_dir), metrics_by_step(stopped.run_dir)
     assert [b[s]["loss/train"] for s in range(1, 7)] == [a[s]["loss/train"] for s in range(1, 7)]
+
+
+def test_checkpoint_of_another_table_optimizer_mode_is_refused(tiny_config, parallel, tmp_path):
+    config = tiny_config("train.train_iters=1", "optim.lr_warmup_iters=0", "train.eval_interval=0")
+    Trainer(config, parallel).run()
+    other = tiny_config("stem.optimizer.mode=exact", f"checkpoint.load={config.run_dir}",
+                        f"logging.run_dir={tmp_path / 'other'}")
+    with pytest.raises(ValueError, match="trained with stem.optimizer.mode=lazy, this run uses "
+                                         "exact: resume with stem.optimizer.mode=lazy"):
+        Trainer(other, parallel)
