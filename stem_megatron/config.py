@@ -59,6 +59,9 @@ class StemConfig:
     # "device": the table is a tensor on the compute device; "host": the table and its
     # optimizer state live in host memory and each micro-batch's rows are prefetched.
     storage: str = "device"
+    # Host tables: the rows of this many most frequent token ids (counted over the training
+    # data) are also kept on the compute device and not staged; 0: no cache (stem/cache.py).
+    cache_rows: int = 0
     optimizer: StemOptimizerConfig = field(default_factory=StemOptimizerConfig)
 
 
@@ -299,6 +302,10 @@ def validate(config: RunConfig) -> None:
             "stem.storage=host is not supported with stem.dp_layout=vocab_sharded yet (its "
             "lookup gathers rows from the owners at forward time, not from a prefetch); use "
             "stem.dp_layout=replicated or stem.storage=device")
+    require(config.stem.cache_rows >= 0,
+            f"stem.cache_rows must be >= 0, got {config.stem.cache_rows}")
+    require(config.stem.cache_rows == 0 or config.stem.storage == "host",
+            "stem.cache_rows caches rows of host-resident tables: it needs stem.storage=host")
     require(config.stem.optimizer.mode in ("lazy", "exact"),
             f"stem.optimizer.mode must be 'lazy' or 'exact', got '{config.stem.optimizer.mode}'")
     for key in ("micro_batch_size", "global_batch_size", "train_iters", "eval_iters"):

@@ -14,6 +14,11 @@ in the order each table consumes them: every model chunk of megatron's schedules
 pipelining, 1F1B, interleaved) runs its micro-batches in order, but chunks run at different
 offsets, so the thread stages whichever table's next micro-batch has a free slot.
 
+With a hot-row cache (stem/cache.py), only the rows of a micro-batch that are not cached are
+gathered and copied; the lookup gets all rows in order, the cached ones read from the cache on
+the compute stream. `stem/cache_hit_rate` is the fraction of looked-up unique rows the cache
+served.
+
 Staleness: the trainer starts the prefetch of step t+1 only after step t's sparse update
 returned (host tables are updated synchronously in the calling thread) and joins the thread of
 step t before that update runs (`finish`), so no staged row can predate an update.
@@ -29,6 +34,7 @@ from dataclasses import dataclass
 
 import torch
 
+from stem_megatron.stem.cache import HotRowCache
 from stem_megatron.stem.storage import CopyEngine, host_empty
 
 _SLOTS = 2  # double buffering
@@ -42,6 +48,8 @@ class StagedRows:
     unique_ids: torch.Tensor  # sorted unique ids of the micro-batch [n]
     rows: torch.Tensor  # table rows of `unique_ids` [n, d]
     num_ids: int  # ids in the micro-batch: a check that the right micro-batch is served
+    staged_pos: torch.Tensor | None = None  # with a cache: positions of the uncached ids,
+    # the only rows `rows` holds
 
 
 @dataclass
@@ -62,10 +70,13 @@ def stage_now(table: torch.Tensor, ids: torch.Tensor, device: torch.device) -> S
 class RowPrefetcher:
     """Stages rows of `tables` (name -> host tensor [V, d]) for the micro-batches of one step
     at a time: `with prefetcher.prefetching(ids_per_micro_batch): <run the schedule>`, then
-    `prefetcher.finish()` (joins the thread, checks every lookup happened, returns metrics)."""
+    `prefetcher.finish()` (joins the thread, checks every lookup happened, returns metrics).
+    `cache`: hot rows of the same tables kept on `device`, not staged."""
 
-    def __init__(self, tables: Mapping[str, torch.Tensor], device: torch.device):
+    def __init__(self, tables: Mapping[str, torch.Tensor], device: torch.device,
+                 cache: HotRowCache | None = None):
         self.tables = dict(tables)
+        self.cache = cache
         self.engine = CopyEngine(device)
         self.device = device
         self._slots = {name: [_Slot() for _ in range(_SLOTS)] for name in self.tables}
@@ -78,6 +89,8 @@ class RowPrefetcher:
         self._abort = False
         self.bytes_h2d = 0
         self.stall_s = 0.0
+        self.rows_looked_up = 0  # unique rows of every staged lookup
+        self.rows_cached = 0  # of which the cache served
 
     @property
     def active(self) -> bool:
@@ -110,8 +123,10 @@ class RowPrefetcher:
             raise RuntimeError(f"host tables looked up fewer times than the {len(self._ids)} "
                                f"prefetched micro-batches: {short}")
         metrics = {"stem/bytes_h2d": float(self.bytes_h2d),
-                   "stem/prefetch_stall_ms": self.stall_s * 1e3}
+                   "stem/prefetch_stall_ms": self.stall_s * 1e3,
+                   "stem/cache_hit_rate": self.rows_cached / max(self.rows_looked_up, 1)}
         self.bytes_h2d, self.stall_s = 0, 0.0
+        self.rows_looked_up, self.rows_cached = 0, 0
         return metrics
 
     def abort(self) -> None:
@@ -157,7 +172,12 @@ class RowPrefetcher:
         if rows.num_ids != num_ids:
             raise RuntimeError(f"table {name}: a lookup of {num_ids} ids, but micro-batch {index} "
                                f"was staged with {rows.num_ids}: micro-batches out of order")
-        self.engine.compute_waits(slot.copied, rows.unique_ids)
+        pos = rows.staged_pos
+        self.engine.compute_waits(slot.copied, rows.unique_ids, *(() if pos is None else (pos,)))
+        if pos is not None:
+            rows = StagedRows(rows.unique_ids,
+                              self.cache.assemble(name, rows.unique_ids, pos, rows.rows),
+                              rows.num_ids)
         yield rows
         with self._cond:
             slot.released = self.engine.compute_marker()
@@ -204,18 +224,24 @@ class RowPrefetcher:
         # Detached at each use: reads whatever storage the table has now (a load may have
         # replaced it), and the gather into the staging buffer (out=) is not recorded by autograd.
         table, slot = self.tables[name].detach(), self._slots[name][index % _SLOTS]
-        n, width = unique.numel(), table.shape[1]
+        self.rows_looked_up += unique.numel()
+        pos_host = None if self.cache is None else self.cache.uncached(unique)
+        gather = unique if pos_host is None else unique[pos_host]
+        self.rows_cached += unique.numel() - gather.numel()
+        n, width = gather.numel(), table.shape[1]
         if slot.host is None or slot.host.shape[0] < n:
             rows = -(-max(n, 1) // _GROW_ROWS) * _GROW_ROWS
             self.engine.host_waits(slot.copied)
             slot.host = host_empty(rows, width, table.dtype)
             slot.device = torch.empty(rows, width, dtype=table.dtype, device=self.device)
         self.engine.host_waits(slot.copied)  # the previous copy out of this buffer is done
-        torch.index_select(table, 0, unique, out=slot.host[:n])
+        torch.index_select(table, 0, gather, out=slot.host[:n])
         with self.engine.context():
             self.engine.copy_waits(slot.released)  # the last read of the device buffer is done
             slot.device[:n].copy_(slot.host[:n], non_blocking=True)
             ids = unique.to(self.device, non_blocking=True)
+            pos = None if pos_host is None else pos_host.to(self.device, non_blocking=True)
             slot.copied = self.engine.copy_marker()
-        self.bytes_h2d += n * width * table.element_size() + n * unique.element_size()
-        return StagedRows(ids, slot.device[:n], self._ids[index].numel()), slot
+        index_bytes = unique.numel() + (0 if pos_host is None else n)
+        self.bytes_h2d += n * width * table.element_size() + index_bytes * unique.element_size()
+        return StagedRows(ids, slot.device[:n], self._ids[index].numel(), pos), slot

@@ -326,6 +326,14 @@ class SparseRowAdamW:
             else:
                 self._settle_rows(name, ids, self.step_count)
 
+    def unsettled(self, rows: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Of `rows` ({table: ids}), those that owe idle steps: the rows `settle_rows` would
+        write (none in lazy mode)."""
+        if self.mode != "exact":
+            return {name: ids[:0] for name, ids in rows.items()}
+        return {name: ids[self._settled[name].index_select(0, ids) < self.step_count]
+                for name, ids in rows.items()}
+
     def settle(self) -> None:
         """Exact mode: bring every row of every table up to the current step (a no-op in lazy mode)."""
         if self.mode != "exact":

@@ -15,6 +15,7 @@ import torch.distributed as dist
 from stem_megatron.config import RunConfig
 from stem_megatron.model.sharding import get_tp_shard
 from stem_megatron.parallel.state import ParallelState
+from stem_megatron.stem.cache import HotRowCache
 from stem_megatron.stem.sparse_adam import SparseRowAdamW
 from stem_megatron.stem.storage import synchronize
 from stem_megatron.stem.sync import gather_union_ids, sync_replicated_row_grads
@@ -52,6 +53,17 @@ class TrainingOptimizer:
             {name: t.weight for name, t in self.tables.items()}, lr=self.table_lr,
             betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=s.weight_decay,
             mode=s.mode)
+        # Set by the trainer when host tables have a hot-row cache: every host row this
+        # optimizer writes is then copied to it (the host stays the master copy).
+        self.cache: HotRowCache | None = None
+        self._refresh_bytes = 0
+
+    def refresh_cache(self, rows: dict[str, torch.Tensor] | None = None) -> None:
+        """Copy to the cache the cached rows among `rows` (None: all of them), after the host
+        rows were written."""
+        if self.cache is not None:
+            self._refresh_bytes += (self.cache.refresh_all() if rows is None
+                                    else self.cache.refresh(rows))
 
     def zero_grad(self) -> None:
         self.dense.zero_grad(set_to_none=True)
@@ -86,7 +98,11 @@ class TrainingOptimizer:
             else:
                 ids_here = ids
             rows[name] = ids_here.to(table.weight.device)
+        # Only rows that owe idle steps change; most hot rows were updated last step.
+        written = self.sparse.unsettled(rows) if self.cache is not None else None
         self.sparse.settle_rows(rows)
+        if written is not None:
+            self.refresh_cache(written)
 
     @property
     def vocab_sharded(self) -> bool:
@@ -153,7 +169,10 @@ class TrainingOptimizer:
         self.sparse.step(grads, lr=self.table_lr * lr_factor)
         synchronize(self.parallel.device)
         sparse_ms = (time.perf_counter() - start) * 1e3
+        self.refresh_cache({name: ids for name, (ids, _) in grads.items()})
+        refresh_bytes, self._refresh_bytes = self._refresh_bytes, 0
         return {"optim/grad_norm": norm, "optim/lr": self.base_lr * lr_factor,
                 "optim/table_lr": self.table_lr * lr_factor, "stem/unique_rows": unique_rows,
-                "stem/bytes_d2h": float(bytes_d2h), "stem/sparse_optim_ms": sparse_ms}
+                "stem/bytes_d2h": float(bytes_d2h), "stem/sparse_optim_ms": sparse_ms,
+                "stem/cache_refresh_bytes": float(refresh_bytes)}
 

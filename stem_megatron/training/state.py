@@ -72,7 +72,9 @@ class TrainingState:
     def save(self, checkpointer: Checkpointer, step: int, config: RunConfig) -> Path:
         metadata = {"step": step, "data": self.train_stream.state_dict(),
                     "config": config.to_dict()}
-        return checkpointer.save(step, self._state(), metadata)
+        path = checkpointer.save(step, self._state(), metadata)
+        self.optimizer.refresh_cache()  # exact mode: the save settled every host row
+        return path
 
     def _check_optimizer_mode(self, checkpoint: Path) -> None:
         """Lazy and exact table states look alike but mean different things (exact-mode
@@ -96,6 +98,7 @@ class TrainingState:
                         for key, meta in stored.items() if key.startswith("rng.")}
         metadata = checkpointer.load(path, state)  # model and AdamW states load in place
         self.optimizer.sparse.load_state_dict(unwrap(state["stem_optim"]))
+        self.optimizer.refresh_cache()  # the host rows were replaced
         if self._rng_key() in state["rng"]:
             torch.set_rng_state(state["rng"][self._rng_key()])
         self.train_stream.load_state_dict(metadata["data"])

@@ -29,6 +29,7 @@ from stem_megatron.model.transformer import StemGPTModel
 from stem_megatron.parallel.comm_meter import CommMeter
 from stem_megatron.parallel.data_parallel import wrap_data_parallel
 from stem_megatron.parallel.state import ParallelState
+from stem_megatron.stem.cache import HotRowCache, hot_ids, token_counts
 from stem_megatron.stem.prefetch import RowPrefetcher
 from stem_megatron.training.lr_schedule import LRSchedule
 from stem_megatron.training.metrics import MetricsLogger
@@ -76,7 +77,7 @@ class Trainer:
         self.stem_layers = tuple(c.stem_layers())
         self.chunks = build_model_chunks(c, parallel, self.vocab_size)
         self.optimizer = TrainingOptimizer(self.chunks, c, parallel)
-        self.prefetcher = self._host_table_prefetcher()
+        self.prefetcher = self._host_table_prefetcher(train_data.tokens)
         # What the schedule runs: DDP over the data-parallel group when DP > 1.
         self.comm = CommMeter(parallel.tp_group, parallel.dp_group, parallel.dp_size)
         self.wrapped_chunks = wrap_data_parallel(self.chunks, parallel.dp_group, parallel.dp_size,
@@ -123,13 +124,20 @@ class Trainer:
                 f"logging.run_dir or checkpoint.save")
         return load
 
-    def _host_table_prefetcher(self) -> RowPrefetcher | None:
-        """One prefetcher for every host-resident table of this rank (None: no host tables)."""
+    def _host_table_prefetcher(self, train_tokens) -> RowPrefetcher | None:
+        """One prefetcher for every host-resident table of this rank (None: no host tables),
+        with a cache of the `stem.cache_rows` ids most frequent in the training data."""
         tables = {name: t for name, t in self.optimizer.tables.items() if t.on_host}
         if not tables:
             return None
-        prefetcher = RowPrefetcher({name: t.weight for name, t in tables.items()},
-                                   self.parallel.device)
+        weights = {name: t.weight for name, t in tables.items()}
+        cache = None
+        if self.config.stem.cache_rows:
+            counts = token_counts(train_tokens, self.vocab_size)
+            cache = HotRowCache(weights, hot_ids(counts, self.config.stem.cache_rows),
+                                self.parallel.device)
+            self.optimizer.cache = cache
+        prefetcher = RowPrefetcher(weights, self.parallel.device, cache)
         for name, table in tables.items():
             table.prefetcher, table.prefetch_key = prefetcher, name
         return prefetcher
@@ -196,6 +204,7 @@ class Trainer:
             with self._prefetching(batches, metrics):
                 metrics["loss/train"] = self._run_schedule(batches, forward_only=False)
             metrics.update(self.optimizer.step(self.schedule.factor(self.step)))
+        metrics["stem/bytes_h2d"] += metrics["stem/cache_refresh_bytes"]
         metrics.update(self.comm.take())  # bytes this step moved, by purpose and kind
         self.step += 1
         return metrics

@@ -2,6 +2,7 @@ import io
 import json
 import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,7 +69,10 @@ def test_truncate_after_drops_the_crashed_tail_on_resume(tmp_path: Path) -> None
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write('{"step": 6, "loss/tr')
 
-    # Resume from the checkpoint at step 3: steps 4.. are redone with new values.
+    # Resume from the checkpoint at step 3: steps 4.. are redone with new values. A resume
+    # starts in a later second: TensorBoard orders event files by name, which within one
+    # second (same time, host and pid) ends in a process-wide counter compared as text (9 > 10).
+    time.sleep(1.0)
     with MetricsLogger(tmp_path) as logger:
         logger.truncate_after(3)
         assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3]
