@@ -41,3 +41,19 @@ def test_stem_ffn_benchmark(tmp_path: Path) -> None:
     assert set(r["ms"]) == {"dense", "stem", "stem_dense_grad"} and all(v > 0 for v in r["ms"].values())
     assert 0 < r["unique_ids"] <= 256
     assert r["stem_vs_dense"] > 0 and r["stem_vs_stem_dense_grad"] > 0 and r["flops_ratio"] == 2 / 3
+
+
+def test_host_tables_benchmark(tmp_path: Path) -> None:
+    tiny = ["model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64",
+            "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=32",
+            "train.micro_batch_size=2", "train.global_batch_size=4", "stem.layers=[0,1]"]
+    out = run("bench_host_tables.py", tmp_path, "--models", "tiny", "--steps", "2", "--warmup",
+              "1", "--cache-rows", "256", "--override", *tiny)
+    (r,) = out["results"]
+    assert r["model"] == "tiny" and r["total_params"] > r["active_params"] > 0
+    v = r["variants"]
+    assert set(v) == {"device", "host", "host_cache"} and all(x["step_ms"] > 0 for x in v.values())
+    assert v["device"]["bytes_h2d"] == 0 and v["host"]["cache_hit_rate"] == 0
+    assert 0 < v["host_cache"]["bytes_h2d"] < v["host"]["bytes_h2d"]
+    assert 0 < v["host_cache"]["cache_hit_rate"] <= 1
+    assert r["host_vs_device"] > 0 and r["host_cache_vs_device"] > 0
