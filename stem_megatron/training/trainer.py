@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -124,7 +125,7 @@ class Trainer:
                 f"logging.run_dir or checkpoint.save")
         return load
 
-    def _host_table_prefetcher(self, train_tokens) -> RowPrefetcher | None:
+    def _host_table_prefetcher(self, train_tokens: np.ndarray) -> RowPrefetcher | None:
         """One prefetcher for every host-resident table of this rank (None: no host tables),
         with a cache of the `stem.cache_rows` ids most frequent in the training data."""
         tables = {name: t for name, t in self.optimizer.tables.items() if t.on_host}
