@@ -38,6 +38,16 @@ def small_corpus(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture
+def parallel():
+    """A world of one: megatron-core's process groups for in-process training."""
+    from stem_megatron.parallel.state import ParallelState
+
+    state = ParallelState.initialize()
+    yield state
+    state.destroy()
+
+
+@pytest.fixture
 def tiny_config(small_corpus, tmp_path):
     """`tiny_config(*overrides)`: a 2-layer STEM model on the small corpus, run dir in tmp."""
 

@@ -8,20 +8,12 @@ import pytest
 import torch
 
 from stem_megatron.config import ConfigError
-from stem_megatron.parallel.state import ParallelState
 from stem_megatron.training.trainer import Trainer
 
 from tests.training.test_trainer import metrics_by_step
 
 STEPS = 20
 CACHE_ROWS = 48
-
-
-@pytest.fixture
-def parallel():
-    state = ParallelState.initialize()
-    yield state
-    state.destroy()
 
 
 @pytest.mark.parametrize("mode", ["lazy", "exact"])
@@ -58,23 +50,6 @@ def test_cache_trains_bitwise_like_no_cache_and_moves_fewer_bytes(tiny_config, p
     assert moved[CACHE_ROWS] < moved[0]
     assert all(cached[s]["stem/cache_refresh_bytes"] > 0 for s in range(1, STEPS + 1))
     assert all(plain[s]["stem/cache_refresh_bytes"] == 0 for s in range(1, STEPS + 1))
-
-
-def test_exact_mode_with_cache_resumes_like_uninterrupted_run(tiny_config, parallel, tmp_path):
-    common = ("stem.storage=host", f"stem.cache_rows={CACHE_ROWS}", "stem.optimizer.mode=exact")
-    full = tiny_config("checkpoint.save_interval=3", *common)
-    Trainer(full, parallel).run()
-    resumed = tiny_config(f"checkpoint.load={full.run_dir / 'checkpoints' / 'step_3'}",
-                          f"logging.run_dir={tmp_path / 'resumed'}", *common)
-    trainer = Trainer(resumed, parallel)
-    assert trainer.step == 3
-    trainer.run()
-    a, b = metrics_by_step(full.run_dir), metrics_by_step(resumed.run_dir)
-    assert sorted(b) == [4, 5, 6]
-    for step in (4, 5, 6):
-        assert b[step]["loss/train"] == a[step]["loss/train"]
-        assert b[step]["optim/grad_norm"] == a[step]["optim/grad_norm"]
-    assert b[6]["loss/val"] == a[6]["loss/val"]
 
 
 def test_cache_needs_host_storage(tiny_config):

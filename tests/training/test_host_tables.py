@@ -8,19 +8,11 @@ import pytest
 import torch
 
 from stem_megatron.config import ConfigError
-from stem_megatron.parallel.state import ParallelState
 from stem_megatron.training.trainer import Trainer
 
 from tests.training.test_trainer import metrics_by_step
 
 STEPS = 50
-
-
-@pytest.fixture
-def parallel():
-    state = ParallelState.initialize()
-    yield state
-    state.destroy()
 
 
 def test_host_tables_train_exactly_like_device_tables(tiny_config, parallel, tmp_path):

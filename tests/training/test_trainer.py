@@ -9,19 +9,11 @@ import pytest
 import torch
 
 from stem_megatron.checkpoint.errors import CheckpointMismatchError
-from stem_megatron.parallel.state import ParallelState
 from stem_megatron.training.trainer import Trainer
 
 REQUIRED_TAGS = {"loss/train", "optim/lr", "optim/grad_norm", "throughput/tokens_per_s",
                  "throughput/flops_per_token", "stem/unique_rows", "params/total",
                  "params/active"}
-
-
-@pytest.fixture
-def parallel():
-    state = ParallelState.initialize()
-    yield state
-    state.destroy()
 
 
 def metrics_by_step(run_dir) -> dict[int, dict]:
@@ -53,15 +45,16 @@ def test_training_writes_metrics_checkpoints_and_config(tiny_config, parallel):
 @pytest.mark.parametrize("mode,storage,resume_storage", [
     ("lazy", "device", "device"), ("exact", "device", "device"),
     ("exact", "host", "host"), ("exact", "host", "device"),  # checkpoints do not depend on the tier
+    ("exact", "host stem.cache_rows=48", "host stem.cache_rows=48"),  # through the hot-row cache
 ])
 def test_resume_reproduces_uninterrupted_run(tiny_config, parallel, tmp_path, mode, storage,
                                              resume_storage):
     full = tiny_config("checkpoint.save_interval=3", f"stem.optimizer.mode={mode}",
-                       f"stem.storage={storage}")
+                       *f"stem.storage={storage}".split())
     Trainer(full, parallel).run()
     resumed = tiny_config(f"checkpoint.load={full.run_dir / 'checkpoints' / 'step_3'}",
                           f"logging.run_dir={tmp_path / 'resumed'}", f"stem.optimizer.mode={mode}",
-                          f"stem.storage={resume_storage}")
+                          *f"stem.storage={resume_storage}".split())
     trainer = Trainer(resumed, parallel)
     assert trainer.step == 3
     trainer.run()
