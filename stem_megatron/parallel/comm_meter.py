@@ -15,7 +15,6 @@ import contextlib
 import functools
 from collections import defaultdict
 
-import torch
 import torch.distributed as dist
 
 # torch.distributed function -> kind reported in metrics

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state
 
 from stem_megatron.parallel import cpu_compat
 
@@ -38,52 +39,36 @@ class ParallelState:
 
     @property
     def tp_rank(self) -> int:
-        from megatron.core import parallel_state
-
         return parallel_state.get_tensor_model_parallel_rank()
 
     @property
     def pp_rank(self) -> int:
-        from megatron.core import parallel_state
-
         return parallel_state.get_pipeline_model_parallel_rank()
 
     @property
     def dp_rank(self) -> int:
-        from megatron.core import parallel_state
-
         return parallel_state.get_data_parallel_rank()
 
     @property
     def tp_group(self) -> dist.ProcessGroup:
-        from megatron.core import parallel_state
-
         return parallel_state.get_tensor_model_parallel_group()
 
     @property
     def dp_group(self) -> dist.ProcessGroup:
-        from megatron.core import parallel_state
-
         return parallel_state.get_data_parallel_group()
 
     @property
     def pp_group(self) -> dist.ProcessGroup:
-        from megatron.core import parallel_state
-
         return parallel_state.get_pipeline_model_parallel_group()
 
     @property
     def pp_last_rank(self) -> int:
         """Global rank of the last pipeline stage in this rank's pipeline."""
-        from megatron.core import parallel_state
-
         return parallel_state.get_pipeline_model_parallel_last_rank()
 
     @property
     def model_parallel_group(self) -> dist.ProcessGroup:
         """TP x PP: the ranks that together hold one replica of the model."""
-        from megatron.core import parallel_state
-
         return parallel_state.get_model_parallel_group()
 
     @property
@@ -119,8 +104,6 @@ class ParallelState:
             else:
                 dist.init_process_group(backend, rank=rank, world_size=world_size,
                                         timeout=timeout)
-        from megatron.core import parallel_state
-
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(
@@ -133,8 +116,6 @@ class ParallelState:
         dist.barrier()
 
     def destroy(self) -> None:
-        from megatron.core import parallel_state
-
         parallel_state.destroy_model_parallel()
         if dist.is_initialized():
             dist.destroy_process_group()

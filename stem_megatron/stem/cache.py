@@ -19,7 +19,6 @@ row update on the compute device, whose kernel differs from the host's by ulps.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import numpy as np
 import torch
