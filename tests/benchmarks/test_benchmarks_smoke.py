@@ -43,8 +43,11 @@ def test_stem_ffn_benchmark(tmp_path: Path) -> None:
     assert r["stem_vs_dense"] > 0 and r["stem_vs_stem_dense_grad"] > 0 and r["flops_ratio"] == 2 / 3
 
 
-def test_host_tables_benchmark(tmp_path: Path) -> None:
-    tiny = ["model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64",
+def test_host_tables_benchmark(tmp_path: Path, small_corpus: dict[str, Path]) -> None:
+    # The small corpus, not data/prepared: a fresh clone has not prepared the full corpus.
+    data = [f"data.tokenizer={small_corpus['tokenizer']}", f"data.train_data={small_corpus['train']}",
+            f"data.valid_data={small_corpus['val']}"]
+    tiny = [*data, "model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64",
             "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=32",
             "train.micro_batch_size=2", "train.global_batch_size=4", "stem.layers=[0,1]"]
     out = run("bench_host_tables.py", tmp_path, "--models", "tiny", "--steps", "2", "--warmup",
