@@ -6,17 +6,23 @@ models and short samples this serves (reports, smoke tests, the editing demo).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from stem_megatron.data.tokenizer import Tokenizer
+
+# Maps the ids of a context to the ids its STEM lookups use (on-the-fly knowledge editing).
+StemIds = Callable[[list[int]], list[int]]
 
 
 @torch.no_grad()
 def generate_ids(model: torch.nn.Module, prompt_ids: list[int], *, max_new_tokens: int,
                  vocab_size: int, seq_length: int, temperature: float = 0.0,
                  top_k: int | None = None, seed: int = 0,
-                 device: torch.device | str = "cpu") -> list[int]:
-    """Continue `prompt_ids`. temperature 0 is greedy; top_k keeps the k likeliest tokens."""
+                 device: torch.device | str = "cpu", stem_ids: StemIds | None = None) -> list[int]:
+    """Continue `prompt_ids`. temperature 0 is greedy; top_k keeps the k likeliest tokens.
+    `stem_ids` (optional) gives, for each context, the ids its STEM tables are indexed by."""
     if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token")
     if temperature < 0:
@@ -29,8 +35,13 @@ def generate_ids(model: torch.nn.Module, prompt_ids: list[int], *, max_new_token
     model.eval()
     try:
         for _ in range(max_new_tokens):
-            context = torch.tensor([ids[-seq_length:]], device=device)
-            logits = model(context)[0, -1, :vocab_size].float().cpu()  # drop vocab padding
+            window = ids[-seq_length:]
+            context = torch.tensor([window], device=device)
+            if stem_ids is None:
+                logits = model(context)
+            else:
+                logits = model(context, stem_ids=torch.tensor([stem_ids(window)], device=device))
+            logits = logits[0, -1, :vocab_size].float().cpu()  # drop vocab padding
             if temperature == 0:
                 next_id = int(logits.argmax())
             else:
@@ -47,11 +58,12 @@ def generate_ids(model: torch.nn.Module, prompt_ids: list[int], *, max_new_token
 
 def generate_text(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, *,
                   max_new_tokens: int = 50, temperature: float = 0.0, top_k: int | None = None,
-                  seed: int = 0) -> str:
+                  seed: int = 0, stem_ids: StemIds | None = None) -> str:
     """Prompt plus continuation, decoded."""
     spec = model.spec
     device = next(model.parameters()).device
     ids = generate_ids(model, tokenizer.encode(prompt), max_new_tokens=max_new_tokens,
                        vocab_size=spec.vocab_size, seq_length=spec.model.seq_length,
-                       temperature=temperature, top_k=top_k, seed=seed, device=device)
+                       temperature=temperature, top_k=top_k, seed=seed, device=device,
+                       stem_ids=stem_ids)
     return tokenizer.decode(ids)

@@ -224,9 +224,15 @@ class StemGPTModel(torch.nn.Module):
     def stem_tables(self) -> dict[str, StemTable]:
         return {name: mod for name, mod in self.named_modules() if isinstance(mod, StemTable)}
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                stem_ids: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids/labels: [b, s]. Returns per-token losses [b, s] when labels are given on
-        the last stage, logits [b, s, padded_vocab/TP] without labels, else hidden [s, b, h]."""
+        the last stage, logits [b, s, padded_vocab/TP] without labels, else hidden [s, b, h].
+        `stem_ids` ([b, s], default input_ids): the ids the STEM tables are indexed by. On-the-fly
+        knowledge editing redirects the lookups this way while the embedding sees the real text."""
+        if stem_ids is not None and stem_ids.shape != input_ids.shape:
+            raise ValueError(f"stem_ids {tuple(stem_ids.shape)} must have the shape of input_ids "
+                             f"{tuple(input_ids.shape)}")
         s = input_ids.shape[1]
         if s > self.rope_cos.shape[0]:
             raise ValueError(f"sequence of {s} tokens is longer than model.seq_length "
@@ -235,7 +241,8 @@ class StemGPTModel(torch.nn.Module):
             x = self.embedding.word_embeddings(input_ids).transpose(0, 1).contiguous()
         else:
             x = self.input_tensor
-        token_ids = input_ids.transpose(0, 1)  # [s, b], the layout of the hidden states
+        # [s, b], the layout of the hidden states
+        token_ids = (input_ids if stem_ids is None else stem_ids).transpose(0, 1)
         cos, sin = self.rope_cos[:s], self.rope_sin[:s]
         for layer in self.decoder.layers:
             x = layer(x, token_ids, cos, sin)
