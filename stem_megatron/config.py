@@ -113,6 +113,10 @@ class CheckpointConfig:
     # A step dir, a checkpoints dir or a run dir (follows `latest`); "auto": resume from the
     # save dir's latest checkpoint if there is one, else start fresh (launchers, requeues).
     load: str | None = None
+    # Megatron's --finetune: take only the model weights from `load` (fresh optimizer, step 0,
+    # data from the start), e.g. an imported Hugging Face model. A run whose save dir already
+    # holds checkpoints (a requeued finetune run) resumes them in full instead.
+    finetune: bool = False
     save_interval: int = 0  # 0: only at the end
 
 
@@ -323,6 +327,9 @@ def validate(config: RunConfig) -> None:
             f"(or train.train_iters when unset) = {decay_iters}]")
     require(o.clip_grad >= 0, f"optim.clip_grad must be >= 0, got {o.clip_grad}")
     require(config.checkpoint.save_interval >= 0, "checkpoint.save_interval must be >= 0")
+    require(not config.checkpoint.finetune or config.checkpoint.load not in (None, "auto"),
+            "checkpoint.finetune=true needs checkpoint.load to name the checkpoint whose model "
+            "weights the run starts from")
     require(config.logging.log_interval > 0, "logging.log_interval must be positive")
     for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
         value = getattr(config.parallel, key)
