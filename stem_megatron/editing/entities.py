@@ -1,0 +1,110 @@
+"""Entities to edit, as token ids, and how two entities of different token lengths line up.
+
+An entity is a text string ("Spain", "New Zealand") or explicit token ids ("id:812" or
+"id:812,77"). A text entity has up to two surface forms: the string as written (as at the
+start of a text) and after a space (as inside a sentence); a byte-level BPE gives them
+different ids (`Spain` vs `ĠSpain`), so both are edited. Forms pair up by position: the
+as-written form of one entity with the as-written form of the other.
+
+When the entity whose rows are replaced (the destination, n tokens) and the entity whose
+rows are used (the source, m tokens) differ in length, a rule says which source rows each of
+the n destination tokens gets (see `align`):
+
+    strict   lengths must match; token i takes source token i (the default)
+    repeat   the source tokens are stretched (repeated) or thinned out over the n positions,
+             keeping their order and always ending on the last source token
+    pick     every destination token takes one source token (`pick` index, default -1: the last)
+    average  every destination token takes the mean of all the source tokens' rows
+
+`strict`, `repeat` and `pick` map token ids to token ids, so they also work on the fly
+(generation with redirected lookups); `average` makes rows no token has, so it needs a
+checkpoint edit.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from stem_megatron.data.tokenizer import Tokenizer
+
+RULES = ("strict", "repeat", "pick", "average")
+ID_PREFIX = "id:"
+
+
+class EditError(ValueError):
+    """An edit that cannot be done as asked: the message names the input and the fix."""
+
+
+@dataclass(frozen=True)
+class Entity:
+    spec: str  # as the user wrote it
+    forms: tuple[tuple[int, ...], ...]  # token ids of each surface form
+
+    @property
+    def by_ids(self) -> bool:
+        return self.spec.startswith(ID_PREFIX)
+
+
+def resolve_entity(tokenizer: Tokenizer, spec: str) -> Entity:
+    """The token ids of `spec` (text or "id:N[,M...]"); EditError if the tokenizer cannot
+    represent it exactly."""
+    if spec.startswith(ID_PREFIX):
+        return Entity(spec, (_parse_ids(spec, tokenizer.vocab_size),))
+    if not spec.strip():
+        raise EditError(f"entity {spec!r} is empty: give a word or token ids as id:N[,M...]")
+    texts = [spec] if spec.startswith(" ") else [spec, " " + spec]
+    forms = []
+    for text in texts:
+        ids = tuple(tokenizer.encode(text))
+        if not ids or tokenizer.decode(ids) != text:
+            raise EditError(
+                f"entity {spec!r} is not in the tokenizer's vocabulary: {text!r} encodes to "
+                f"{list(ids)}, which decodes to {tokenizer.decode(ids)!r}; use text the "
+                "tokenizer represents exactly, or token ids as id:N[,M...]")
+        if ids not in forms:
+            forms.append(ids)
+    return Entity(spec, tuple(forms))
+
+
+def _parse_ids(spec: str, vocab_size: int) -> tuple[int, ...]:
+    try:
+        ids = tuple(int(part) for part in spec[len(ID_PREFIX):].split(","))
+    except ValueError:
+        raise EditError(f"entity {spec!r}: token ids must be integers, as id:812 or id:812,77") from None
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise EditError(f"entity {spec!r}: token ids {bad} are not in the vocabulary "
+                        f"(ids 0..{vocab_size - 1})")
+    return ids
+
+
+def paired_forms(dest: Entity, source: Entity) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """(destination ids, source ids) for each surface form the two entities share."""
+    if dest.by_ids != source.by_ids:
+        raise EditError(f"cannot pair {dest.spec!r} with {source.spec!r}: give both entities "
+                        "as text or both as token ids (id:N)")
+    return list(zip(dest.forms, source.forms))
+
+
+def align(dest: tuple[int, ...], source: tuple[int, ...], rule: str,
+          pick: int = -1) -> list[tuple[int, ...]]:
+    """For each destination token, the source token ids whose rows it takes (mean if several)."""
+    n, m = len(dest), len(source)
+    if rule not in RULES:
+        raise EditError(f"unknown multi-token rule {rule!r}; choose one of {', '.join(RULES)}")
+    if rule == "strict":
+        if n != m:
+            raise EditError(
+                f"token lengths differ: {list(dest)} ({n} tokens) vs {list(source)} ({m} tokens); "
+                "the strict rule needs equal lengths: choose --rule repeat, pick or average")
+        return [(s,) for s in source]
+    if rule == "repeat":
+        # Position i covers the fraction (i, i + 1] / n of the source; take the source token
+        # at the end of that span, so the last position always gets the last source token.
+        return [(source[math.ceil((i + 1) * m / n) - 1],) for i in range(n)]
+    if rule == "pick":
+        if not -m <= pick < m:
+            raise EditError(f"pick index {pick} is outside the source {list(source)} ({m} tokens)")
+        return [(source[pick],)] * n
+    return [tuple(source)] * n
