@@ -13,8 +13,10 @@ import json
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from stem_megatron.checkpoint.dcp import Checkpointer, resolve
+from stem_megatron.checkpoint.errors import CheckpointMismatchError
 from stem_megatron.checkpoint.layout import METADATA_JSON
 from stem_megatron.checkpoint.model_state import (CheckpointMeshes, model_state, unwrap,
                                                   wrap_optimizer_states)
@@ -24,6 +26,10 @@ from stem_megatron.data.sampler import PackedSampleStream
 from stem_megatron.parallel.state import ParallelState
 from stem_megatron.training.model_chunks import named_parameters
 from stem_megatron.training.optimizer import TrainingOptimizer
+
+# metadata.json key of a checkpoint that holds model weights only (tools/hf_checkpoint.py
+# import): it can start a run with checkpoint.finetune=true, not resume one.
+MODEL_ONLY = "model_only"
 
 
 def adamw_states(optimizer: torch.optim.AdamW,
@@ -79,8 +85,11 @@ class TrainingState:
     def _check_optimizer_mode(self, checkpoint: Path) -> None:
         """Lazy and exact table states look alike but mean different things (exact-mode
         moments carry every idle step's decay); resuming one as the other silently changes
-        the run, so it is refused before anything is read."""
+        the run, so it is refused before anything is read. So is resuming a model-only one."""
         saved = json.loads((checkpoint / METADATA_JSON).read_text())
+        if saved.get(MODEL_ONLY):
+            raise ValueError(f"checkpoint {checkpoint} holds model weights only (no optimizer "
+                             f"or data state): start from it with checkpoint.finetune=true")
         mode = saved.get("config", {}).get("stem", {}).get("optimizer", {}).get("mode")
         if mode is not None and mode != self.optimizer.sparse.mode:
             raise ValueError(
@@ -103,3 +112,24 @@ class TrainingState:
             torch.set_rng_state(state["rng"][self._rng_key()])
         self.train_stream.load_state_dict(metadata["data"])
         return int(metadata["step"])
+
+    def load_model_weights(self, path: str) -> None:
+        """Finetune start: the model parameters of the checkpoint at `path`, nothing else
+        (optimizer, step, data position and RNG stay fresh). Every parameter must be there:
+        the missing ones are named on every rank before any tensor is read."""
+        params = dict(named_parameters(self.chunks))
+        stored = read_dcp_metadata(resolve(path)).state_dict_metadata
+        missing = [name for name in params if f"model.{name}" not in stored]
+        every_rank = [missing]
+        if self.parallel.world_size > 1:
+            every_rank = [None] * self.parallel.world_size
+            dist.all_gather_object(every_rank, missing)
+        missing = sorted({name for names in every_rank for name in names})
+        if missing:
+            raise CheckpointMismatchError(
+                f"checkpoint {resolve(path)} lacks model parameters this run has "
+                f"({len(missing)}): {', '.join(missing[:10])}; the model config (stem.layers, "
+                f"model.*) must match the checkpoint's", missing=missing)
+        Checkpointer(resolve(path).parent).load(
+            path, {"model": model_state(params.items(), self.meshes)}, strict=False)
+        self.optimizer.refresh_cache()  # host tables: cached rows were replaced

@@ -103,27 +103,33 @@ class Trainer:
         self.checkpointer = Checkpointer(c.save_dir)
         self.state = TrainingState(self.chunks, self.optimizer, self.train_stream, parallel)
         self.step = 0
-        load = self._resume_path()
-        if load:
+        load, model_only = self._resume_path()
+        if model_only:
+            self.state.load_model_weights(load)
+        elif load:
             self.step = self.state.load(self.checkpointer, load)
         self.metrics = MetricsLogger(c.run_dir, enabled=parallel.is_main)
         self.metrics.truncate_after(self.step)
         if parallel.is_main:
             save_config(c, c.run_dir / "config.yaml")
 
-    def _resume_path(self) -> str | None:
-        """What to load: `checkpoint.load`, with "auto" meaning this run's latest checkpoint.
-        A fresh start into a save dir that already holds checkpoints is refused: its later
-        saves would collide with them."""
+    def _resume_path(self) -> tuple[str | None, bool]:
+        """What to load, and whether its model weights only: `checkpoint.load`, with "auto"
+        meaning this run's latest checkpoint. `checkpoint.finetune`: the model weights of
+        `checkpoint.load`, unless this run has saved checkpoints of its own (requeued), which
+        resume in full. A fresh start into a save dir that already holds checkpoints is
+        refused: its later saves would collide with them."""
         load, latest = self.config.checkpoint.load, self.checkpointer.latest()
+        if self.config.checkpoint.finetune:
+            return (str(latest), False) if latest is not None else (load, True)
         if load == "auto":
-            return str(latest) if latest is not None else None
+            return (str(latest) if latest is not None else None), False
         if load is None and latest is not None:
             raise ValueError(
                 f"{self.config.save_dir} already holds checkpoints (latest: {latest.name}); "
                 f"resume with checkpoint.load=auto, or start a new run with another "
                 f"logging.run_dir or checkpoint.save")
-        return load
+        return load, False
 
     def _host_table_prefetcher(self, train_tokens: np.ndarray) -> RowPrefetcher | None:
         """One prefetcher for every host-resident table of this rank (None: no host tables),
