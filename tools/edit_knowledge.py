@@ -3,15 +3,16 @@
 
     python tools/edit_knowledge.py --checkpoint runs/tiny --output runs/tiny_edited \\
         --swap "Spain=Germany" [--copy "A=B"] [--average "A+B"] [--inject "X=A+B+C"] \\
-        [--layers 1,3] [--rule strict|repeat|pick|average] [--pick -1] [--tokenizer PATH]
+        [--layers 1,3] [--rule strict|repeat|pick|average] [--pick -1] [--forms inner|both] \\
+        [--tokenizer PATH]
 
 Edits apply in the order given, to the STEM tables of every STEM layer (or of --layers),
 together with the rows' optimizer moments, so training can resume from the output
 (`checkpoint.load=runs/tiny_edited`). `--output` is a new checkpoints dir (step_<N>/ and
 `latest`), written to a temporary path and renamed when complete; it must not exist, and
-the input is never modified. Entities are text (edited as written and after a space) or token
-ids (`id:812,77`); `--rule` says how entities of different token lengths line up (see
-docs/knowledge_editing.md).
+the input is never modified. Entities are text (tokenized as inside a sentence, after a
+space; `--forms both` also edits the start-of-text form) or token ids (`id:812,77`); `--rule`
+says how entities of different token lengths line up (see docs/knowledge_editing.md).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python tools/x.py` without installing
 
-from stem_megatron.editing.entities import RULES  # noqa: E402
+from stem_megatron.editing.entities import FORMS, RULES  # noqa: E402
 from stem_megatron.editing.edit import SYNTAX  # noqa: E402
 
 
@@ -56,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rule", choices=RULES, default="strict",
                     help="entities of different token lengths (default strict: equal lengths)")
     ap.add_argument("--pick", type=int, default=-1, help="source token the pick rule takes")
+    ap.add_argument("--forms", choices=FORMS, default="inner",
+                    help="text entities as inside a sentence (inner, default) or also at the "
+                         "start of a text (both)")
     ap.add_argument("--tokenizer", help="tokenizer path (default: the one in the run's config)")
     args = ap.parse_args(argv)
     if not getattr(args, "edits", None):
@@ -70,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         specs = [EditSpec.parse(operation, text) for operation, text in args.edits]
         out = edit_checkpoint(args.checkpoint, args.output, specs, layers=args.layers,
-                              rule=args.rule, pick=args.pick, tokenizer_path=args.tokenizer)
+                              rule=args.rule, pick=args.pick, forms=args.forms,
+                              tokenizer_path=args.tokenizer)
     except (EditError, CheckpointExistsError, CheckpointNotFoundError, UnsafeCheckpointError,
             ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--stem-remap-rule", choices=("strict", "repeat", "pick"), default="strict",
                     help="FROM and TO of different token lengths (docs/knowledge_editing.md)")
     ap.add_argument("--stem-remap-pick", type=int, default=-1, help="TO token the pick rule takes")
+    ap.add_argument("--stem-remap-forms", choices=("inner", "both"), default="inner",
+                    help="match entities inside sentences (inner) or also at the prompt's start")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
@@ -52,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--stem-remap redirects STEM table lookups, but this checkpoint "
                                  "is a dense model (no STEM layers)")
             remap = parse_remap(loaded.tokenizer, args.stem_remap, args.stem_remap_rule,
-                                args.stem_remap_pick)
+                                args.stem_remap_pick, args.stem_remap_forms)
         text = generate_text(loaded.model, loaded.tokenizer, args.prompt,
                              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                              top_k=args.top_k, seed=args.seed, stem_ids=remap)

@@ -58,9 +58,10 @@ class EditSpec:
 
 
 def plan_edits(tokenizer: Tokenizer, specs: Sequence[EditSpec], rule: str = "strict",
-               pick: int = -1) -> list[tuple[EditSpec, RowPlan]]:
+               pick: int = -1, forms: str = "inner") -> list[tuple[EditSpec, RowPlan]]:
     """Resolve every entity and build each edit's row plan (errors before anything is read)."""
-    return [(spec, build_plan(spec.operation, [resolve_entity(tokenizer, e) for e in spec.entities],
+    return [(spec, build_plan(spec.operation,
+                              [resolve_entity(tokenizer, e, forms) for e in spec.entities],
                               rule, pick)) for spec in specs]
 
 
@@ -88,7 +89,8 @@ def edit_model(model: torch.nn.Module, plans: Sequence[tuple[EditSpec, RowPlan]]
 
 def edit_checkpoint(source: str | os.PathLike, output: str | os.PathLike,
                     specs: Sequence[EditSpec], *, layers: Sequence[int] | None = None,
-                    rule: str = "strict", pick: int = -1, tokenizer_path: str | None = None,
+                    rule: str = "strict", pick: int = -1, forms: str = "inner",
+                    tokenizer_path: str | None = None,
                     log: Callable[[str], None] = print) -> Path:
     """Write `output` (a new checkpoints dir: step_<N>/ and latest) holding `source` with the
     edits applied to its STEM tables and their optimizer moments. `source` is never modified;
@@ -99,7 +101,7 @@ def edit_checkpoint(source: str | os.PathLike, output: str | os.PathLike,
     ckpt = OfflineCheckpoint(source)
     chosen = select_layers(table_layers(ckpt.keys()), layers, str(ckpt.path))
     tokenizer = load_tokenizer(tokenizer_path or ckpt.config_dict["data"]["tokenizer"])
-    plans = plan_edits(tokenizer, specs, rule, pick)
+    plans = plan_edits(tokenizer, specs, rule, pick, forms)
     groups = row_keys(ckpt.keys(), chosen)
     _check_rows(plans, ckpt.info(groups[chosen[0]][0]).shape[0], str(ckpt.path))
     reading = tqdm(ckpt.tensors(), total=len(ckpt.keys()), desc="read", unit="tensor",
@@ -112,5 +114,5 @@ def edit_checkpoint(source: str | os.PathLike, output: str | os.PathLike,
     metadata = dict(ckpt.metadata)
     metadata["knowledge_edits"] = list(ckpt.metadata.get("knowledge_edits", [])) + [
         {"source": str(ckpt.path), "edits": [str(spec) for spec, _ in plans],
-         "layers": chosen, "rule": rule, "pick": pick}]
+         "layers": chosen, "rule": rule, "pick": pick, "forms": forms}]
     return write_checkpoint(output, tensors, metadata, ckpt.scalars)

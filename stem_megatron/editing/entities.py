@@ -1,10 +1,12 @@
 """Entities to edit, as token ids, and how two entities of different token lengths line up.
 
 An entity is a text string ("Spain", "New Zealand") or explicit token ids ("id:812" or
-"id:812,77"). A text entity has up to two surface forms: the string as written (as at the
-start of a text) and after a space (as inside a sentence); a byte-level BPE gives them
-different ids (`Spain` vs `ĠSpain`), so both are edited. Forms pair up by position: the
-as-written form of one entity with the as-written form of the other.
+"id:812,77"). A byte-level BPE gives a word different tokens inside a sentence (after a
+space: `ĠSpain`) and at the very start of a text (`Spain`, often split into pieces). Text
+entities are tokenized as they occur inside a sentence (`forms="inner"`, the default: a
+leading space is added unless the string has one), which is where names occur in running
+text; `forms="both"` also edits the start-of-text form. Forms pair up by kind: the inner
+form of one entity with the inner form of the other.
 
 When the entity whose rows are replaced (the destination, n tokens) and the entity whose
 rows are used (the source, m tokens) differ in length, a rule says which source rows each of
@@ -29,6 +31,7 @@ from dataclasses import dataclass
 from stem_megatron.data.tokenizer import Tokenizer
 
 RULES = ("strict", "repeat", "pick", "average")
+FORMS = ("inner", "both")
 ID_PREFIX = "id:"
 
 
@@ -41,20 +44,19 @@ class Entity:
     spec: str  # as the user wrote it
     forms: tuple[tuple[int, ...], ...]  # token ids of each surface form
 
-    @property
-    def by_ids(self) -> bool:
-        return self.spec.startswith(ID_PREFIX)
 
-
-def resolve_entity(tokenizer: Tokenizer, spec: str) -> Entity:
-    """The token ids of `spec` (text or "id:N[,M...]"); EditError if the tokenizer cannot
-    represent it exactly."""
+def resolve_entity(tokenizer: Tokenizer, spec: str, forms: str = "inner") -> Entity:
+    """The token ids of `spec` (text or "id:N[,M...]") in the surface `forms` ("inner" or
+    "both"); EditError if the tokenizer cannot represent it exactly."""
     if spec.startswith(ID_PREFIX):
         return Entity(spec, (_parse_ids(spec, tokenizer.vocab_size),))
     if not spec.strip():
         raise EditError(f"entity {spec!r} is empty: give a word or token ids as id:N[,M...]")
-    texts = [spec] if spec.startswith(" ") else [spec, " " + spec]
-    forms = []
+    if forms not in FORMS:
+        raise EditError(f"unknown forms {forms!r}; choose one of {', '.join(FORMS)}")
+    inner = spec if spec[0].isspace() else " " + spec
+    texts = [inner] if forms == "inner" or inner == spec else [inner, spec]
+    resolved: list[tuple[int, ...]] = []
     for text in texts:
         ids = tuple(tokenizer.encode(text))
         if not ids or tokenizer.decode(ids) != text:
@@ -62,9 +64,8 @@ def resolve_entity(tokenizer: Tokenizer, spec: str) -> Entity:
                 f"entity {spec!r} is not in the tokenizer's vocabulary: {text!r} encodes to "
                 f"{list(ids)}, which decodes to {tokenizer.decode(ids)!r}; use text the "
                 "tokenizer represents exactly, or token ids as id:N[,M...]")
-        if ids not in forms:
-            forms.append(ids)
-    return Entity(spec, tuple(forms))
+        resolved.append(ids)
+    return Entity(spec, tuple(resolved))
 
 
 def _parse_ids(spec: str, vocab_size: int) -> tuple[int, ...]:
@@ -80,10 +81,11 @@ def _parse_ids(spec: str, vocab_size: int) -> tuple[int, ...]:
 
 
 def paired_forms(dest: Entity, source: Entity) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
-    """(destination ids, source ids) for each surface form the two entities share."""
-    if dest.by_ids != source.by_ids:
-        raise EditError(f"cannot pair {dest.spec!r} with {source.spec!r}: give both entities "
-                        "as text or both as token ids (id:N)")
+    """(destination ids, source ids) for each surface form, paired by kind."""
+    if len(dest.forms) != len(source.forms):
+        raise EditError(f"cannot pair {dest.spec!r} with {source.spec!r}: they have different "
+                        "surface forms (text vs token ids, or one starting with a space); give "
+                        "both as text or both as token ids (id:N)")
     return list(zip(dest.forms, source.forms))
 
 

@@ -40,7 +40,7 @@ class StemRemap:
 
 
 def parse_remap(tokenizer: Tokenizer, specs: Sequence[str], rule: str = "strict",
-                pick: int = -1) -> StemRemap:
+                pick: int = -1, forms: str = "inner") -> StemRemap:
     """StemRemap from "FROM=TO" specs (entities as in editing/entities.py)."""
     if rule == "average":
         raise EditError("--stem-remap redirects lookups to existing rows, so the average rule "
@@ -51,7 +51,8 @@ def parse_remap(tokenizer: Tokenizer, specs: Sequence[str], rule: str = "strict"
         dest_spec, sep, source_spec = spec.partition("=")
         if not sep or not dest_spec or not source_spec:
             raise EditError(f"--stem-remap {spec!r}: expected FROM=TO, e.g. \"Spain=Germany\"")
-        dest, source = resolve_entity(tokenizer, dest_spec), resolve_entity(tokenizer, source_spec)
+        dest = resolve_entity(tokenizer, dest_spec, forms)
+        source = resolve_entity(tokenizer, source_spec, forms)
         for dest_ids, source_ids in paired_forms(dest, source):
             lookup = tuple(ids[0] for ids in align(dest_ids, source_ids, rule, pick))
             if patterns.get(dest_ids, lookup) != lookup:
