@@ -302,10 +302,6 @@ def validate(config: RunConfig) -> None:
     require(config.stem.storage in STORAGE_TIERS,
             f"stem.storage must be one of {', '.join(repr(t) for t in STORAGE_TIERS)}, got "
             f"'{config.stem.storage}'")
-    require(not (config.stem.storage == "host" and config.stem.dp_layout == "vocab_sharded"),
-            "stem.storage=host is not supported with stem.dp_layout=vocab_sharded yet (its "
-            "lookup gathers rows from the owners at forward time, not from a prefetch); use "
-            "stem.dp_layout=replicated or stem.storage=device")
     require(config.stem.cache_rows >= 0,
             f"stem.cache_rows must be >= 0, got {config.stem.cache_rows}")
     require(config.stem.cache_rows == 0 or config.stem.storage == "host",

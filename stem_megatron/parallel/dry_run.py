@@ -227,9 +227,9 @@ def format_report(report: DryRunReport, config: RunConfig) -> str:
               "fused attention, no recomputation (stem_megatron/model/memory.py)."]
     host = max(g[0].memory.tables + g[0].memory.table_optimizer for g in groups)
     if host:
-        lines.append(f"STEM tier `host` (not implemented yet) would move the tables and their "
-                     f"AdamW state (up to {_gib(host)} per rank) to pinned host RAM, leaving "
-                     f"row buffers on the device.")
+        lines.append(f"With stem.storage=host the tables and their AdamW state (up to "
+                     f"{_gib(host)} per rank) move to pinned host RAM, leaving staging "
+                     f"buffers of the rows a step reads on the device.")
     return "\n".join(lines)
 
 

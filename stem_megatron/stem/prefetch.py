@@ -1,7 +1,9 @@
 """Staging the rows of host-resident STEM tables ahead of the micro-batches that read them.
 
 A step's micro-batches are known before the schedule runs, so their ids are too. `start`
-hands them to a background thread that, per micro-batch, takes the sorted unique ids,
+hands the rows each micro-batch will read (`RowRequest`: its ids, or under the vocab-sharded
+layout the union rows this rank owns) to a background thread that, per micro-batch, takes the
+sorted unique rows,
 gathers those rows of every host table into a preallocated host staging buffer and copies
 them to the compute device (on GPU: on a side stream, from pinned memory). The lookup of a
 host table then reads its rows from the staged buffer (`StemTable.forward`) and waits only if
@@ -27,6 +29,7 @@ step t before that update runs (`finish`), so no staged row can predate an updat
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -42,14 +45,29 @@ _GROW_ROWS = 256  # slots grow in whole multiples of this, to avoid regrowing by
 
 
 @dataclass
+class RowRequest:
+    """The host-table rows one micro-batch's lookups will read."""
+
+    rows: torch.Tensor  # host row indices, any shape and order (staged sorted and unique)
+    num_ids: int  # ids each lookup of the micro-batch passes: checks the order of service
+    plan: object = None  # handed to the lookup with the rows (vocab-sharded: its LookupPlan)
+
+    @classmethod
+    def of_ids(cls, ids: torch.Tensor) -> "RowRequest":
+        """A micro-batch that reads the rows of its own ids (the replicated layout)."""
+        return cls(ids, ids.numel())
+
+
+@dataclass
 class StagedRows:
     """One table's rows for one micro-batch, on the compute device."""
 
-    unique_ids: torch.Tensor  # sorted unique ids of the micro-batch [n]
+    unique_ids: torch.Tensor  # sorted unique row indices of the request [n]
     rows: torch.Tensor  # table rows of `unique_ids` [n, d]
     num_ids: int  # ids in the micro-batch: a check that the right micro-batch is served
     staged_pos: torch.Tensor | None = None  # with a cache: positions of the uncached ids,
     # the only rows `rows` holds
+    plan: object = None  # the request's plan
 
 
 @dataclass
@@ -69,7 +87,8 @@ def stage_now(table: torch.Tensor, ids: torch.Tensor, device: torch.device) -> S
 
 class RowPrefetcher:
     """Stages rows of `tables` (name -> host tensor [V, d]) for the micro-batches of one step
-    at a time: `with prefetcher.prefetching(ids_per_micro_batch): <run the schedule>`, then
+    at a time: `with prefetcher.prefetching(requests): <run the schedule>` (one RowRequest
+    per micro-batch), then
     `prefetcher.finish()` (joins the thread, checks every lookup happened, returns metrics).
     `cache`: hot rows of the same tables kept on `device`, not staged."""
 
@@ -82,7 +101,7 @@ class RowPrefetcher:
         self._slots = {name: [_Slot() for _ in range(_SLOTS)] for name in self.tables}
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
-        self._ids: list[torch.Tensor] = []
+        self._requests: list[RowRequest] = []
         self._ready: dict[tuple[str, int], tuple[StagedRows, _Slot]] = {}
         self._served = dict.fromkeys(self.tables, 0)
         self._error: BaseException | None = None
@@ -101,13 +120,12 @@ class RowPrefetcher:
         return [0 if s.host is None else s.host.shape[0] for s in self._slots[name]]
 
     # -- the step ----------------------------------------------------------------------
-    def start(self, micro_batch_ids: list[torch.Tensor]) -> None:
-        """Begin staging: `micro_batch_ids[i]` are the ids micro-batch i looks up (host
-        tensors, any shape). Every table must then be looked up once per micro-batch, in
-        order, before `finish`."""
+    def start(self, requests: list[RowRequest]) -> None:
+        """Begin staging: `requests[i]` says what micro-batch i reads (host row indices).
+        Every table must then be looked up once per micro-batch, in order, before `finish`."""
         if self.active:
             raise RuntimeError("RowPrefetcher.start while a step is still being prefetched")
-        self._ids = list(micro_batch_ids)
+        self._requests = list(requests)
         self._ready.clear()
         self._served = dict.fromkeys(self.tables, 0)
         self._error, self._abort = None, False
@@ -118,10 +136,10 @@ class RowPrefetcher:
         """Join the staging thread; check every table consumed every micro-batch; return this
         step's metrics and reset them."""
         self._join()
-        short = {n: s for n, s in self._served.items() if s != len(self._ids)}
+        short = {n: s for n, s in self._served.items() if s != len(self._requests)}
         if short:
-            raise RuntimeError(f"host tables looked up fewer times than the {len(self._ids)} "
-                               f"prefetched micro-batches: {short}")
+            raise RuntimeError(f"host tables looked up fewer times than the "
+                               f"{len(self._requests)} prefetched micro-batches: {short}")
         metrics = {"stem/bytes_h2d": float(self.bytes_h2d),
                    "stem/prefetch_stall_ms": self.stall_s * 1e3,
                    "stem/cache_hit_rate": self.rows_cached / max(self.rows_looked_up, 1)}
@@ -137,8 +155,8 @@ class RowPrefetcher:
         self._join()
 
     @contextlib.contextmanager
-    def prefetching(self, micro_batch_ids: list[torch.Tensor]) -> Iterator[None]:
-        self.start(micro_batch_ids)
+    def prefetching(self, requests: list[RowRequest]) -> Iterator[None]:
+        self.start(requests)
         try:
             yield
         except BaseException:
@@ -163,9 +181,9 @@ class RowPrefetcher:
             while (name, index) not in self._ready:
                 if self._error is not None:
                     raise RuntimeError("staging host table rows failed") from self._error
-                if index >= len(self._ids):
+                if index >= len(self._requests):
                     raise RuntimeError(f"table {name}: lookup {index + 1} in a step of "
-                                       f"{len(self._ids)} prefetched micro-batches")
+                                       f"{len(self._requests)} prefetched micro-batches")
                 self._cond.wait()
             rows, slot = self._ready.pop((name, index))
         self.stall_s += time.perf_counter() - start
@@ -175,9 +193,9 @@ class RowPrefetcher:
         pos = rows.staged_pos
         self.engine.compute_waits(slot.copied, rows.unique_ids, *(() if pos is None else (pos,)))
         if pos is not None:
-            rows = StagedRows(rows.unique_ids,
-                              self.cache.assemble(name, rows.unique_ids, pos, rows.rows),
-                              rows.num_ids)
+            rows = dataclasses.replace(
+                rows, rows=self.cache.assemble(name, rows.unique_ids, pos, rows.rows),
+                staged_pos=None)
         yield rows
         with self._cond:
             slot.released = self.engine.compute_marker()
@@ -188,7 +206,7 @@ class RowPrefetcher:
     def _next_task(self, pending: dict[str, int]) -> tuple[int, str] | None:
         """The earliest (micro-batch, table) whose slot is free, waiting for one; None when
         every table is staged (or on abort)."""
-        n = len(self._ids)
+        n = len(self._requests)
         with self._cond:
             while not self._abort:
                 todo = [(i, name) for name, i in pending.items() if i < n]
@@ -207,7 +225,8 @@ class RowPrefetcher:
             while (task := self._next_task(pending)) is not None:
                 index, name = task
                 if index not in unique:
-                    unique[index] = torch.unique(self._ids[index].reshape(-1), sorted=True)
+                    unique[index] = torch.unique(self._requests[index].rows.reshape(-1),
+                                                 sorted=True)
                 staged = self._stage(name, index, unique[index])
                 with self._cond:
                     self._ready[(name, index)] = staged
@@ -244,4 +263,5 @@ class RowPrefetcher:
             slot.copied = self.engine.copy_marker()
         index_bytes = unique.numel() + (0 if pos_host is None else n)
         self.bytes_h2d += n * width * table.element_size() + index_bytes * unique.element_size()
-        return StagedRows(ids, slot.device[:n], self._ids[index].numel(), pos), slot
+        request = self._requests[index]
+        return StagedRows(ids, slot.device[:n], request.num_ids, pos, request.plan), slot

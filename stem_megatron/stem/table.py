@@ -14,7 +14,7 @@ import torch
 
 from stem_megatron.model.sharding import RowBlock, TPShard, set_row_block, set_tp_shard
 from stem_megatron.stem.lookup import RowGradAccumulator, staged_lookup, stem_lookup
-from stem_megatron.stem.prefetch import RowPrefetcher, stage_now
+from stem_megatron.stem.prefetch import RowPrefetcher, StagedRows, stage_now
 from stem_megatron.stem.storage import to_host
 from stem_megatron.stem.vocab_sharded import vocab_sharded_lookup
 
@@ -65,19 +65,25 @@ class StemTable(torch.nn.Module):
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Rows of the table for `token_ids` (any shape), shape token_ids.shape + (d_ff/TP,)."""
-        if self.on_host:
-            return self._host_lookup(token_ids)
-        if self.row_block is None:
-            return stem_lookup(self.weight, token_ids, self.grad_accumulator)
-        return vocab_sharded_lookup(self.weight, token_ids, self.row_block, self.dp_group,
-                                    self.grad_accumulator)
-
-    def _host_lookup(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if not self.on_host:
+            return self._lookup(token_ids, None)
         if self.prefetcher is not None and self.prefetcher.active:
             with self.prefetcher.staged(self.prefetch_key, token_ids.numel()) as staged:
-                return staged_lookup(self.weight, token_ids, staged.unique_ids, staged.rows,
-                                     self.grad_accumulator)
-        staged = stage_now(self.weight.detach(), token_ids, self.compute_device)
+                return self._lookup(token_ids, staged)
+        if self.row_block is None:  # a lookup outside a prefetched step (e.g. generation)
+            return self._lookup(token_ids, stage_now(self.weight.detach(), token_ids,
+                                                     self.compute_device))
+        return self._lookup(token_ids, None)
+
+    def _lookup(self, token_ids: torch.Tensor, staged: StagedRows | None) -> torch.Tensor:
+        """`staged`: rows already on the compute device (all the micro-batch's rows, or under
+        the vocab-sharded layout this rank's share of them, with their plan)."""
+        if self.row_block is not None:
+            plan, rows = (None, None) if staged is None else (staged.plan, staged.rows)
+            return vocab_sharded_lookup(self.weight, token_ids, self.row_block, self.dp_group,
+                                        self.grad_accumulator, plan, rows)
+        if staged is None:
+            return stem_lookup(self.weight, token_ids, self.grad_accumulator)
         return staged_lookup(self.weight, token_ids, staged.unique_ids, staged.rows,
                              self.grad_accumulator)
 

@@ -7,6 +7,11 @@ contributes its segment's rows and an all-gather gives every rank all union rows
 each rank scatters its row gradients into a union-sized buffer and a reduce-scatter hands each
 owner the summed gradient of its segment. Collectives only, sized by the union, never by the
 vocabulary; no all-to-all (the ids are known before the lookup).
+
+Host-resident tables (`stem.storage=host`): the trainer forms each micro-batch's plan before
+the step (`plan_lookup`, the id exchange), the prefetcher stages the rows this rank owns of
+the union on the compute device, and the lookup starts from them; only the row all-gather is
+left in the forward.
 """
 
 from __future__ import annotations
@@ -22,25 +27,29 @@ from stem_megatron.stem.sync import gather_union_ids
 
 
 @dataclass
-class _Plan:
+class LookupPlan:
+    """The row exchange of one micro-batch, the same on every rank of the group (it does not
+    depend on the order of this rank's ids, which each lookup sees in its own layout)."""
+
     union: torch.Tensor  # sorted ids every DP rank needs this micro-batch
     bounds: list[int]  # union[bounds[r]:bounds[r+1]] is owned by rank r
-    local_pos: torch.Tensor  # position in `union` of each of this rank's unique ids
-    inverse: torch.Tensor  # this rank's ids -> its unique ids
 
     @property
     def longest(self) -> int:
         return max(b - a for a, b in zip(self.bounds, self.bounds[1:]))
 
+    def owned(self, rank: int, block: RowBlock) -> torch.Tensor:
+        """Local row indices, in `block`, of the union rows `rank` owns (sorted)."""
+        return self.union[self.bounds[rank]:self.bounds[rank + 1]] - block.start
 
-def _plan(ids: torch.Tensor, block: RowBlock, group: dist.ProcessGroup) -> _Plan:
+
+def plan_lookup(ids: torch.Tensor, block: RowBlock, group: dist.ProcessGroup) -> LookupPlan:
+    """Collective over `group`: which rows every rank needs for `ids` and who owns them."""
     world = dist.get_world_size(group)
-    unique, inverse = torch.unique(ids.reshape(-1), sorted=True, return_inverse=True)
-    union = gather_union_ids(unique, group)
+    union = gather_union_ids(torch.unique(ids.reshape(-1)), group)
     starts = torch.tensor([RowBlock.of(block.rows, r, world).start for r in range(world)]
                           + [block.rows], device=union.device)
-    bounds = torch.searchsorted(union, starts).tolist()
-    return _Plan(union, bounds, torch.searchsorted(union, unique), inverse)
+    return LookupPlan(union, torch.searchsorted(union, starts).tolist())
 
 
 def _padded(segments: list[torch.Tensor], longest: int, width: int, like: torch.Tensor):
@@ -52,31 +61,37 @@ def _padded(segments: list[torch.Tensor], longest: int, width: int, like: torch.
 
 class _ShardedLookup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, table, ids, block: RowBlock, group, accumulator: RowGradAccumulator):
-        plan = _plan(ids, block, group)
+    def forward(ctx, table, ids, block: RowBlock, group, accumulator: RowGradAccumulator,
+                plan: LookupPlan | None, owned_rows: torch.Tensor | None):
+        plan = plan if plan is not None else plan_lookup(ids, block, group)
+        unique, inverse = torch.unique(ids.reshape(-1), sorted=True, return_inverse=True)
+        local_pos = torch.searchsorted(plan.union, unique)  # this rank's rows in the union
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         width = table.shape[1]
-        mine = plan.union[plan.bounds[rank]:plan.bounds[rank + 1]] - block.start
-        send = table.new_zeros(plan.longest, width)
-        send[:mine.numel()] = table.index_select(0, mine)
-        gathered = table.new_empty(world * plan.longest, width)  # gloo wants it flat
+        if owned_rows is None:  # a host table is read here when nothing staged its rows
+            owned_rows = table.index_select(0, plan.owned(rank, block).to(table.device))
+        send = torch.zeros(plan.longest, width, dtype=table.dtype, device=ids.device)
+        send[:owned_rows.shape[0]] = owned_rows
+        gathered = send.new_empty(world * plan.longest, width)  # gloo wants it flat
         dist.all_gather_into_tensor(gathered, send, group=group)
         gathered = gathered.view(world, plan.longest, width)
         rows = torch.cat([gathered[r, :plan.bounds[r + 1] - plan.bounds[r]]
                           for r in range(world)])
         ctx.plan, ctx.block, ctx.group, ctx.accumulator = plan, block, group, accumulator
-        return rows[plan.local_pos][plan.inverse].view(*ids.shape, width)
+        ctx.save_for_backward(local_pos, inverse)
+        return rows[local_pos][inverse].view(*ids.shape, width)
 
     @staticmethod
     def backward(ctx, grad_out):
         plan, group = ctx.plan, ctx.group
+        local_pos, inverse = ctx.saved_tensors
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         width = grad_out.shape[-1]
-        rows_grad = torch.zeros(plan.local_pos.numel(), width, dtype=torch.float32,
+        rows_grad = torch.zeros(local_pos.numel(), width, dtype=torch.float32,
                                 device=grad_out.device)
-        rows_grad.index_add_(0, plan.inverse, grad_out.reshape(-1, width).float())
+        rows_grad.index_add_(0, inverse, grad_out.reshape(-1, width).float())
         union_grad = rows_grad.new_zeros(plan.union.numel(), width)
-        union_grad[plan.local_pos] = rows_grad
+        union_grad[local_pos] = rows_grad
         segments = [union_grad[a:b] for a, b in zip(plan.bounds, plan.bounds[1:])]
         send = _padded(segments, plan.longest, width, union_grad).view(-1, width)
         mine = rows_grad.new_empty(plan.longest, width)
@@ -84,14 +99,17 @@ class _ShardedLookup(torch.autograd.Function):
         count = plan.bounds[rank + 1] - plan.bounds[rank]
         if count:
             # Averaged over replicas, as DDP averages the dense gradients.
-            owned = plan.union[plan.bounds[rank]:plan.bounds[rank + 1]] - ctx.block.start
-            ctx.accumulator.add(owned, mine[:count] / world)
-        return None, None, None, None, None
+            ctx.accumulator.add(plan.owned(rank, ctx.block), mine[:count] / world)
+        return None, None, None, None, None, None, None
 
 
 def vocab_sharded_lookup(table: torch.nn.Parameter, ids: torch.Tensor, block: RowBlock,
-                         group: dist.ProcessGroup, accumulator: RowGradAccumulator) -> torch.Tensor:
-    """Rows for `ids` from a table whose rows are spread over `group`; this rank holds
-    `block`. Every rank of the group must call it together (micro-batches run in lockstep).
-    The accumulator receives the gradient of this rank's own rows, by local row index."""
-    return _ShardedLookup.apply(table, ids, block, group, accumulator)
+                         group: dist.ProcessGroup, accumulator: RowGradAccumulator,
+                         plan: LookupPlan | None = None,
+                         owned_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows for `ids` (on the compute device) from a table whose rows are spread over
+    `group`; this rank holds `block`. Every rank of the group must call it together
+    (micro-batches run in lockstep). The accumulator receives the gradient of this rank's own
+    rows, by local row index. `plan` and `owned_rows` (this rank's rows of the plan's union,
+    on the compute device), when given, were prepared ahead by the prefetch."""
+    return _ShardedLookup.apply(table, ids, block, group, accumulator, plan, owned_rows)

@@ -31,7 +31,8 @@ from stem_megatron.parallel.comm_meter import CommMeter
 from stem_megatron.parallel.data_parallel import wrap_data_parallel
 from stem_megatron.parallel.state import ParallelState
 from stem_megatron.stem.cache import HotRowCache, hot_ids, token_counts
-from stem_megatron.stem.prefetch import RowPrefetcher
+from stem_megatron.stem.prefetch import RowPrefetcher, RowRequest
+from stem_megatron.stem.vocab_sharded import plan_lookup
 from stem_megatron.training.lr_schedule import LRSchedule
 from stem_megatron.training.metrics import MetricsLogger
 from stem_megatron.training.model_chunks import build_model_chunks
@@ -138,9 +139,13 @@ class Trainer:
         if not tables:
             return None
         weights = {name: t.weight for name, t in tables.items()}
+        # Vocab-sharded: this rank stages (and caches) only rows of its own block.
+        self.host_row_block = next(iter(tables.values())).row_block
         cache = None
         if self.config.stem.cache_rows:
             counts = token_counts(train_tokens, self.vocab_size)
+            if self.host_row_block is not None:
+                counts = counts[self.host_row_block.start:self.host_row_block.end]
             cache = HotRowCache(weights, hot_ids(counts, self.config.stem.cache_rows),
                                 self.parallel.device)
             self.optimizer.cache = cache
@@ -157,9 +162,19 @@ class Trainer:
         if self.prefetcher is None:
             yield
             return
-        with self.prefetcher.prefetching([_inputs(b) for b in batches]):
+        with self.prefetcher.prefetching([self._row_request(_inputs(b)) for b in batches]):
             yield
         metrics.update(self.prefetcher.finish())
+
+    def _row_request(self, ids: torch.Tensor) -> RowRequest:
+        """The host rows a micro-batch reads. Vocab-sharded: the rows this rank owns of the
+        union every DP rank needs, found by exchanging ids now (a collective, so before the
+        schedule, in the same order on every rank), and the plan the lookups then follow."""
+        block = self.host_row_block
+        if block is None:
+            return RowRequest.of_ids(ids)
+        plan = plan_lookup(ids.to(self.parallel.device), block, self.parallel.dp_group)
+        return RowRequest(plan.owned(self.parallel.dp_rank, block).cpu(), ids.numel(), plan)
 
     # -- one step ----------------------------------------------------------------------
     def _autocast(self):

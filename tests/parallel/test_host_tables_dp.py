@@ -1,7 +1,9 @@
 """Host-resident tables in parallel layouts: two processes joined by gloo train exactly like
-the same layout with device tables (losses and every parameter bitwise). DP=2 replicated over
-50 steps (the replicas' row-gradient sync runs on the compute device either way), and
-interleaved pipelining, where one rank's chunks read micro-batches at different offsets."""
+the same layout with device tables (losses and every parameter bitwise). DP=2 over 50 steps in
+both table layouts, with and without the hot-row cache (replicated: the replicas' row-gradient
+sync runs on the compute device either way; vocab-sharded: each rank stages only the rows it
+owns of the union, after an id exchange the trainer runs before the schedule), and interleaved
+pipelining, where one rank's chunks read micro-batches at different offsets."""
 
 from __future__ import annotations
 
@@ -16,13 +18,15 @@ STEPS = 50
 
 @pytest.mark.parametrize("steps,extra", [
     (STEPS, []),  # DP=2, replicated tables
+    (STEPS, ["stem.dp_layout=vocab_sharded"]),
+    (STEPS, ["stem.dp_layout=vocab_sharded", "stem.optimizer.mode=exact"]),
     # Interleaved 1F1B: each rank's two chunks read the micro-batches at different offsets,
     # so the prefetcher serves each table its own sequence.
     (10, ["model.num_layers=4", "stem.layers=[0,1,2,3]",
           "model.untie_embeddings_and_output_weights=true",
           "parallel.pipeline_model_parallel_size=2",
           "parallel.virtual_pipeline_model_parallel_size=2"]),
-], ids=["dp2-replicated", "pp2-interleaved"])
+], ids=["dp2-replicated", "dp2-vocab-sharded", "dp2-vocab-sharded-exact", "pp2-interleaved"])
 def test_host_tables_equal_device_tables(small_corpus, tmp_path, steps, extra):
     base = [
         "model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64",
@@ -33,11 +37,14 @@ def test_host_tables_equal_device_tables(small_corpus, tmp_path, steps, extra):
         f"data.tokenizer={small_corpus['tokenizer']}",
         f"data.train_data={small_corpus['train']}", f"data.valid_data={small_corpus['val']}",
     ] + extra
-    runs = {storage: run_local_workers(2, train_steps, base + [
-        f"stem.storage={storage}", f"logging.run_dir={tmp_path / storage}"], steps)
-        for storage in ("device", "host")}
-    for device, host in zip(runs["device"], runs["host"]):
-        assert len(host["losses"]) == steps and host["losses"] == device["losses"]
-        assert sorted(host["params"]) == sorted(device["params"])
-        for name, value in device["params"].items():
-            assert torch.equal(host["params"][name], value), name
+    variants = {"device": ["stem.storage=device"], "host": ["stem.storage=host"]}
+    if "parallel.pipeline_model_parallel_size=2" not in extra:  # the cache at DP=2
+        variants["host_cache"] = ["stem.storage=host", "stem.cache_rows=64"]
+    runs = {name: run_local_workers(2, train_steps, base + overrides + [
+        f"logging.run_dir={tmp_path / name}"], steps) for name, overrides in variants.items()}
+    for name in variants:
+        for device, other in zip(runs["device"], runs[name]):
+            assert len(other["losses"]) == steps and other["losses"] == device["losses"], name
+            assert sorted(other["params"]) == sorted(device["params"])
+            for param, value in device["params"].items():
+                assert torch.equal(other["params"][param], value), (name, param)

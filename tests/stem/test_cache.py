@@ -8,9 +8,13 @@ import torch
 
 from stem_megatron.stem import cache as cache_module
 from stem_megatron.stem.cache import HotRowCache, hot_ids, token_counts
-from stem_megatron.stem.prefetch import RowPrefetcher
+from stem_megatron.stem.prefetch import RowPrefetcher, RowRequest
 
 CPU = torch.device("cpu")
+
+
+def requests(batches: list[torch.Tensor]) -> list[RowRequest]:
+    return [RowRequest.of_ids(ids) for ids in batches]
 
 
 def test_token_counts_over_blocks_and_hot_ids(monkeypatch):
@@ -29,7 +33,7 @@ def test_prefetcher_stages_only_uncached_rows_and_lookups_get_all_rows():
     batches = [torch.tensor([[0, 2, 3, 9], [3, 11, 0, 0]]), torch.tensor([[0, 2, 5, 9]]),
                torch.tensor([[7, 8, 30]])]
     prefetcher = RowPrefetcher(tables, CPU, cache)
-    with prefetcher.prefetching(batches):
+    with prefetcher.prefetching(requests(batches)):
         for ids in batches:
             for name, table in tables.items():
                 with prefetcher.staged(name, ids.numel()) as staged:

@@ -11,10 +11,14 @@ import pytest
 import torch
 
 from stem_megatron.stem.lookup import RowGradAccumulator, staged_lookup, stem_lookup
-from stem_megatron.stem.prefetch import RowPrefetcher
+from stem_megatron.stem.prefetch import RowPrefetcher, RowRequest
 from stem_megatron.stem.storage import available_host_bytes, check_host_fits, host_table_bytes
 
 CPU = torch.device("cpu")
+
+
+def requests(batches: list[torch.Tensor]) -> list[RowRequest]:
+    return [RowRequest.of_ids(ids) for ids in batches]
 
 
 def micro_batches(count: int, vocab: int, shape=(4, 8), seed: int = 0) -> list[torch.Tensor]:
@@ -33,7 +37,7 @@ def test_staged_rows_equal_table_rows_and_buffers_are_reused():
     batches = micro_batches(5, 50)
     prefetcher = RowPrefetcher(tables, CPU)
     addresses = []
-    with prefetcher.prefetching(batches):
+    with prefetcher.prefetching(requests(batches)):
         for ids in batches:
             for name, table in tables.items():
                 unique, rows, address = consume(prefetcher, name, ids)
@@ -49,14 +53,14 @@ def test_staged_rows_equal_table_rows_and_buffers_are_reused():
     assert metrics["stem/bytes_h2d"] == expected
     capacity = prefetcher.slot_capacity("a")
     # A step whose micro-batches need no more rows keeps the buffers; a bigger one grows them.
-    with prefetcher.prefetching(batches[:2]):
+    with prefetcher.prefetching(requests(batches[:2])):
         for ids in batches[:2]:
             for name in tables:
                 consume(prefetcher, name, ids)
     prefetcher.finish()
     assert prefetcher.slot_capacity("a") == capacity
     wide = torch.arange(0, 50).repeat(20)[None]  # every row, more than a slot holds
-    with prefetcher.prefetching([wide]):
+    with prefetcher.prefetching(requests([wide])):
         for name, table in tables.items():
             _, rows, _ = consume(prefetcher, name, wide)
             assert torch.equal(rows, table)
@@ -71,7 +75,7 @@ def test_tables_consume_micro_batches_at_their_own_pace():
     tables = {"a": torch.randn(30, 4), "b": torch.randn(30, 4)}
     batches = micro_batches(6, 30)
     prefetcher = RowPrefetcher(tables, CPU)
-    with prefetcher.prefetching(batches):
+    with prefetcher.prefetching(requests(batches)):
         for name in ("a", "b"):
             for ids in batches:
                 unique, rows, _ = consume(prefetcher, name, ids)
@@ -83,11 +87,11 @@ def test_late_prefetch_is_measured_as_stall():
     table = torch.randn(200_000, 64)
     big = torch.randint(0, 200_000, (1, 2_000_000))
     prefetcher = RowPrefetcher({"t": table}, CPU)
-    with prefetcher.prefetching([big]):  # read at once: the gather cannot be done yet
+    with prefetcher.prefetching(requests([big])):  # read at once: the gather cannot be done yet
         consume(prefetcher, "t", big)
     slow = prefetcher.finish()["stem/prefetch_stall_ms"]
     small = torch.randint(0, 200_000, (1, 64))
-    with prefetcher.prefetching([small]):
+    with prefetcher.prefetching(requests([small])):
         time.sleep(0.5)  # computing: the 64 rows are staged meanwhile
         consume(prefetcher, "t", small)
     ready = prefetcher.finish()["stem/prefetch_stall_ms"]
@@ -98,12 +102,12 @@ def test_no_stale_row_after_an_update():
     table = torch.zeros(20, 3)
     ids = torch.tensor([[1, 2, 3, 2]])
     prefetcher = RowPrefetcher({"t": table}, CPU)
-    with prefetcher.prefetching([ids]):
+    with prefetcher.prefetching(requests([ids])):
         consume(prefetcher, "t", ids)
     prefetcher.finish()
     assert not prefetcher.active  # the staging thread is joined before the update
     table.index_add_(0, torch.tensor([2, 3]), torch.ones(2, 3))  # the step's row update
-    with prefetcher.prefetching([ids]):
+    with prefetcher.prefetching(requests([ids])):
         unique, rows, _ = consume(prefetcher, "t", ids)
     prefetcher.finish()
     assert torch.equal(rows, table[unique]) and rows[1:].eq(1).all()
@@ -113,10 +117,10 @@ def test_out_of_order_and_missing_lookups_are_errors():
     prefetcher = RowPrefetcher({"t": torch.randn(10, 2)}, CPU)
     batches = [torch.tensor([[1, 2]]), torch.tensor([[3, 4, 5]])]
     with pytest.raises(RuntimeError, match="out of order"):
-        with prefetcher.prefetching(batches):
+        with prefetcher.prefetching(requests(batches)):
             consume(prefetcher, "t", batches[1])
     assert not prefetcher.active
-    with prefetcher.prefetching(batches):
+    with prefetcher.prefetching(requests(batches)):
         consume(prefetcher, "t", batches[0])
     with pytest.raises(RuntimeError, match="fewer times"):
         prefetcher.finish()

@@ -53,12 +53,6 @@ def test_unknown_storage_is_a_config_error(tiny_config):
         tiny_config("stem.storage=ssd")
 
 
-def test_host_storage_with_vocab_sharded_tables_is_refused(tiny_config):
-    with pytest.raises(ConfigError, match="stem.storage=host is not supported with "
-                                          "stem.dp_layout=vocab_sharded"):
-        tiny_config("stem.storage=host", "stem.dp_layout=vocab_sharded")
-
-
 def test_tables_larger_than_host_memory_are_refused_before_allocation(tiny_config, parallel):
     # 2^34 rows x 64 x 12 bytes: ~13 TB of tables and optimizer state; allocating would fail.
     config = tiny_config("stem.storage=host", f"model.vocab_size={2**34}")
