@@ -1,0 +1,1 @@
+"""Hugging Face import and export: config and weight-name mapping, our STEM modeling file."""

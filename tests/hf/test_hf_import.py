@@ -1,0 +1,133 @@
+"""Hugging Face Llama import: logits equal transformers' with STEM off, STEM layers get
+fresh tables and keep their gate/down, the written config trains, bad input is named."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from stem_megatron.checkpoint.inference import load_for_inference
+from stem_megatron.config import ConfigError, load_config
+from stem_megatron.hf.importer import import_llama
+from stem_megatron.hf.llama_config import HFFormatError
+from stem_megatron.model.sharding import param_generator
+from stem_megatron.stem.table import xavier_normal_std
+from stem_megatron.training.trainer import Trainer
+
+VOCAB = 520
+
+
+def max_logit_diff(ours: torch.nn.Module, hf: torch.nn.Module, seed: int = 0) -> float:
+    ids = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        mine = ours(ids)[..., :VOCAB]
+        theirs = hf(ids).logits
+    assert mine.shape == theirs.shape
+    return (mine - theirs).abs().max().item()
+
+
+@pytest.mark.parametrize("tied,sharded,extra", [
+    (False, False, []), (True, False, []),
+    (False, True, ["model.make_vocab_size_divisible_by=64"]),  # shards; 56 zero padding rows
+])
+def test_dense_import_matches_transformers_logits(hf_llama, parallel, tmp_path, tied, sharded,
+                                                  extra):
+    hf_dir, hf_model = hf_llama(tied=tied, sharded=sharded)
+    if sharded:
+        assert (hf_dir / "model.safetensors.index.json").is_file()
+    out = import_llama(hf_dir, tmp_path / "imported", ["stem.enabled=false", *extra],
+                       log=lambda _: None)
+    loaded = load_for_inference(str(out / "checkpoints"))
+    assert loaded.config.model.untie_embeddings_and_output_weights is not tied
+    diff = max_logit_diff(loaded.model, hf_model)
+    print(f"import dense tied={tied} sharded={sharded}: max abs logit diff {diff:.3g}")
+    assert diff < 1e-5
+
+
+def test_stem_import_keeps_dense_layers_and_initialises_tables(hf_llama, parallel, tmp_path):
+    hf_dir, hf_model = hf_llama()
+    before = {p.name: p.read_bytes() for p in hf_dir.iterdir()}
+    out = import_llama(hf_dir, tmp_path / "stem", ["stem.layers=[1,2]"], log=lambda _: None)
+    assert {p.name: p.read_bytes() for p in hf_dir.iterdir()} == before  # input untouched
+    loaded = load_for_inference(str(out / "checkpoints"))
+    ours = dict(loaded.model.named_parameters())
+    theirs = dict(hf_model.named_parameters())
+    layer0 = "decoder.layers.0.mlp.linear_fc1.weight"
+    assert torch.equal(ours[layer0], torch.cat([theirs["model.layers.0.mlp.gate_proj.weight"],
+                                                theirs["model.layers.0.mlp.up_proj.weight"]]))
+    for n in (1, 2):
+        mlp = f"decoder.layers.{n}.mlp."
+        assert torch.equal(ours[mlp + "linear_fc1.weight"],
+                           theirs[f"model.layers.{n}.mlp.gate_proj.weight"])
+        assert torch.equal(ours[mlp + "linear_fc2.weight"],
+                           theirs[f"model.layers.{n}.mlp.down_proj.weight"])
+        table = ours[mlp + "stem_table.weight"]
+        assert table.shape == (VOCAB, 64)
+        expected = torch.empty(VOCAB, 64).normal_(
+            0.0, xavier_normal_std(VOCAB, 64),
+            generator=param_generator(loaded.config.train.seed, mlp + "stem_table.weight"))
+        assert torch.equal(table, expected)  # our model's own xavier-normal draw
+    for name in ("embedding.word_embeddings.weight", "output_layer.weight",
+                 "decoder.layers.2.self_attention.linear_proj.weight"):
+        assert ours[name].abs().sum() > 0
+
+    config = load_config(out / "config.yaml")
+    assert config.stem_layers() == [1, 2] and config.checkpoint.finetune
+    assert config.checkpoint.load == str(out / "checkpoints")
+    assert config.stem.optimizer.lr == 5e-4 and config.optim.lr == 1e-5
+    assert config.data.tokenizer == str(out / "tokenizer.json")
+    metadata = json.loads((out / "checkpoints/step_0/metadata.json").read_text())
+    assert metadata["model_only"] and metadata["step"] == 0
+
+
+def test_imported_config_continues_pretraining(hf_llama, parallel, tmp_path, small_corpus):
+    hf_dir, _ = hf_llama()
+    out = import_llama(hf_dir, tmp_path / "cpt", log=lambda _: None)
+    config = load_config(out / "config.yaml", [
+        f"data.train_data={small_corpus['train']}", f"data.valid_data={small_corpus['val']}",
+        f"logging.run_dir={tmp_path / 'run'}", "train.train_iters=2", "train.eval_interval=0",
+        "train.micro_batch_size=2", "train.global_batch_size=2", "train.eval_iters=1"])
+    trainer = Trainer(config, parallel)
+    imported = load_for_inference(str(out / "checkpoints")).model.state_dict()
+    for name, p in trainer.chunks[0].named_parameters():
+        assert torch.equal(p, imported[name]), name
+    result = trainer.run()
+    assert result.step == 2 and result.train_loss == result.train_loss  # trained, not NaN
+
+
+def test_other_architectures_are_refused_by_name(tmp_path, parallel):
+    from transformers import GPT2Config, GPT2LMHeadModel, MistralConfig, MistralForCausalLM
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=64,
+                               n_positions=16)).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(HFFormatError, match="GPT2LMHeadModel.*'gpt2'.*only Llama"):
+        import_llama(tmp_path / "gpt2", tmp_path / "o1", log=lambda _: None)
+    MistralForCausalLM(MistralConfig(
+        num_hidden_layers=1, hidden_size=16, intermediate_size=32, num_attention_heads=2,
+        num_key_value_heads=1, vocab_size=64, sliding_window=8)).save_pretrained(tmp_path / "m")
+    with pytest.raises(HFFormatError, match="MistralForCausalLM.*'mistral'"):
+        import_llama(tmp_path / "m", tmp_path / "o2", log=lambda _: None)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_bad_input_is_named_and_leaves_nothing(hf_llama, parallel, tmp_path):
+    with pytest.raises(HFFormatError, match="does not exist"):
+        import_llama(tmp_path / "nope", tmp_path / "o", log=lambda _: None)
+    hf_dir, _ = hf_llama()
+    with pytest.raises(ConfigError, match="model.hidden_size cannot be overridden"):
+        import_llama(hf_dir, tmp_path / "o", ["model.hidden_size=64"], log=lambda _: None)
+    (tmp_path / "taken").mkdir()
+    with pytest.raises(FileExistsError, match="already exists"):
+        import_llama(hf_dir, tmp_path / "taken", log=lambda _: None)
+    config = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps(
+        {**config, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}))
+    with pytest.raises(HFFormatError, match="RoPE scaling 'llama3'"):
+        import_llama(hf_dir, tmp_path / "o", log=lambda _: None)
+    (hf_dir / "config.json").write_text(json.dumps(config))
+    (hf_dir / "model.safetensors").unlink()
+    with pytest.raises(HFFormatError, match="neither model.safetensors"):
+        import_llama(hf_dir, tmp_path / "o", log=lambda _: None)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_llama", "taken"]  # no leftovers
