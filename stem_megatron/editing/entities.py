@@ -59,12 +59,14 @@ def resolve_entity(tokenizer: Tokenizer, spec: str, forms: str = "inner") -> Ent
     resolved: list[tuple[int, ...]] = []
     for text in texts:
         ids = tuple(tokenizer.encode(text))
-        if not ids or tokenizer.decode(ids) != text:
+        # Compared without outer spaces: SentencePiece decodes its word-initial "▁" to nothing.
+        if not ids or tokenizer.decode(ids).strip() != text.strip():
             raise EditError(
                 f"entity {spec!r} is not in the tokenizer's vocabulary: {text!r} encodes to "
                 f"{list(ids)}, which decodes to {tokenizer.decode(ids)!r}; use text the "
                 "tokenizer represents exactly, or token ids as id:N[,M...]")
-        resolved.append(ids)
+        if ids not in resolved:  # SentencePiece: both forms are the same tokens
+            resolved.append(ids)
     return Entity(spec, tuple(resolved))
 
 
