@@ -22,10 +22,13 @@ def train(tiny_config, parallel, *overrides: str):
     return config.run_dir, trainer
 
 
-def logit_diff(ours: torch.nn.Module, theirs: torch.nn.Module, vocab: int) -> float:
+def logit_diff(ours: torch.nn.Module, theirs: torch.nn.Module, vocab: int, what: str) -> float:
     ids = torch.randint(0, vocab, (2, 32), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        return (ours(ids)[..., :vocab] - theirs(ids).logits).abs().max().item()
+        mine = ours(ids)[..., :vocab]
+        diff = (mine - theirs(ids).logits).abs().max().item()
+    print(f"{what}: max abs logit diff {diff:.3g}, max |logit| {mine.abs().max().item():.3g}")
+    return diff
 
 
 @pytest.mark.parametrize("untie", [False, True])
@@ -39,9 +42,8 @@ def test_dense_export_loads_as_llama_with_equal_logits(tiny_config, parallel, tm
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(hf) is LlamaForCausalLM and hf.config.tie_word_embeddings is not untie
     ours = load_for_inference(str(run))
-    diff = logit_diff(ours.model, hf, ours.model.spec.vocab_size)
-    print(f"export dense untie={untie}: max abs logit diff {diff:.3g}")
-    assert diff < 1e-5
+    assert logit_diff(ours.model, hf, ours.model.spec.vocab_size,
+                      f"export dense untie={untie}") < 1e-5
     tokenizer = AutoTokenizer.from_pretrained(out)
     text = "ROMEO. What light through yonder window breaks?"
     assert tokenizer(text, add_special_tokens=False)["input_ids"] == ours.tokenizer.encode(text)
@@ -63,9 +65,7 @@ def test_stem_export_loads_with_our_modeling_file_and_generates(tiny_config, par
     table = ours.model.decoder.layers["1"].mlp.stem_table.weight
     assert torch.equal(hf.model.layers[1].mlp.stem_table.weight, table)
     vocab = ours.model.spec.vocab_size
-    diff = logit_diff(ours.model, hf, vocab)
-    print(f"export STEM: max abs logit diff {diff:.3g}")
-    assert diff < 1e-5
+    assert logit_diff(ours.model, hf, vocab, "export STEM") < 1e-5
     prompt = ours.tokenizer.encode("ROMEO. What light")
     expected = generate_ids(ours.model, prompt, max_new_tokens=10, vocab_size=vocab,
                             seq_length=ours.config.model.seq_length)
