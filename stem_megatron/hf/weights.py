@@ -102,7 +102,7 @@ def megatron_from_hf(read: Callable[[str], torch.Tensor], m: ModelConfig, padded
 def hf_from_megatron(state: dict[str, torch.Tensor], m: ModelConfig, vocab_size: int,
                      stem_layers: set[int]) -> dict[str, torch.Tensor]:
     """HF tensors (contiguous, unshared, as safetensors needs) from our single-process model's
-    state dict; padding rows of the vocab are dropped."""
+    state dict; padding rows of the vocab are dropped. Tables are returned uncopied."""
     out = {"model.embed_tokens.weight": state["embedding.word_embeddings.weight"][:vocab_size],
            "model.norm.weight": state["decoder.final_layernorm.weight"]}
     if m.untie_embeddings_and_output_weights:
@@ -121,4 +121,7 @@ def hf_from_megatron(state: dict[str, torch.Tensor], m: ModelConfig, vocab_size:
         else:
             gate, up = fc1.chunk(2)
             out.update({hf + "mlp.gate_proj.weight": gate, hf + "mlp.up_proj.weight": up})
-    return {name: t.detach().float().contiguous().clone() for name, t in out.items()}
+    # safetensors refuses tensors sharing storage (gate/up are halves of fc1, q/k/v of qkv):
+    # copy those; tables, the bulk of a STEM model, stand alone and are written uncopied.
+    return {name: t.detach().float().contiguous() if name.endswith("stem_table.weight")
+            else t.detach().float().contiguous().clone() for name, t in out.items()}
