@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 
-STORAGE_TIERS = ("device", "host")  # where STEM tables live (stem/storage.py)
+STORAGE_TIERS = ("device", "host", "mmap")  # where STEM tables live (stem/storage.py)
 
 
 class ConfigError(ValueError):
@@ -57,9 +57,11 @@ class StemConfig:
     # owned by DP ranks; lookups all-gather the needed rows, gradients reduce-scatter).
     dp_layout: str = "replicated"
     # "device": the table is a tensor on the compute device; "host": the table and its
-    # optimizer state live in host memory and each micro-batch's rows are prefetched.
+    # optimizer state live in host memory and each micro-batch's rows are prefetched;
+    # "mmap": as "host", in memory-mapped files under `mmap_dir` (tables larger than RAM).
     storage: str = "device"
-    # Host tables: the rows of this many most frequent token ids (counted over the training
+    mmap_dir: str | None = None  # None: <run_dir>/stem_mmap; best on a fast local disk
+    # Host and mmap tables: the rows of this many most frequent token ids (counted over the training
     # data) are also kept on the compute device and not staged; 0: no cache (stem/cache.py).
     cache_rows: int = 0
     optimizer: StemOptimizerConfig = field(default_factory=StemOptimizerConfig)
@@ -141,6 +143,10 @@ class RunConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.logging.run_dir or Path("runs") / self.name)
+
+    @property
+    def mmap_dir(self) -> Path:
+        return Path(self.stem.mmap_dir) if self.stem.mmap_dir else self.run_dir / "stem_mmap"
 
     @property
     def save_dir(self) -> Path:
@@ -304,8 +310,9 @@ def validate(config: RunConfig) -> None:
             f"'{config.stem.storage}'")
     require(config.stem.cache_rows >= 0,
             f"stem.cache_rows must be >= 0, got {config.stem.cache_rows}")
-    require(config.stem.cache_rows == 0 or config.stem.storage == "host",
-            "stem.cache_rows caches rows of host-resident tables: it needs stem.storage=host")
+    require(config.stem.cache_rows == 0 or config.stem.storage != "device",
+            "stem.cache_rows caches rows of host-resident tables: it needs stem.storage=host "
+            "or mmap")
     require(config.stem.optimizer.mode in ("lazy", "exact"),
             f"stem.optimizer.mode must be 'lazy' or 'exact', got '{config.stem.optimizer.mode}'")
     for key in ("micro_batch_size", "global_batch_size", "train_iters", "eval_iters"):

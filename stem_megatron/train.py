@@ -57,8 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             trainer = Trainer(config, parallel)
         except (ValueError, NotImplementedError, CheckpointNotFoundError,
-                CheckpointMismatchError, CheckpointExistsError) as exc:
-            # Bad data, checkpoint or layout: say what and how to fix it, no traceback.
+                CheckpointMismatchError, CheckpointExistsError, MemoryError,
+                PermissionError) as exc:
+            # Bad data, checkpoint, layout or table tier: say what and how to fix it.
             print(f"error: {exc}", file=sys.stderr)
             return 1
         if parallel.is_main:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import numpy as np
@@ -95,7 +95,8 @@ class SparseRowAdamW:
     computes the row step with the kernel of torch.optim.AdamW(fused=True) (ulp-level
     differences in p from the single-tensor path).
 
-    The state (exp_avg, exp_avg_sq: full [V, d] fp32 tensors) lives on the table's device.
+    The state (exp_avg, exp_avg_sq: full [V, d] fp32 tensors) lives on the table's device,
+    or wherever `allocate(shape, dtype)` puts zero tensors (the `mmap` tier: mapped files).
     The table is updated in place through `table.data`; a bf16 table is updated in fp32
     and rounded once when written back.
     """
@@ -111,6 +112,7 @@ class SparseRowAdamW:
         weight_decay: float = 0.0,
         mode: Mode = "lazy",
         kernel: Kernel = "auto",
+        allocate: Callable[[tuple[int, ...], torch.dtype], Tensor] | None = None,
     ) -> None:
         if mode not in ("lazy", "exact"):
             raise ValueError(f"SparseRowAdamW mode must be 'lazy' or 'exact', got {mode!r}")
@@ -132,8 +134,9 @@ class SparseRowAdamW:
         self.exp_avg: dict[str, Tensor] = {}
         self.exp_avg_sq: dict[str, Tensor] = {}
         for name, table in self.tables.items():
-            self.exp_avg[name] = torch.zeros(table.shape, dtype=torch.float32, device=table.device)
-            self.exp_avg_sq[name] = torch.zeros(table.shape, dtype=torch.float32, device=table.device)
+            for state in (self.exp_avg, self.exp_avg_sq):
+                state[name] = (allocate(tuple(table.shape), torch.float32) if allocate else
+                               torch.zeros(table.shape, dtype=torch.float32, device=table.device))
         if mode == "exact":
             self._tail = exact_tail_steps(betas)
             # Step each row's state is current at; all rows are current at step `_base`.

@@ -2,7 +2,9 @@
 
 `device` tier: the table is an ordinary tensor on the compute device. `host` tier: the table
 and its optimizer state live in host memory and the rows each micro-batch needs are staged
-ahead of use (stem/prefetch.py). This file is the one place that looks at the machine's
+ahead of use (stem/prefetch.py). `mmap` tier: as `host`, but the table and its optimizer
+state are memory-mapped files on a local disk (`MmapFiles`), so they may exceed host RAM: the
+kernel pages rows in when the prefetch gathers them and writes updated rows back. This file is the one place that looks at the machine's
 capabilities: host memory is pinned when CUDA is present (so copies can be asynchronous), and
 the copies then run on their own CUDA stream with events ordering them against the compute
 stream; on a CPU machine the same logic runs and a copy is a memcpy.
@@ -12,6 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import torch
 
@@ -57,6 +62,54 @@ def check_host_fits(needed: int, what: str, available: int | None = None) -> Non
             f"{what} needs {needed:,} bytes of host memory but only {available:,} bytes are "
             f"available; use fewer or narrower tables, more tensor/pipeline parallelism, or "
             f"stem.storage=device")
+
+
+class MmapFiles:
+    """Zero-initialised CPU tensors backed by files in `directory` (the `mmap` tier).
+
+    Each file is unlinked as soon as it is mapped: the mapping keeps the pages (written back
+    to the disk, not to swap), nothing is left behind when the process ends, a crash
+    included, and runs sharing the directory cannot collide. Checkpoints, not these files,
+    are what persists."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.directory):
+                pass
+        except OSError as exc:
+            raise PermissionError(
+                f"stem.mmap_dir {self.directory} is not writable ({exc.strerror}): set "
+                f"stem.mmap_dir to a writable directory on a local disk") from None
+
+    def free_bytes(self) -> int:
+        return shutil.disk_usage(self.directory).free
+
+    def check_fits(self, needed: int, what: str) -> None:
+        free = self.free_bytes()
+        if needed > free:
+            raise MemoryError(
+                f"{what} needs {needed:,} bytes on disk in {self.directory} but only {free:,} "
+                f"bytes are free; set stem.mmap_dir to a larger local disk, or use fewer or "
+                f"narrower tables")
+
+    def zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        numel = 1
+        for size in shape:
+            numel *= size
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        fd, path = tempfile.mkstemp(dir=self.directory, prefix="stem-table-", suffix=".bin")
+        try:
+            os.ftruncate(fd, nbytes)  # a sparse file: reads as zeros, no bytes written yet
+            tensor = torch.from_file(path, shared=True, size=numel, dtype=dtype)
+        finally:
+            os.close(fd)
+            os.unlink(path)
+        return tensor.view(shape)
+
+    def copy(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.zeros(tuple(tensor.shape), tensor.dtype).copy_(tensor)
 
 
 def synchronize(device: torch.device) -> None:

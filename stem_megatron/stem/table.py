@@ -15,7 +15,7 @@ import torch
 from stem_megatron.model.sharding import RowBlock, TPShard, set_row_block, set_tp_shard
 from stem_megatron.stem.lookup import RowGradAccumulator, staged_lookup, stem_lookup
 from stem_megatron.stem.prefetch import RowPrefetcher, StagedRows, stage_now
-from stem_megatron.stem.storage import to_host
+from stem_megatron.stem.storage import MmapFiles, to_host
 from stem_megatron.stem.vocab_sharded import vocab_sharded_lookup
 
 
@@ -29,8 +29,9 @@ class StemTable(torch.nn.Module):
     lookup then gathers other rows from their owners over `dp_group`, set by the trainer);
     None: the whole table (the `replicated` layout).
 
-    Storage (stem/storage.py): on the compute device, or after `move_to_host` in host memory,
-    where lookups read rows staged on the compute device by the trainer's `RowPrefetcher`."""
+    Storage (stem/storage.py): on the compute device, or after `move_to_host` in host memory
+    (or a memory-mapped file), where lookups read rows staged on the compute device by the
+    trainer's `RowPrefetcher`."""
 
     def __init__(self, vocab_size: int, ffn_hidden_size: int, tp_size: int = 1,
                  device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
@@ -58,10 +59,25 @@ class StemTable(torch.nn.Module):
     def on_host(self) -> bool:
         return self.compute_device is not None
 
-    def move_to_host(self) -> None:
-        """Keep the table in host memory; lookups return rows on the current device."""
-        self.compute_device = self.weight.device
-        self.weight.data = to_host(self.weight.data)
+    def move_to_host(self, compute_device: torch.device | str,
+                     files: MmapFiles | None = None) -> None:
+        """Keep the table in host memory (in a memory-mapped file of `files`, the `mmap`
+        tier, when given); lookups return rows on `compute_device`. Moving the model to a
+        device afterwards leaves the table where it is (`_apply`), so a model can be built
+        on the CPU, its tables placed on the host, and the rest moved to the GPU without the
+        tables ever passing through device memory."""
+        self.compute_device = torch.device(compute_device)
+        host = to_host(self.weight.data) if files is None else files.copy(self.weight.data)
+        self.weight.data = host
+
+    def _apply(self, fn, recurse=True):
+        if not self.on_host:
+            return super()._apply(fn, recurse)
+        weight = self._parameters.pop("weight")
+        try:
+            return super()._apply(fn, recurse)
+        finally:
+            self._parameters["weight"] = weight
 
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         """Rows of the table for `token_ids` (any shape), shape token_ids.shape + (d_ff/TP,)."""

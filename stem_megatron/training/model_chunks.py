@@ -13,7 +13,7 @@ from stem_megatron.model.transformer import ModelSpec, StemGPTModel
 from stem_megatron.parallel.layout import validate_layout
 from stem_megatron.parallel.pipeline_stages import PipelineStage, pipeline_stages
 from stem_megatron.parallel.state import ParallelState
-from stem_megatron.stem.storage import check_host_fits, host_table_bytes
+from stem_megatron.stem.storage import MmapFiles, check_host_fits, host_table_bytes
 
 
 def build_model_chunks(config: RunConfig, parallel: ParallelState,
@@ -39,8 +39,10 @@ def build_model_chunks(config: RunConfig, parallel: ParallelState,
     if config.stem.dp_layout == "vocab_sharded" and parallel.dp_size > 1:
         vocab_shard = (parallel.dp_rank, parallel.dp_size)
     my_stages = [stages[v * pp + parallel.pp_rank] for v in range(vp)]
-    if config.stem.storage == "host":
-        _check_host_tables_fit(config, parallel, vocab_size, my_stages)
+    off_device = config.stem.storage in ("host", "mmap")
+    files = table_files(config)
+    if off_device:
+        _check_tables_fit(config, parallel, vocab_size, my_stages, files)
     chunks = []
     for stage in my_stages:
         spec = ModelSpec(model=config.model, vocab_size=vocab_size,
@@ -48,28 +50,39 @@ def build_model_chunks(config: RunConfig, parallel: ParallelState,
                          tp_rank=parallel.tp_rank, pp_size=pp, vp_size=vp if vp > 1 else None,
                          layers=stage.layers, vocab_shard=vocab_shard,
                          pre_process=stage.pre_process, post_process=stage.post_process)
-        chunk = StemGPTModel(spec).to(parallel.device)
-        chunk.init_parameters(config.train.seed)
+        chunk = StemGPTModel(spec)  # on the CPU: off-device tables never visit the device
         for table in chunk.stem_tables().values():
             table.dp_group = parallel.dp_group  # vocab-sharded lookups gather over it
-            if config.stem.storage == "host":
-                table.move_to_host()
+            if off_device:
+                table.move_to_host(parallel.device, files)
+        chunk = chunk.to(parallel.device)
+        chunk.init_parameters(config.train.seed)  # in place, wherever each tensor lives
         chunks.append(chunk)
     return chunks
 
 
-def _check_host_tables_fit(config: RunConfig, parallel: ParallelState, vocab_size: int,
-                           stages: list[PipelineStage]) -> None:
-    """Refuse host tables (with their optimizer state) larger than free host RAM before any
-    is allocated."""
+def table_files(config: RunConfig) -> MmapFiles | None:
+    """Where `mmap`-tier tables and their optimizer state are mapped (None: other tiers)."""
+    return MmapFiles(config.mmap_dir) if config.stem.storage == "mmap" else None
+
+
+def _check_tables_fit(config: RunConfig, parallel: ParallelState, vocab_size: int,
+                      stages: list[PipelineStage], files: MmapFiles | None) -> None:
+    """Refuse host tables (with their optimizer state) larger than free host RAM, or mmap
+    tables larger than the free disk, before any is allocated."""
     stem = set(config.stem_layers())
     tables = sum(1 for stage in stages for layer in stage.layers if layer in stem)
+    rows = vocab_size
+    if config.stem.dp_layout == "vocab_sharded" and parallel.dp_size > 1:
+        rows = -(-vocab_size // parallel.dp_size)  # this rank's block, at most
     width = config.model.ffn_hidden_size // parallel.tp_size
-    per_table = host_table_bytes(vocab_size, width, torch.float32,
-                                 exact=config.stem.optimizer.mode == "exact")
-    check_host_fits(tables * per_table,
-                    f"{tables} host-resident STEM tables of [{vocab_size}, {width}] with "
-                    f"their optimizer state")
+    exact = config.stem.optimizer.mode == "exact"
+    what = (f"{tables} {config.stem.storage}-tier STEM tables of [{rows}, {width}] with their "
+            f"optimizer state")
+    if files is None:
+        check_host_fits(tables * host_table_bytes(rows, width, torch.float32, exact), what)
+    else:  # exact mode's per-row steps stay in RAM; tables and moments are mapped
+        files.check_fits(tables * host_table_bytes(rows, width, torch.float32, False), what)
 
 
 def named_parameters(chunks: list[torch.nn.Module]) -> Iterator[tuple[str, torch.nn.Parameter]]:

@@ -20,7 +20,7 @@ from stem_megatron.stem.sparse_adam import SparseRowAdamW
 from stem_megatron.stem.storage import synchronize
 from stem_megatron.stem.sync import gather_union_ids, sync_replicated_row_grads
 from stem_megatron.stem.table import StemTable
-from stem_megatron.training.model_chunks import named_modules, named_parameters
+from stem_megatron.training.model_chunks import named_modules, named_parameters, table_files
 
 
 def _no_weight_decay(name: str, param: torch.Tensor) -> bool:
@@ -49,10 +49,11 @@ class TrainingOptimizer:
             lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, fused=True)
         s = config.stem.optimizer
         self.table_lr = s.lr if s.lr is not None else o.lr
+        files = table_files(config)  # the mmap tier maps the moments beside the tables
         self.sparse = SparseRowAdamW(
             {name: t.weight for name, t in self.tables.items()}, lr=self.table_lr,
             betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=s.weight_decay,
-            mode=s.mode)
+            mode=s.mode, allocate=files.zeros if files else None)
         # Set by the trainer when host tables have a hot-row cache: every host row this
         # optimizer writes is then copied to it (the host stays the master copy).
         self.cache: HotRowCache | None = None

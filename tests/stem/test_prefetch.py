@@ -160,7 +160,7 @@ def test_host_table_outside_a_prefetched_step_stages_synchronously():
     torch.nn.init.normal_(device_table.weight)
     host_table = StemTable(30, 4)
     host_table.weight.data.copy_(device_table.weight.data)
-    host_table.move_to_host()
+    host_table.move_to_host("cpu")
     assert host_table.on_host and host_table.prefetcher is None
     ids = torch.randint(0, 30, (5, 2))
     for table in (device_table, host_table):

@@ -49,14 +49,14 @@ def test_host_tables_train_exactly_like_device_tables(tiny_config, parallel, tmp
 
 
 def test_unknown_storage_is_a_config_error(tiny_config):
-    with pytest.raises(ConfigError, match=r"stem.storage must be one of 'device', 'host', got 'ssd'"):
+    with pytest.raises(ConfigError, match=r"stem.storage must be one of 'device', 'host', 'mmap', got 'ssd'"):
         tiny_config("stem.storage=ssd")
 
 
 def test_tables_larger_than_host_memory_are_refused_before_allocation(tiny_config, parallel):
     # 2^34 rows x 64 x 12 bytes: ~13 TB of tables and optimizer state; allocating would fail.
     config = tiny_config("stem.storage=host", f"model.vocab_size={2**34}")
-    with pytest.raises(MemoryError, match=r"1 host-resident STEM tables of \[17179869184, 64\] "
+    with pytest.raises(MemoryError, match=r"1 host-tier STEM tables of \[17179869184, 64\] "
                                           r"with their optimizer state needs [\d,]+ bytes of "
                                           r"host memory but only [\d,]+ bytes are available"):
         Trainer(config, parallel)
