@@ -6,7 +6,7 @@
 1. Fact sentences from countryinfo's country -> capital table (4 templates), mixed with
    works of the bundled Shakespeare corpus; a byte-level BPE trained on the mix (common
    country names become single tokens); indexed train/val datasets.
-2. The tiny STEM model (configs/tiny.yaml, STEM in layers 1-5) trained on it on CPU.
+2. A small STEM model (configs/tiny.yaml made smaller, STEM in layers 1-3) trained on CPU.
 3. Probe "The capital of <country> is" greedily: the facts it learned.
 4. Swap the STEM rows of pairs of learned countries (single-token names, strict rule; and
    multi-token names with the repeat rule) in all STEM layers, in the lower and upper half,
@@ -42,7 +42,12 @@ from stem_megatron.training.trainer import Trainer  # noqa: E402
 from tools.preprocess_data import preprocess  # noqa: E402
 
 CORPUS = ROOT / "data/corpus/shakespeare.jsonl.xz"
-STEM_LAYERS = [1, 2, 3, 4, 5]
+# configs/tiny.yaml made smaller (fits a shared 2-core CPU in minutes): 4 layers, hidden 128,
+# STEM in every layer but 0 (the official default).
+MODEL = ["model.num_layers=4", "model.hidden_size=128", "model.ffn_hidden_size=512",
+         "model.num_attention_heads=4", "model.num_query_groups=2", "train.micro_batch_size=16",
+         "train.global_batch_size=32"]
+STEM_LAYERS = [1, 2, 3]
 
 
 def build_data(out: Path, facts: list[Fact], args) -> dict[str, Path]:
@@ -70,7 +75,7 @@ def train(out: Path, data: dict[str, Path], args) -> Path:
         f"data.valid_data={data['val']}", f"stem.layers={STEM_LAYERS}",
         f"model.seq_length={args.seq_length}", f"train.train_iters={args.steps}",
         f"optim.lr_warmup_iters={max(1, args.steps // 20)}", "train.eval_interval=0",
-        "train.eval_iters=1", "checkpoint.save_interval=0", f"logging.log_interval={max(1, args.steps // 10)}",
+        "train.eval_iters=1", "checkpoint.save_interval=0", *MODEL, f"logging.log_interval={max(1, args.steps // 10)}",
         f"logging.run_dir={out / 'run'}", f"train.seed={args.seed}", *args.override]
     config = load_config(ROOT / "configs/tiny.yaml", overrides)
     parallel = ParallelState.initialize()
@@ -82,8 +87,16 @@ def train(out: Path, data: dict[str, Path], args) -> Path:
     return out / "run"
 
 
-def pairs_of(countries: list[str], n: int, rng: random.Random) -> list[tuple[str, str]]:
-    chosen = rng.sample(countries, min(len(countries), 2 * n) // 2 * 2)
+def pairs_of(countries: list[str], n: int, tok, rng: random.Random) -> list[tuple[str, str]]:
+    """Up to n random pairs of countries whose names share no token: a row edited for one
+    pair must not be edited again by another."""
+    chosen, used = [], set()
+    for country in rng.sample(countries, len(countries)):
+        ids = set(tok.encode(" " + country))
+        if not ids & used and len(chosen) < 2 * n:
+            chosen.append(country)
+            used |= ids
+    chosen = chosen[:len(chosen) // 2 * 2]
     return list(zip(chosen[0::2], chosen[1::2]))
 
 
@@ -102,8 +115,6 @@ def score(after: dict, before: dict, facts: dict[str, Fact], tokenizer,
 
 def run_demo(args) -> dict:
     out = Path(args.out)
-    if out.exists():
-        raise SystemExit(f"error: output {out} already exists; choose a new --out")
     t0 = time.perf_counter()
     facts = country_capitals()[:args.countries or None]
     data = build_data(out / "data", facts, args)
@@ -117,11 +128,12 @@ def run_demo(args) -> dict:
         before = answers(model, tok, facts)
         learned = [f.country for f in facts if before[f.country][:len(capital_ids(tok, f))]
                    == capital_ids(tok, f)]
-        single = [c for c in learned if len(tok.encode(" " + c)) == 1]
-        multi = [c for c in learned if len(tok.encode(" " + c)) > 1]
+        pool = learned if args.pairs_from == "learned" else list(by_country)
+        single = [c for c in pool if len(tok.encode(" " + c)) == 1]
+        multi = [c for c in pool if len(tok.encode(" " + c)) > 1]
         rng = random.Random(args.seed)
-        setups = [("single-token names, strict", pairs_of(single, args.pairs, rng), "strict"),
-                  ("multi-token names, repeat", pairs_of(multi, args.pairs, rng), "repeat")]
+        setups = [("single-token names, strict", pairs_of(single, args.pairs, tok, rng), "strict"),
+                  ("multi-token names, repeat", pairs_of(multi, args.pairs, tok, rng), "repeat")]
         half = len(STEM_LAYERS) // 2
         layer_sets = [("all STEM layers", STEM_LAYERS), ("lower half", STEM_LAYERS[:half]),
                       ("upper half", STEM_LAYERS[half:])]
@@ -149,7 +161,8 @@ def run_demo(args) -> dict:
         parallel.destroy()
     report = {"facts": len(facts), "learned": len(learned),
               "learned_fraction": len(learned) / len(facts),
-              "learned_single_token": len(single), "learned_multi_token": len(multi),
+              "pairs_from": args.pairs_from, "single_token": len(single),
+              "multi_token": len(multi),
               "train_steps": args.steps, "train_seconds": round(t_train, 1),
               "total_seconds": round(time.perf_counter() - t0, 1), "run_dir": str(run_dir),
               "results": rows}
@@ -160,8 +173,8 @@ def run_demo(args) -> dict:
 
 def print_table(report: dict) -> None:
     print(f"\nfacts learned: {report['learned']}/{report['facts']} "
-          f"({100 * report['learned_fraction']:.1f}%; {report['learned_single_token']} single-token "
-          f"names, {report['learned_multi_token']} multi-token); training "
+          f"({100 * report['learned_fraction']:.1f}%); pairs from {report['pairs_from']} facts: "
+          f"{report['single_token']} single-token names, {report['multi_token']} multi-token; training "
           f"{report['train_seconds']:.0f} s, total {report['total_seconds']:.0f} s")
     print(f"{'swapped pairs':<30} {'where':<28} {'pairs':>5} {'edit success':>13} {'locality':>9}")
     for r in report["results"]:
@@ -177,11 +190,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=8, help="copies of each fact per template")
     ap.add_argument("--works", type=int, default=2, help="Shakespeare works in the mix")
     ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--seq-length", type=int, default=128)
+    ap.add_argument("--seq-length", type=int, default=64)
     ap.add_argument("--pairs", type=int, default=20, help="country pairs swapped per setup")
+    ap.add_argument("--pairs-from", choices=("learned", "all"), default="learned",
+                    help="countries to pair: those whose fact the model learned, or all (smoke tests)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--override", nargs="*", default=[], help="extra config overrides key=value")
-    run_demo(ap.parse_args(argv))
+    args = ap.parse_args(argv)
+    if Path(args.out).exists():
+        print(f"error: output {args.out} already exists; choose a new --out", file=sys.stderr)
+        return 1
+    run_demo(args)
     return 0
 
 
