@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_ID := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install data train train-dense test test-slow test-slurm clean-venv
+.PHONY: install data train train-dense edit-demo test test-slow test-slurm clean-venv
 
 # The CPU wheel of torch is pinned first: an unpinned torch would pull a multi-GB CUDA build.
 # On a GPU cluster, install your own torch and then `pip install -r requirements.txt`.
@@ -26,6 +26,11 @@ train: data
 
 train-dense: data
 	$(PY) -m stem_megatron.train --config configs/tiny_dense.yaml logging.run_dir=runs/tiny_dense-$(RUN_ID)
+
+# Knowledge editing demo (docs/knowledge_editing.md): learn country capitals, swap STEM rows,
+# report edit success and locality; writes runs/knowledge_demo-<time>/knowledge_demo.json.
+edit-demo: $(STAMP)
+	$(PY) tools/knowledge_demo.py --out runs/knowledge_demo-$(RUN_ID)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
