@@ -50,7 +50,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # Overrides may come before or after --dp: argparse leaves the later ones unparsed.
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "reshard" or any(e.startswith("-") for e in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        args.overrides += extra
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
     from stem_megatron.checkpoint.consolidated import from_safetensors, to_safetensors

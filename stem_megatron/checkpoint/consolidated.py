@@ -103,8 +103,10 @@ def from_safetensors(source: str | os.PathLike, out: str | os.PathLike,
         if listed and listed != set(names):
             raise ValueError(f"{source}: {JSON_FILE} lists other tensors than {TENSORS_FILE} "
                              f"holds (e.g. {sorted(listed ^ set(names))[:3]})")
-        tensors = {name: reader.get(name) for name in tqdm(names, desc="from-safetensors",
-                                                           unit="tensor", disable=not progress)}
+        tensors = {name: reader.get(name) for name in names}  # views: nothing read yet
+        if progress:  # DCP writes them in one call, so there is no per-tensor progress to show
+            print(f"writing {len(names)} tensors "
+                  f"({sum(t.nbytes for t in tensors.values()) / 2**20:.1f} MiB) to {out}")
         metadata = {"step": description["step"], "data": description["data"],
                     "config": description["config"]}
         try:

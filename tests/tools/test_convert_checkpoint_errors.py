@@ -64,8 +64,9 @@ def test_overrides_that_do_not_match_the_tensors(checkpoint, tmp_path, capsys):
           "is not of the form section.key=value")
     fails(capsys, ["reshard", str(checkpoint), str(out), "parallel.tensor_model_parallel_size=3"],
           "tensor_model_parallel_size")
-    # A model of another size: the target world refuses the checkpoint, naming the tensor.
-    fails(capsys, ["reshard", str(checkpoint), str(out), "model.hidden_size=48"],
+    # A model of another size: the target world refuses the checkpoint, naming the tensor
+    # (overrides may follow options).
+    fails(capsys, ["reshard", str(checkpoint), str(out), "--dp", "1", "model.hidden_size=48"],
           "shape mismatch for 'model.embedding.word_embeddings.weight'")
     assert snapshot(checkpoint) == before
     only_inputs_left(tmp_path, "run")
