@@ -28,13 +28,14 @@ def max_logit_diff(ours: torch.nn.Module, hf: torch.nn.Module, seed: int = 0) ->
     return (mine - theirs).abs().max().item()
 
 
-@pytest.mark.parametrize("tied,sharded,extra", [
-    (False, False, []), (True, False, []),
-    (False, True, ["model.make_vocab_size_divisible_by=64"]),  # shards; 56 zero padding rows
+@pytest.mark.parametrize("tied,sharded,dtype,extra", [
+    (False, False, torch.float32, []), (True, False, torch.float32, []),
+    (False, True, torch.float32, ["model.make_vocab_size_divisible_by=64"]),  # 56 zero rows
+    (True, False, torch.bfloat16, []),  # bf16 weights on disk, read into our fp32 model
 ])
 def test_dense_import_matches_transformers_logits(hf_llama, parallel, tmp_path, tied, sharded,
-                                                  extra):
-    hf_dir, hf_model = hf_llama(tied=tied, sharded=sharded)
+                                                  dtype, extra):
+    hf_dir, hf_model = hf_llama(tied=tied, sharded=sharded, dtype=dtype)
     if sharded:
         assert (hf_dir / "model.safetensors.index.json").is_file()
     out = import_llama(hf_dir, tmp_path / "imported", ["stem.enabled=false", *extra],
@@ -42,7 +43,7 @@ def test_dense_import_matches_transformers_logits(hf_llama, parallel, tmp_path, 
     loaded = load_for_inference(str(out / "checkpoints"))
     assert loaded.config.model.untie_embeddings_and_output_weights is not tied
     diff = max_logit_diff(loaded.model, hf_model)
-    print(f"import dense tied={tied} sharded={sharded}: max abs logit diff {diff:.3g}")
+    print(f"import dense tied={tied} sharded={sharded} {dtype}: max abs logit diff {diff:.3g}")
     assert diff < 1e-5
 
 
