@@ -2,7 +2,7 @@
 """Hugging Face import and export of stem_megatron checkpoints (offline: no hub access).
 
     python tools/hf_checkpoint.py import --hf-dir path/to/llama --out runs/llama_stem \
-        [--config stem.layers=[1,3,5] optim.lr=2e-5 ...]
+        [--config stem.layers=[1,3,5] optim.lr=2e-5 ...] [--calibration-data PREFIX]
     python tools/hf_checkpoint.py export --checkpoint runs/x/checkpoints --out exported/x \
         [--tokenizer path]
 
@@ -34,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
                      help="overrides of the written config, e.g. stem.layers=[1,2] "
                           "stem.enabled=false model.seq_length=2048")
+    imp.add_argument("--calibration-data", metavar="PREFIX",
+                     help="initialise the tables from the dense model's up-projection averaged "
+                          "per token over this dataset (tokenized with the HF tokenizer) "
+                          "instead of xavier-normal; see docs/huggingface.md")
+    imp.add_argument("--calibration-tokens", type=int, default=262_144,
+                     help="tokens of --calibration-data to run (default 262144)")
     exp = sub.add_parser("export", help="checkpoint -> Hugging Face directory")
     exp.add_argument("--checkpoint", required=True, help="step dir, checkpoints dir or run dir")
     exp.add_argument("--out", required=True, type=Path, help="new directory to create")
@@ -52,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     from stem_megatron.checkpoint.errors import CheckpointMismatchError, CheckpointNotFoundError
     from stem_megatron.config import ConfigError
     from stem_megatron.hf.exporter import export_checkpoint
-    from stem_megatron.hf.importer import import_llama
+    from stem_megatron.hf.importer import Calibration, import_llama
     from stem_megatron.hf.llama_config import HFFormatError
     from stem_megatron.parallel.state import ParallelState
 
@@ -62,11 +68,13 @@ def main(argv: list[str] | None = None) -> int:
     parallel = ParallelState.initialize()  # a world of one: megatron's layers need its groups
     try:
         if args.command == "import":
-            import_llama(args.hf_dir, args.out, args.config, log=log)
+            calibration = (Calibration(args.calibration_data, args.calibration_tokens)
+                           if args.calibration_data else None)
+            import_llama(args.hf_dir, args.out, args.config, calibration, log=log)
         else:
             export_checkpoint(args.checkpoint, args.out, args.tokenizer, log=log)
     except (HFFormatError, ConfigError, CheckpointNotFoundError, CheckpointMismatchError,
-            FileExistsError, ValueError) as exc:
+            FileExistsError, ValueError) as exc:  # ValueError: also bad datasets, tokenizers
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -3,7 +3,8 @@
 This is how the STEM paper made its 1B model from a dense Llama: the dense weights are
 copied, the up-projection of every STEM layer is dropped (the table replaces it), and the
 tables start fresh: xavier-normal, drawn exactly as our model initialises them for the
-run's seed. The output directory holds
+run's seed. Optionally (`Calibration`) the tables start from the dense model's own
+up-projection averaged per token instead (hf/table_calibration.py). The output holds
 
     checkpoints/step_0/   a model-only checkpoint (metadata.json "model_only": true)
     checkpoints/latest
@@ -21,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,12 +32,14 @@ from tqdm import tqdm
 from stem_megatron.checkpoint.dcp import Checkpointer
 from stem_megatron.checkpoint.model_state import CheckpointMeshes, model_state
 from stem_megatron.config import ConfigError, ModelConfig, RunConfig, load_config, save_config
+from stem_megatron.data.indexed import check_vocab, open_dataset
 from stem_megatron.data.tokenizer import load_tokenizer
 from stem_megatron.hf.llama_config import (ARCHITECTURE_FIELDS, HFFormatError,
                                            model_config_from_hf, read_hf_config)
 from stem_megatron.hf.safetensors_dir import SafetensorsDir
 from stem_megatron.hf.staged_output import staged_output_dir
-from stem_megatron.hf.weights import hf_names, megatron_from_hf
+from stem_megatron.hf.table_calibration import calibrated_tables
+from stem_megatron.hf.weights import drop_up_projection, hf_names, megatron_from_hf
 from stem_megatron.model.transformer import ModelSpec, StemGPTModel
 from stem_megatron.training.state import MODEL_ONLY
 
@@ -80,7 +84,57 @@ def _continued_pretraining_config(m: ModelConfig, out: Path, tokenizer: Path | N
     return config
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """Optional table initialisation from the dense model (hf/table_calibration.py): a
+    dataset prefix tokenized with the HF directory's tokenizer, and how many tokens to run."""
+
+    data: str
+    max_tokens: int = 262_144
+
+
+def _copy_tokenizer(source: Path | None, staging: Path, vocab_size: int):
+    """Copy the HF tokenizer into the output; returns it loaded (None: the HF dir has none)."""
+    if source is None:
+        return None
+    shutil.copyfile(source, staging / source.name)
+    tokenizer = load_tokenizer(staging / source.name)
+    if tokenizer.vocab_size > vocab_size:
+        raise HFFormatError(f"{source} has {tokenizer.vocab_size} tokens but the model's "
+                            f"vocab_size is {vocab_size}")
+    return tokenizer
+
+
+def _calibration_tokens(calibration: Calibration, tokenizer, vocab_size: int):
+    if tokenizer is None:
+        raise HFFormatError("table calibration needs the HF directory's tokenizer (tokenizer.json "
+                            "or tokenizer.model): the calibration data must be tokenized with it")
+    dataset = open_dataset(calibration.data, vocab_size=vocab_size)
+    check_vocab(dataset, vocab_size, tokenizer)
+    return dataset.tokens
+
+
+def _stem_model(config: RunConfig, spec: ModelSpec, dense: dict[str, torch.Tensor],
+                tables: dict[int, torch.Tensor] | None) -> StemGPTModel:
+    """Our model holding the dense weights (up-projection of STEM layers dropped) and the
+    tables: `tables`, or the xavier-normal draw of our init for the run's seed."""
+    model = StemGPTModel(spec)
+    model.init_parameters(config.train.seed)
+    stem_layers = set(spec.stem_layers)
+    weights = drop_up_projection(dense, stem_layers, config.model.ffn_hidden_size)
+    for layer, table in (tables or {}).items():
+        weights[f"decoder.layers.{layer}.mlp.stem_table.weight"] = table
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    allowed = ("_extra_state",) if tables else ("_extra_state", "stem_table.weight")
+    not_loaded = [n for n in missing if not n.endswith(allowed)]
+    if not_loaded or unexpected:  # the mapping and the model disagree: our bug, not input
+        raise RuntimeError(f"HF import mapping incomplete: not loaded {not_loaded}, "
+                           f"unexpected {unexpected}")
+    return model
+
+
 def import_llama(hf_dir: Path, out: Path, overrides: list[str] | None = None,
+                 calibration: Calibration | None = None,
                  log: Callable[[str], None] = print) -> Path:
     """Write the STEM (or, with stem.enabled=false, dense) import of `hf_dir` to `out`."""
     hf_dir, out = Path(hf_dir), Path(out).absolute()
@@ -88,38 +142,39 @@ def import_llama(hf_dir: Path, out: Path, overrides: list[str] | None = None,
     weights = SafetensorsDir(hf_dir)
     _check_tensor_names(weights, model_cfg)
     tokenizer_src = next((hf_dir / n for n in TOKENIZER_FILES if (hf_dir / n).is_file()), None)
+    vocab = model_cfg.vocab_size
     with staged_output_dir(out) as staging:
         config = _continued_pretraining_config(model_cfg, out, tokenizer_src, overrides or [],
                                                staging)
-        if tokenizer_src is None:
+        tokenizer = _copy_tokenizer(tokenizer_src, staging, vocab)
+        if tokenizer is None:
             log(f"warning: {hf_dir} has no {' or '.join(TOKENIZER_FILES)}: set data.tokenizer "
                 f"in {out / 'config.yaml'} before training")
-        else:
-            shutil.copyfile(tokenizer_src, staging / tokenizer_src.name)
-            tokenizer = load_tokenizer(staging / tokenizer_src.name)
-            if tokenizer.vocab_size > model_cfg.vocab_size:
-                raise HFFormatError(f"{tokenizer_src} has {tokenizer.vocab_size} tokens but the "
-                                    f"model's vocab_size is {model_cfg.vocab_size}")
         stem_layers = config.stem_layers()
-        spec = ModelSpec(model=config.model, vocab_size=model_cfg.vocab_size,
-                         stem_layers=tuple(stem_layers))
-        log(f"building the model: {config.model.num_layers} layers, STEM in {stem_layers or 'none'}")
-        model = StemGPTModel(spec)
-        model.init_parameters(config.train.seed)  # the tables keep this xavier-normal draw
+        tokens = None
+        if calibration is not None and stem_layers:
+            tokens = _calibration_tokens(calibration, tokenizer, vocab)
+        spec = ModelSpec(model=config.model, vocab_size=vocab, stem_layers=tuple(stem_layers))
         with tqdm(desc="reading HF weights", unit="tensor", disable=None) as bar:
             def read(name: str) -> torch.Tensor:
                 bar.update()
                 return weights.read(name)
-            dense = megatron_from_hf(read, config.model, spec.padded_vocab_size, set(stem_layers))
-        missing, unexpected = model.load_state_dict(dense, strict=False)
-        not_loaded = [n for n in missing if not n.endswith(("stem_table.weight", "_extra_state"))]
-        if not_loaded or unexpected:  # the mapping and the model disagree: our bug, not input
-            raise RuntimeError(f"HF import mapping incomplete: not loaded {not_loaded}, "
-                               f"unexpected {unexpected}")
-        del dense
+            dense = megatron_from_hf(read, config.model, spec.padded_vocab_size)
+        tables = None
+        if tokens is not None:
+            tables = calibrated_tables(dense, config.model, vocab, stem_layers, tokens,
+                                       calibration.max_tokens, log=log)
+        log(f"building the model: {config.model.num_layers} layers, STEM in "
+            f"{stem_layers or 'none'}, tables {'calibrated' if tables else 'xavier-normal'}")
+        model = _stem_model(config, spec, dense, tables)
+        del dense, tables
         log(f"writing the checkpoint to {out / 'checkpoints'}")
+        source = {"hf_dir": str(hf_dir.absolute()), "tables": "xavier_normal"}
+        if tokens is not None:
+            source["tables"] = {"calibrated": str(calibration.data),
+                                "max_tokens": calibration.max_tokens}
         metadata = {"step": 0, "data": None, "config": config.to_dict(), MODEL_ONLY: True,
-                    "source": {"hf_dir": str(hf_dir.absolute()), "tables": "xavier_normal"}}
+                    "source": source}
         state = {"model": model_state(model.named_parameters(),
                                       CheckpointMeshes.single(torch.device("cpu")))}
         Checkpointer(staging / "checkpoints").save(0, state, metadata)

@@ -77,11 +77,10 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(rows - t.shape[0], t.shape[1])]) if rows > t.shape[0] else t
 
 
-def megatron_from_hf(read: Callable[[str], torch.Tensor], m: ModelConfig, padded_vocab: int,
-                     stem_layers: set[int]) -> dict[str, torch.Tensor]:
-    """Our dense weights (single-process model layout) from HF tensors; `read(name)` returns
-    an HF tensor. The up-projection of STEM layers is not read: STEM replaces it; their tables
-    are not produced here (they are initialised by the importer)."""
+def megatron_from_hf(read: Callable[[str], torch.Tensor], m: ModelConfig,
+                     padded_vocab: int) -> dict[str, torch.Tensor]:
+    """Our weights of the dense model (single-process layout, every fc1 [gate; up]) from HF
+    tensors; `read(name)` returns an HF tensor."""
     out = {"embedding.word_embeddings.weight": _pad_rows(read("model.embed_tokens.weight"),
                                                          padded_vocab),
            "decoder.final_layernorm.weight": read("model.norm.weight")}
@@ -93,9 +92,19 @@ def megatron_from_hf(read: Callable[[str], torch.Tensor], m: ModelConfig, padded
             out[ours + our_name] = read(hf + hf_name)
         out[ours + "self_attention.linear_qkv.weight"] = fuse_qkv(
             *(read(f"{hf}self_attn.{x}_proj.weight") for x in "qkv"), m)
-        gate = read(hf + "mlp.gate_proj.weight")
-        out[ours + "mlp.linear_fc1.weight"] = (
-            gate if n in stem_layers else torch.cat([gate, read(hf + "mlp.up_proj.weight")]))
+        out[ours + "mlp.linear_fc1.weight"] = torch.cat([read(hf + "mlp.gate_proj.weight"),
+                                                         read(hf + "mlp.up_proj.weight")])
+    return out
+
+
+def drop_up_projection(dense: dict[str, torch.Tensor], stem_layers: set[int],
+                       ffn_hidden_size: int) -> dict[str, torch.Tensor]:
+    """The dense weights for a STEM model: in STEM layers fc1 keeps only the gate (the table
+    replaces the up-projection). Tables are not produced here."""
+    out = dict(dense)
+    for n in stem_layers:
+        name = f"decoder.layers.{n}.mlp.linear_fc1.weight"
+        out[name] = dense[name][:ffn_hidden_size]
     return out
 
 

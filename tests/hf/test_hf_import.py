@@ -132,3 +132,41 @@ def test_bad_input_is_named_and_leaves_nothing(hf_llama, parallel, tmp_path):
     with pytest.raises(HFFormatError, match="neither model.safetensors"):
         import_llama(hf_dir, tmp_path / "o", log=lambda _: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_llama", "taken"]  # no leftovers
+
+
+def test_calibrated_tables_are_the_dense_up_projection_averaged_per_token(
+        hf_llama, parallel, tmp_path, small_corpus):
+    from stem_megatron.data.indexed import open_dataset
+    from stem_megatron.hf.importer import Calibration
+
+    hf_dir, hf_model = hf_llama()
+    windows, seq = 20, 32
+    out = import_llama(hf_dir, tmp_path / "cal", ["stem.layers=[1,2]"],
+                       calibration=Calibration(str(small_corpus["train"]), windows * seq),
+                       log=lambda _: None)
+    tables = load_for_inference(str(out / "checkpoints")).model.stem_tables()
+    # The same average from transformers' own modules: hooks on up_proj.
+    ids = torch.from_numpy(open_dataset(small_corpus["train"]).tokens[:windows * seq]
+                           .astype("int64")).view(windows, seq)
+    ups = {}
+    hooks = [hf_model.model.layers[n].mlp.up_proj.register_forward_hook(
+        lambda _m, _i, output, n=n: ups.__setitem__(n, output)) for n in (1, 2)]
+    with torch.no_grad():
+        hf_model(ids)
+    for handle in hooks:
+        handle.remove()
+    flat = ids.reshape(-1)
+    counts = torch.bincount(flat, minlength=VOCAB).double()
+    seen = counts > 0
+    assert 0 < int(seen.sum()) < VOCAB  # both rules are exercised
+    for n in (1, 2):
+        up = ups[n].reshape(-1, 64).double()
+        sums = torch.zeros(VOCAB, 64, dtype=torch.float64).index_add_(0, flat, up)
+        table = tables[f"decoder.layers.{n}.mlp.stem_table"].weight.double()
+        torch.testing.assert_close(table[seen], sums[seen] / counts[seen, None],
+                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(table[~seen], up.mean(0).expand(int((~seen).sum()), 64),
+                                   atol=1e-5, rtol=1e-5)
+    source = json.loads((out / "checkpoints/step_0/metadata.json").read_text())["source"]
+    assert source["tables"] == {"calibrated": str(small_corpus["train"]),
+                                "max_tokens": windows * seq}
