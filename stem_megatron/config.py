@@ -46,6 +46,10 @@ class StemOptimizerConfig:
     mode: str = "lazy"  # lazy: only rows with a gradient move (SparseAdam); exact: = dense AdamW
     lr: float | None = None  # None: optim.lr. Follows the same schedule as the dense groups.
     weight_decay: float = 0.0
+    # Host/mmap tables: start a table's update as soon as the step's last backward through it
+    # is done, while the backward continues (only without grad clipping and without the
+    # replicated DP sync, which need every gradient first; training/table_update.py).
+    overlap_update: bool = True
 
 
 @dataclass

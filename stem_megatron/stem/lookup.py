@@ -13,6 +13,8 @@ optimizer and DDP. The accumulated rows go to `stem.sparse_adam.SparseRowAdamW`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -36,6 +38,8 @@ class RowGradAccumulator:
         self._device = torch.device(device) if device is not None else torch.device("cpu")
         self._chunks: list[tuple[Tensor, Tensor]] = []
         self._reduced: tuple[Tensor, Tensor] | None = None
+        self.adds = 0  # backward passes that delivered rows since the last clear
+        self.on_add: Callable[[int], None] | None = None  # called with `adds` after each add
 
     def add(self, unique_ids: Tensor, rows_grad: Tensor) -> None:
         """Add one micro-batch's rows. `unique_ids` [n] must not repeat within the call.
@@ -55,6 +59,9 @@ class RowGradAccumulator:
         grad = rows_grad.detach().to(_accum_dtype(rows_grad.dtype))
         self._chunks.append((unique_ids.detach().long(), grad))
         self._reduced = None
+        self.adds += 1
+        if self.on_add is not None:
+            self.on_add(self.adds)
 
     def reduce(self) -> tuple[Tensor, Tensor]:
         """(ids: sorted unique LongTensor [m], grad: [m, d]) with duplicates across adds summed."""
@@ -93,6 +100,7 @@ class RowGradAccumulator:
     def clear(self) -> None:
         self._chunks = []
         self._reduced = None
+        self.adds = 0
 
     @property
     def num_rows(self) -> int:

@@ -149,36 +149,52 @@ class SparseRowAdamW:
 
         Tables missing from `grads` or with m == 0 are skipped but the global step still
         advances. `lr` is this step's scheduled learning rate (default: the constructor's).
+        Every gradient is checked before anything moves.
         """
-        unknown = set(grads) - set(self.tables)
-        if unknown:
-            raise KeyError(f"gradients for unknown tables {sorted(unknown)}; known: {sorted(self.tables)}")
         for name, (ids, grad) in grads.items():
-            self._check_rows(name, self.tables[name], ids, grad)
+            self._check_table_rows(name, ids, grad)
+        lr = self.start_step(lr)
+        for name, (ids, grad) in grads.items():
+            self.update_table(name, ids, grad, lr)
+
+    def start_step(self, lr: float | None = None) -> float:
+        """Advance the global step (every table's t) and return this step's LR; then call
+        `update_table` once per table with a gradient, in any order or thread (one table at
+        a time per table). `step` does both."""
         lr = self.lr if lr is None else float(lr)
         self.step_count += 1
         if self.mode == "exact":
             self._record_step(lr)
-        for name, (ids, grad) in grads.items():
-            if ids.numel() == 0:
-                continue
-            table = self.tables[name]
-            ids = ids.to(table.device)
-            grad = grad.to(device=table.device, dtype=torch.float32)
-            if self.kernel == "cpp":
-                self._cpp_rows(name, ids, grad.contiguous(), lr)
-                continue
-            if self.mode == "exact":
-                self._settle_rows(name, ids, self.step_count - 1)
-            p = table.data.index_select(0, ids).float()
-            m = self.exp_avg[name].index_select(0, ids)
-            v = self.exp_avg_sq[name].index_select(0, ids)
-            self._adamw_rows(p, m, v, grad, lr, self.step_count)
-            table.data.index_copy_(0, ids, p.to(table.dtype))
-            self.exp_avg[name].index_copy_(0, ids, m)
-            self.exp_avg_sq[name].index_copy_(0, ids, v)
-            if self.mode == "exact":
-                self._settled[name].index_fill_(0, ids, self.step_count)
+        return lr
+
+    @torch.no_grad()
+    def update_table(self, name: str, ids: Tensor, grad: Tensor, lr: float) -> None:
+        """This step's update of table `name`'s rows `ids` (sorted, unique) with `grad`."""
+        self._check_table_rows(name, ids, grad)
+        if ids.numel() == 0:
+            return
+        table = self.tables[name]
+        ids = ids.to(table.device)
+        grad = grad.to(device=table.device, dtype=torch.float32)
+        if self.kernel == "cpp":
+            self._cpp_rows(name, ids, grad.contiguous(), lr)
+            return
+        if self.mode == "exact":
+            self._settle_rows(name, ids, self.step_count - 1)
+        p = table.data.index_select(0, ids).float()
+        m = self.exp_avg[name].index_select(0, ids)
+        v = self.exp_avg_sq[name].index_select(0, ids)
+        self._adamw_rows(p, m, v, grad, lr, self.step_count)
+        table.data.index_copy_(0, ids, p.to(table.dtype))
+        self.exp_avg[name].index_copy_(0, ids, m)
+        self.exp_avg_sq[name].index_copy_(0, ids, v)
+        if self.mode == "exact":
+            self._settled[name].index_fill_(0, ids, self.step_count)
+
+    def _check_table_rows(self, name: str, ids: Tensor, grad: Tensor) -> None:
+        if name not in self.tables:
+            raise KeyError(f"gradients for unknown table {name!r}; known: {sorted(self.tables)}")
+        self._check_rows(name, self.tables[name], ids, grad)
 
     def _adamw_rows(self, p: Tensor, m: Tensor, v: Tensor, g: Tensor, lr: float, step: int) -> None:
         """One torch.optim.AdamW step on gathered rows: the single-tensor path's ops in its

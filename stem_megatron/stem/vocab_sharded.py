@@ -97,9 +97,9 @@ class _ShardedLookup(torch.autograd.Function):
         mine = rows_grad.new_empty(plan.longest, width)
         dist.reduce_scatter_tensor(mine, send, group=group)
         count = plan.bounds[rank + 1] - plan.bounds[rank]
-        if count:
-            # Averaged over replicas, as DDP averages the dense gradients.
-            ctx.accumulator.add(plan.owned(rank, ctx.block), mine[:count] / world)
+        # Averaged over replicas, as DDP averages the dense gradients. Added even when this
+        # rank owns none of the rows: one add per backward, which an overlapped update counts.
+        ctx.accumulator.add(plan.owned(rank, ctx.block), mine[:count] / world)
         return None, None, None, None, None, None, None
 
 

@@ -6,6 +6,7 @@ Global-norm clipping covers the dense gradients and the tables' row gradients to
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 
@@ -21,6 +22,7 @@ from stem_megatron.stem.storage import synchronize
 from stem_megatron.stem.sync import gather_union_ids, sync_replicated_row_grads
 from stem_megatron.stem.table import StemTable
 from stem_megatron.training.model_chunks import named_modules, named_parameters, table_files
+from stem_megatron.training.table_update import OverlappedTableUpdate
 
 
 def _no_weight_decay(name: str, param: torch.Tensor) -> bool:
@@ -54,6 +56,12 @@ class TrainingOptimizer:
             {name: t.weight for name, t in self.tables.items()}, lr=self.table_lr,
             betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=s.weight_decay,
             mode=s.mode, allocate=files.zeros if files else None)
+        self.overlap = None
+        if (s.overlap_update and o.clip_grad == 0 and self.tables
+                and all(t.on_host for t in self.tables.values())
+                and (parallel.dp_size == 1 or self.vocab_sharded)):
+            self.overlap = OverlappedTableUpdate(self.sparse, self.tables)
+        self._updated_early: set[str] = set()
         # Set by the trainer when host tables have a hot-row cache: every host row this
         # optimizer writes is then copied to it (the host stays the master copy).
         self.cache: HotRowCache | None = None
@@ -65,6 +73,19 @@ class TrainingOptimizer:
         if self.cache is not None:
             self._refresh_bytes += (self.cache.refresh_all() if rows is None
                                     else self.cache.refresh(rows))
+
+    @contextlib.contextmanager
+    def overlapping_table_updates(self, lr_factor: float, micro_batches: int):
+        """Around a step's schedule: host tables whose gradient is final start their update
+        while the backward continues (when allowed: see training/table_update.py)."""
+        if self.overlap is None:
+            yield
+            return
+        self.overlap.arm(self.table_lr * lr_factor, micro_batches)
+        try:
+            yield
+        finally:
+            self._updated_early = self.overlap.finish()
 
     def zero_grad(self) -> None:
         self.dense.zero_grad(set_to_none=True)
@@ -167,13 +188,23 @@ class TrainingOptimizer:
                         for name, (ids, grad) in grads.items() if self.tables[name].on_host)
         synchronize(self.parallel.device)  # time the table update alone, not queued compute
         start = time.perf_counter()
-        self.sparse.step(grads, lr=self.table_lr * lr_factor)
+        if self.overlap is None:
+            self.sparse.step(grads, lr=self.table_lr * lr_factor)
+        else:  # the step was started by `overlapping_table_updates`
+            for name, (ids, grad) in grads.items():
+                if name not in self._updated_early:
+                    self.sparse.update_table(name, ids, grad, self.overlap.lr)
         synchronize(self.parallel.device)
         sparse_ms = (time.perf_counter() - start) * 1e3
+        overlapped = len(self._updated_early)
+        if self.overlap is not None:  # the wait at the end of the backward counts too
+            sparse_ms += self.overlap.wait_s * 1e3
+            self._updated_early = set()
         self.refresh_cache({name: ids for name, (ids, _) in grads.items()})
         refresh_bytes, self._refresh_bytes = self._refresh_bytes, 0
         return {"optim/grad_norm": norm, "optim/lr": self.base_lr * lr_factor,
                 "optim/table_lr": self.table_lr * lr_factor, "stem/unique_rows": unique_rows,
                 "stem/bytes_d2h": float(bytes_d2h), "stem/sparse_optim_ms": sparse_ms,
+                "stem/overlapped_tables": float(overlapped),
                 "stem/cache_refresh_bytes": float(refresh_bytes)}
 

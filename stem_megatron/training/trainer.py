@@ -223,9 +223,11 @@ class Trainer:
         metrics = {"stem/bytes_h2d": 0.0, "stem/prefetch_stall_ms": 0.0}
         with self.comm.counting():
             self.optimizer.settle_rows_to_read(self._input_ids(batches))
-            with self._prefetching(batches, metrics):
+            lr_factor = self.schedule.factor(self.step)
+            with self.optimizer.overlapping_table_updates(lr_factor, len(batches)), \
+                    self._prefetching(batches, metrics):
                 metrics["loss/train"] = self._run_schedule(batches, forward_only=False)
-            metrics.update(self.optimizer.step(self.schedule.factor(self.step)))
+            metrics.update(self.optimizer.step(lr_factor))
         metrics["stem/bytes_h2d"] += metrics["stem/cache_refresh_bytes"]
         metrics.update(self.comm.take())  # bytes this step moved, by purpose and kind
         self.step += 1

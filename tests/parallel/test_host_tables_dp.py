@@ -20,13 +20,16 @@ STEPS = 50
     (STEPS, []),  # DP=2, replicated tables
     (STEPS, ["stem.dp_layout=vocab_sharded"]),
     (STEPS, ["stem.dp_layout=vocab_sharded", "stem.optimizer.mode=exact"]),
+    # No clipping: host-table updates start during the backward (training/table_update.py).
+    (20, ["stem.dp_layout=vocab_sharded", "optim.clip_grad=0"]),
     # Interleaved 1F1B: each rank's two chunks read the micro-batches at different offsets,
     # so the prefetcher serves each table its own sequence.
     (10, ["model.num_layers=4", "stem.layers=[0,1,2,3]",
           "model.untie_embeddings_and_output_weights=true",
           "parallel.pipeline_model_parallel_size=2",
           "parallel.virtual_pipeline_model_parallel_size=2"]),
-], ids=["dp2-replicated", "dp2-vocab-sharded", "dp2-vocab-sharded-exact", "pp2-interleaved"])
+], ids=["dp2-replicated", "dp2-vocab-sharded", "dp2-vocab-sharded-exact",
+        "dp2-vocab-sharded-overlapped-update", "pp2-interleaved"])
 def test_host_tables_equal_device_tables(small_corpus, tmp_path, steps, extra):
     base = [
         "model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64",
