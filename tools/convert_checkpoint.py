@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
             result = from_safetensors(args.source, args.out, progress=not args.quiet)
     except (CheckpointNotFoundError, CheckpointExistsError, CheckpointMismatchError,
             UnsafeCheckpointError, SafetensorsFormatError, ConversionError, ValueError,
-            KeyError) as exc:  # ConfigError is a ValueError
+            KeyError, OSError) as exc:  # ConfigError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {result} in {time.perf_counter() - start:.1f} s")

@@ -186,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.dense_checkpoint or (not info["stem_layers"] and args.data):
             dense, tokens = _dense_spreads(args, ckpt, info["stem_layers"])
         tables = stem_table_stats(ckpt, args.pairs, args.seed, tokens)
-    except (CheckpointNotFoundError, UnsafeCheckpointError, FileExistsError, ValueError,
-            KeyError) as exc:
+    except (CheckpointNotFoundError, UnsafeCheckpointError, ValueError, KeyError,
+            OSError) as exc:  # OSError: a missing tokenizer or dataset, an existing output
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print_report(info, tables, dense, args.tensors)

@@ -139,8 +139,11 @@ def reshard(source: str | os.PathLike, out: str | os.PathLike, overrides: list[s
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f"{layout.TMP_PREFIX}{out.name}_{secrets.token_hex(4)}"
     try:
-        results = run_local_workers(world, _convert_rank, str(ckpt.path), str(tmp),
-                                    config.to_dict(), vocab, carried, timeout=timeout_s)
+        try:
+            results = run_local_workers(world, _convert_rank, str(ckpt.path), str(tmp),
+                                        config.to_dict(), vocab, carried, timeout=timeout_s)
+        except AssertionError as e:  # a worker died or hung: its traceback is the message
+            raise ConversionError(f"cannot convert {ckpt.path}: {e}") from e
         errors = [r["error"] for r in results if "error" in r]
         if errors:
             raise ConversionError(f"cannot convert {ckpt.path} to the target layout: {errors[0]}")

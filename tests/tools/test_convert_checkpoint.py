@@ -11,15 +11,27 @@ import torch
 from safetensors import safe_open
 
 from stem_megatron.checkpoint.offline import OfflineCheckpoint
+from stem_megatron.parallel.local_workers import run_local_workers
+from stem_megatron.training.short_run import train_steps
 from stem_megatron.training.trainer import Trainer
 from tests.tools.checkpoint_files import snapshot
 from tools.convert_checkpoint import main
 
 TP2_PP2 = ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"]
 TP1_PP1 = ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1"]
-# Exact mode: the table optimizer's per-row settled steps must survive conversion.
-RUN = ["checkpoint.save_interval=3", "stem.optimizer.mode=exact",
+RUN = ["checkpoint.save_interval=3",
        "model.untie_embeddings_and_output_weights=true"]  # PP > 1 needs untied embeddings
+
+
+def as_overrides(tree: dict, prefix: str = "") -> list[str]:
+    """A config dict as `section.key=value` overrides (JSON values are YAML)."""
+    out = []
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out += as_overrides(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={json.dumps(value)}")
+    return out
 
 
 def losses(run_dir) -> dict[int, float]:
@@ -34,7 +46,8 @@ def assert_same_tensors(a: OfflineCheckpoint, b: OfflineCheckpoint, keys=None) -
 
 def resume_matches(tiny_config, parallel, full, checkpoint, run_dir) -> None:
     """Training resumed from `checkpoint` (step 3) repeats the uninterrupted run's losses."""
-    resumed = tiny_config(*RUN, f"checkpoint.load={checkpoint}", f"logging.run_dir={run_dir}")
+    resumed = tiny_config(*RUN, f"stem.optimizer.mode={full.stem.optimizer.mode}",
+                          f"checkpoint.load={checkpoint}", f"logging.run_dir={run_dir}")
     trainer = Trainer(resumed, parallel)
     assert trainer.step == 3
     trainer.run()
@@ -43,9 +56,10 @@ def resume_matches(tiny_config, parallel, full, checkpoint, run_dir) -> None:
 
 
 @pytest.fixture
-def full_run(tiny_config, parallel):
-    """Six steps in one process, checkpoints at steps 3 and 6."""
-    full = tiny_config(*RUN)
+def full_run(tiny_config, parallel, request):
+    """Six steps in one process, checkpoints at steps 3 and 6. The table optimizer's mode is
+    exact unless parametrised: its per-row settled steps must survive conversion."""
+    full = tiny_config(*RUN, f"stem.optimizer.mode={getattr(request, 'param', 'exact')}")
     Trainer(full, parallel).run()
     return full
 
@@ -75,7 +89,8 @@ def test_reshard_round_trip_is_bitwise_and_resumes(full_run, tiny_config, parall
 
 @pytest.mark.slow
 def test_reshard_back_to_tp2pp2_and_table_layouts(full_run, tmp_path):
-    """TP2xPP2 -> TP1 -> TP2xPP2 reproduces the first TP2xPP2 checkpoint bit for bit, and a
+    """TP2xPP2 -> TP1 -> TP2xPP2 reproduces the first TP2xPP2 checkpoint bit for bit, training
+    resumed under TP2xPP2 continues the single-process run (within fp32 summation order), and a
     vocab-sharded, host-resident DP=2 layout round-trips too."""
     source = full_run.run_dir / "checkpoints" / "step_3"
     steps = [("tp2pp2", TP2_PP2, 1), ("tp1", TP1_PP1, 1), ("again", TP2_PP2, 1),
@@ -89,12 +104,20 @@ def test_reshard_back_to_tp2pp2_and_table_layouts(full_run, tmp_path):
     first, again = OfflineCheckpoint(tmp_path / "tp2pp2"), OfflineCheckpoint(tmp_path / "again")
     assert set(first.keys()) == set(again.keys())
     assert_same_tensors(first, again)
+    # The converted checkpoint trains in its own layout as the single process did.
+    overrides = as_overrides(full_run.to_dict()) + TP2_PP2 + [
+        f"checkpoint.load={tmp_path / 'tp2pp2'}", f"logging.run_dir={tmp_path / 'resumed'}"]
+    result = run_local_workers(4, train_steps, overrides, 3)[0]
+    expected = losses(full_run.run_dir)
+    assert result["start"] == 3
+    assert result["losses"] == pytest.approx([expected[s] for s in (4, 5, 6)], rel=1e-5)
     sharded = OfflineCheckpoint(tmp_path / "sharded")
     assert sharded.config_dict["stem"]["dp_layout"] == "vocab_sharded"
     assert_same_tensors(first, sharded)
     assert_same_tensors(first, OfflineCheckpoint(tmp_path / "replicated"))
 
 
+@pytest.mark.parametrize("full_run", ["lazy", "exact"], indirect=True)
 def test_safetensors_round_trip_is_bitwise_and_resumes(full_run, tiny_config, parallel,
                                                        tmp_path):
     source = full_run.run_dir / "checkpoints" / "step_3"
