@@ -55,8 +55,11 @@ def test_host_tables_benchmark(tmp_path: Path, small_corpus: dict[str, Path]) ->
     (r,) = out["results"]
     assert r["model"] == "tiny" and r["total_params"] > r["active_params"] > 0
     v = r["variants"]
-    assert set(v) == {"device", "host", "host_cache"} and all(x["step_ms"] > 0 for x in v.values())
+    assert set(v) == {"device", "host", "host_cache", "device_noclip", "host_noclip",
+                      "host_overlap"} and all(x["step_ms"] > 0 for x in v.values())
+    assert v["host_overlap"]["overlapped_tables"] == 2 and v["host_noclip"]["overlapped_tables"] == 0
     assert v["device"]["bytes_h2d"] == 0 and v["host"]["cache_hit_rate"] == 0
     assert 0 < v["host_cache"]["bytes_h2d"] < v["host"]["bytes_h2d"]
     assert 0 < v["host_cache"]["cache_hit_rate"] <= 1
     assert r["host_vs_device"] > 0 and r["host_cache_vs_device"] > 0
+    assert r["host_overlap_vs_device_noclip"] > 0 and r["host_noclip_vs_device_noclip"] > 0
