@@ -4,7 +4,8 @@
                                    (model.*, optim.*, stem_optim.*, rng.*), full logical shape
     <out>/checkpoint.json          {"format", "step", "data" (stream position), "config"
                                    (resolved run config), "scalars", "model_keys",
-                                   "optimizer_keys", "rng_keys"}
+                                   "optimizer_keys", "rng_keys", "metadata" (the whole
+                                   metadata.json, written back by from_safetensors)}
 
 `to_safetensors` streams: one tensor is in memory at a time. `from_safetensors` writes a DCP
 checkpoint that training resumes from (checkpoint.load=<out>) under any layout; its tensors
@@ -48,7 +49,7 @@ def to_safetensors(source: str | os.PathLike, out: str | os.PathLike,
         "config": ckpt.config_dict, "scalars": ckpt.scalars,
         "model_keys": _keys_of(ckpt, ("model",)),
         "optimizer_keys": _keys_of(ckpt, ("dense optimizer", "table optimizer")),
-        "rng_keys": _keys_of(ckpt, ("rng",)),
+        "rng_keys": _keys_of(ckpt, ("rng",)), "metadata": ckpt.metadata,
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f"{layout.TMP_PREFIX}{out.name}_{secrets.token_hex(4)}"
@@ -79,7 +80,7 @@ def read_description(source: Path) -> dict:
                 f"{source} is not a consolidated checkpoint: missing {name} "
                 f"(make one with `convert_checkpoint.py to-safetensors`)")
     description = json.loads((source / JSON_FILE).read_text())
-    absent = [k for k in ("format", "step", "data", "config", "scalars") if k not in description]
+    absent = [k for k in ("format", "metadata", "config", "scalars") if k not in description]
     if absent or description["format"] != FORMAT:
         raise ValueError(f"{source / JSON_FILE} is not a {FORMAT} description "
                          f"(format {description.get('format')!r}, missing {absent})")
@@ -107,8 +108,8 @@ def from_safetensors(source: str | os.PathLike, out: str | os.PathLike,
         if progress:  # DCP writes them in one call, so there is no per-tensor progress to show
             print(f"writing {len(names)} tensors "
                   f"({sum(t.nbytes for t in tensors.values()) / 2**20:.1f} MiB) to {out}")
-        metadata = {"step": description["step"], "data": description["data"],
-                    "config": description["config"]}
+        # The JSON's config wins: it is the one a user may have edited (e.g. the layout).
+        metadata = {**description["metadata"], "config": description["config"]}
         try:
             return write_checkpoint(out, tensors, metadata, description["scalars"])
         finally:

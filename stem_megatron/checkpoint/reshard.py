@@ -73,9 +73,10 @@ class _DataPosition:
         self.state = dict(state)
 
 
-def _convert_rank(source: str, tmp: str, config_dict: dict, vocab: int,
+def _convert_rank(source: str, tmp: str, build_dict: dict, config_dict: dict, vocab: int,
                   carried_rng: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """One rank of the target world: build, load the source, save into `tmp`."""
+    """One rank of the target world: build (from `build_dict`), load the source, save into
+    `tmp` recording `config_dict`."""
     from tqdm import tqdm
 
     from stem_megatron.parallel.state import ParallelState
@@ -90,7 +91,7 @@ def _convert_rank(source: str, tmp: str, config_dict: dict, vocab: int,
                 state["rng"].update(carried_rng)
             return state
 
-    config = _build(RunConfig, config_dict, "")
+    config, build = _build(RunConfig, config_dict, ""), _build(RunConfig, build_dict, "")
     p = config.parallel
     parallel = ParallelState.initialize(p.tensor_model_parallel_size,
                                         p.pipeline_model_parallel_size,
@@ -98,8 +99,8 @@ def _convert_rank(source: str, tmp: str, config_dict: dict, vocab: int,
     try:
         with tqdm(total=3, desc="reshard", unit="phase", disable=parallel.rank != 0) as bar:
             bar.set_postfix_str("build")
-            chunks = build_model_chunks(config, parallel, vocab)
-            state = CarryingState(chunks, TrainingOptimizer(chunks, config, parallel),
+            chunks = build_model_chunks(build, parallel, vocab)
+            state = CarryingState(chunks, TrainingOptimizer(chunks, build, parallel),
                                   _DataPosition(), parallel)
             bar.update()
             bar.set_postfix_str("load")
@@ -123,8 +124,13 @@ def reshard(source: str | os.PathLike, out: str | os.PathLike, overrides: list[s
     or ConversionError (e.g. overrides that do not match the stored tensors)."""
     from stem_megatron.parallel.layout import validate_layout
     from stem_megatron.parallel.local_workers import run_local_workers
+    from stem_megatron.training.state import MODEL_ONLY
 
     ckpt = OfflineCheckpoint(source)
+    if ckpt.metadata.get(MODEL_ONLY):
+        raise ConversionError(
+            f"{ckpt.path} holds model weights only (a model-only checkpoint): it needs no "
+            f"resharding, every layout loads it as it is with checkpoint.finetune=true")
     out = Path(out)
     if out.exists():
         raise CheckpointExistsError(f"output {out} already exists; choose a new path")
@@ -138,9 +144,14 @@ def reshard(source: str | os.PathLike, out: str | os.PathLike, overrides: list[s
                if key.startswith(RNG_PREFIX) and int(key[len(RNG_PREFIX):]) >= world}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f"{layout.TMP_PREFIX}{out.name}_{secrets.token_hex(4)}"
+    # mmap-tier tables are mapped from scratch files here, not in the source run's dir.
+    scratch = tmp.with_name(tmp.name + "_mmap")
+    build = copy.deepcopy(config.to_dict())
+    if config.stem.storage == "mmap":
+        build["stem"]["mmap_dir"] = str(scratch)
     try:
         try:
-            results = run_local_workers(world, _convert_rank, str(ckpt.path), str(tmp),
+            results = run_local_workers(world, _convert_rank, str(ckpt.path), str(tmp), build,
                                         config.to_dict(), vocab, carried, timeout=timeout_s)
         except AssertionError as e:  # a worker died or hung: its traceback is the message
             raise ConversionError(f"cannot convert {ckpt.path}: {e}") from e
@@ -150,4 +161,5 @@ def reshard(source: str | os.PathLike, out: str | os.PathLike, overrides: list[s
         publish(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
     return out / layout.step_dir_name(ckpt.step)

@@ -90,12 +90,13 @@ def test_reshard_round_trip_is_bitwise_and_resumes(full_run, tiny_config, parall
 @pytest.mark.slow
 def test_reshard_back_to_tp2pp2_and_table_layouts(full_run, tmp_path):
     """TP2xPP2 -> TP1 -> TP2xPP2 reproduces the first TP2xPP2 checkpoint bit for bit, training
-    resumed under TP2xPP2 continues the single-process run (within fp32 summation order), and a
-    vocab-sharded, host-resident DP=2 layout round-trips too."""
+    resumed under TP2xPP2 continues the single-process run (within fp32 summation order), and
+    vocab-sharded host-resident DP=2 and mmap-tier layouts round-trip too."""
     source = full_run.run_dir / "checkpoints" / "step_3"
     steps = [("tp2pp2", TP2_PP2, 1), ("tp1", TP1_PP1, 1), ("again", TP2_PP2, 1),
              ("sharded", ["stem.dp_layout=vocab_sharded", "stem.storage=host"], 2),
-             ("replicated", ["stem.dp_layout=replicated", "stem.storage=device"], 1)]
+             ("mapped", ["stem.dp_layout=replicated", "stem.storage=mmap"], 1),
+             ("replicated", ["stem.storage=device"], 1)]
     previous = source
     for name, overrides, dp in steps:
         assert main(["reshard", str(previous), str(tmp_path / name), *overrides,
@@ -114,7 +115,12 @@ def test_reshard_back_to_tp2pp2_and_table_layouts(full_run, tmp_path):
     sharded = OfflineCheckpoint(tmp_path / "sharded")
     assert sharded.config_dict["stem"]["dp_layout"] == "vocab_sharded"
     assert_same_tensors(first, sharded)
+    assert OfflineCheckpoint(tmp_path / "mapped").config_dict["stem"]["storage"] == "mmap"
     assert_same_tensors(first, OfflineCheckpoint(tmp_path / "replicated"))
+    # The mmap tier's scratch files went to a temporary dir, not into the source run.
+    assert not (full_run.run_dir / "stem_mmap").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [name for name, _, _ in steps] + ["resumed"])
 
 
 @pytest.mark.parametrize("full_run", ["lazy", "exact"], indirect=True)

@@ -10,7 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from stem_megatron.checkpoint.offline import OfflineCheckpoint, write_checkpoint
 from stem_megatron.training.trainer import Trainer
 from tests.tools.checkpoint_files import snapshot
 from tools.convert_checkpoint import main
@@ -91,6 +93,23 @@ def test_from_safetensors_bad_input(checkpoint, tmp_path, capsys):
           "too short to be a safetensors file")
     assert snapshot(tmp_path / "st") == before
     only_inputs_left(tmp_path, "run", "st", "edited")
+
+
+def test_model_only_checkpoint(checkpoint, tmp_path, capsys):
+    """A model-only checkpoint (as the HF import writes) needs no resharding, and keeps its
+    model_only mark through safetensors and back."""
+    ckpt = OfflineCheckpoint(checkpoint)
+    model = {key: ckpt.read(key) for key in ckpt.keys() if key.startswith("model.")}
+    metadata = {"step": 0, "data": None, "config": ckpt.config_dict, "model_only": True}
+    write_checkpoint(tmp_path / "weights", model, metadata)
+    fails(capsys, ["reshard", str(tmp_path / "weights"), str(tmp_path / "out"),
+                   "parallel.tensor_model_parallel_size=2"], "holds model weights only")
+    assert main(["to-safetensors", str(tmp_path / "weights"), str(tmp_path / "st"), "--quiet"]) == 0
+    assert main(["from-safetensors", str(tmp_path / "st"), str(tmp_path / "back"), "--quiet"]) == 0
+    back = OfflineCheckpoint(tmp_path / "back")
+    assert back.metadata == metadata and set(back.keys()) == set(model)
+    for key, tensor in model.items():
+        assert torch.equal(back.read(key), tensor), key
 
 
 def test_command_line_exit_status(tmp_path):
