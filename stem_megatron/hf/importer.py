@@ -39,7 +39,7 @@ from stem_megatron.hf.llama_config import (ARCHITECTURE_FIELDS, HFFormatError,
 from stem_megatron.hf.safetensors_dir import SafetensorsDir
 from stem_megatron.hf.staged_output import staged_output_dir
 from stem_megatron.hf.table_calibration import calibrated_tables
-from stem_megatron.hf.weights import drop_up_projection, hf_names, megatron_from_hf
+from stem_megatron.hf.weights import drop_up_projection, llama_names, megatron_from_hf
 from stem_megatron.model.transformer import ModelSpec, StemGPTModel
 from stem_megatron.training.state import MODEL_ONLY
 
@@ -54,7 +54,7 @@ _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 def _check_tensor_names(weights: SafetensorsDir, m: ModelConfig) -> None:
     tied = not m.untie_embeddings_and_output_weights
-    expected = set(hf_names(m, set(), tied, with_tables=False))
+    expected = set(llama_names(m, tied))
     missing = sorted(expected - weights.names)
     unknown = sorted(n for n in weights.names - expected
                      if not n.endswith(_IGNORED_SUFFIXES) and not (tied and n == "lm_head.weight"))

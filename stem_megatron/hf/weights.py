@@ -55,20 +55,15 @@ def split_qkv(qkv: torch.Tensor, m: ModelConfig) -> tuple[torch.Tensor, torch.Te
             parts[:, per_group + 1].reshape(-1, hidden))
 
 
-def hf_names(m: ModelConfig, stem_layers: set[int], tied: bool, with_tables: bool) -> list[str]:
-    """Every tensor name an HF directory of this model holds."""
+def llama_names(m: ModelConfig, tied: bool) -> list[str]:
+    """Every tensor name an HF LlamaForCausalLM directory of this model holds."""
     names = ["model.embed_tokens.weight", "model.norm.weight"]
     if not tied:
         names.append("lm_head.weight")
     for n in range(m.num_layers):
-        mlp = ["mlp.gate_proj.weight"]
-        if n not in stem_layers:
-            mlp.append("mlp.up_proj.weight")
-        elif with_tables:
-            mlp.append("mlp.stem_table.weight")
         names += [f"model.layers.{n}.{name}" for name in
                   [*_LAYER_RENAMES, "self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                   "self_attn.v_proj.weight", *mlp]]
+                   "self_attn.v_proj.weight", "mlp.gate_proj.weight", "mlp.up_proj.weight"]]
     return names
 
 
