@@ -47,6 +47,10 @@ def test_import_and_export_from_the_command_line(hf_llama, tmp_path, capsys):
     assert code == 1 and "already exists" in err
     code, err = run(capsys, "import", "--hf-dir", str(hf_dir), "--out", str(tmp_path / "cpt"))
     assert code == 1 and "already exists" in err
+    code, err = run(capsys, "import", "--hf-dir", str(hf_dir), "--out", str(tmp_path / "cal"),
+                    "--calibration-data", str(tmp_path / "no_data"))
+    assert code == 1 and f"dataset {tmp_path / 'no_data'} is missing" in err
+    assert not (tmp_path / "cal").exists()
 
 
 def test_bad_input_exits_with_the_problem_named(tmp_path, capsys):
