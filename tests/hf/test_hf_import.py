@@ -119,6 +119,9 @@ def test_bad_input_is_named_and_leaves_nothing(hf_llama, parallel, tmp_path):
     hf_dir, _ = hf_llama()
     with pytest.raises(ConfigError, match="model.hidden_size cannot be overridden"):
         import_llama(hf_dir, tmp_path / "o", ["model.hidden_size=64"], log=lambda _: None)
+    small, _ = hf_llama(name="small_vocab", vocab_size=500)  # the tokenizer has 512 tokens
+    with pytest.raises(HFFormatError, match="has 512 tokens but the model's vocab_size is 500"):
+        import_llama(small, tmp_path / "o", log=lambda _: None)
     (tmp_path / "taken").mkdir()
     with pytest.raises(FileExistsError, match="already exists"):
         import_llama(hf_dir, tmp_path / "taken", log=lambda _: None)
@@ -131,7 +134,7 @@ def test_bad_input_is_named_and_leaves_nothing(hf_llama, parallel, tmp_path):
     (hf_dir / "model.safetensors").unlink()
     with pytest.raises(HFFormatError, match="neither model.safetensors"):
         import_llama(hf_dir, tmp_path / "o", log=lambda _: None)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_llama", "taken"]  # no leftovers
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf_llama", "small_vocab", "taken"]
 
 
 def test_calibrated_tables_are_the_dense_up_projection_averaged_per_token(

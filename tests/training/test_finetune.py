@@ -57,9 +57,11 @@ def test_finetune_takes_weights_only_and_a_requeue_resumes_in_full(tiny_config, 
     assert requeued.optimizer.sparse.step_count == 2
 
 
+@pytest.mark.parametrize("storage", ["device", "host"])
 def test_model_only_checkpoint_starts_a_finetune_but_cannot_be_resumed(tiny_config, parallel,
-                                                                      tmp_path):
-    base = tiny_config("train.train_iters=1", "optim.lr_warmup_iters=0")
+                                                                      tmp_path, storage):
+    base = tiny_config("train.train_iters=1", "optim.lr_warmup_iters=0",
+                       f"stem.storage={storage}")
     source = Trainer(base, parallel)
     path = Checkpointer(tmp_path / "weights").save(
         0, {"model": model_state(named_parameters(source.chunks),
@@ -69,10 +71,12 @@ def test_model_only_checkpoint_starts_a_finetune_but_cannot_be_resumed(tiny_conf
         Trainer(tiny_config(f"checkpoint.load={path}", f"logging.run_dir={tmp_path / 'a'}"),
                 parallel)
     trainer = Trainer(tiny_config(f"checkpoint.load={path}", "checkpoint.finetune=true",
-                                  f"logging.run_dir={tmp_path / 'b'}", "train.seed=7"), parallel)
+                                  f"logging.run_dir={tmp_path / 'b'}", "train.seed=7",
+                                  f"stem.storage={storage}"), parallel)
     assert trainer.step == 0
     for name, p in params_of(source).items():
         assert torch.equal(params_of(trainer)[name], p)
+    assert trainer.run().step == 6  # host tables: rows staged from the loaded table
 
 
 def test_finetune_needs_a_load_path_and_matching_parameters(tiny_config, parallel, tmp_path):
