@@ -19,10 +19,24 @@ import yaml
 
 
 STORAGE_TIERS = ("device", "host", "mmap")  # where STEM tables live (stem/storage.py)
+ROPE_SCALING_TYPES = ("none", "llama3")  # model/rope.py
 
 
 class ConfigError(ValueError):
     """A configuration value is missing, unknown, of the wrong type or inconsistent."""
+
+
+@dataclass
+class RopeScalingConfig:
+    """RoPE frequency scaling. "none": plain RoPE. "llama3": Llama 3.1+'s rule (model/rope.py),
+    every field required (Llama 3.1: factor 8, low_freq_factor 1, high_freq_factor 4,
+    original_max_position_embeddings 8192; Llama 3.2: factor 32)."""
+
+    type: str = "none"
+    factor: float | None = None
+    low_freq_factor: float | None = None
+    high_freq_factor: float | None = None
+    original_max_position_embeddings: int | None = None
 
 
 @dataclass
@@ -37,6 +51,7 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128  # embedding/head padding; tables are never padded
     untie_embeddings_and_output_weights: bool = False
     rope_theta: float = 10000.0
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02
 
@@ -302,6 +317,7 @@ def validate(config: RunConfig) -> None:
             f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
             f"model.num_query_groups ({m.num_query_groups})")
     require(m.vocab_size is None or m.vocab_size > 0, f"model.vocab_size must be positive")
+    _validate_rope_scaling(m.rope_scaling, require)
     layers = config.stem.layers or []
     bad = [i for i in layers if not 0 <= i < m.num_layers]
     require(not bad, f"stem.layers {bad} out of range: the model has layers 0..{m.num_layers - 1}")
@@ -341,6 +357,26 @@ def validate(config: RunConfig) -> None:
     for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
         value = getattr(config.parallel, key)
         require(value >= 1, f"parallel.{key} must be >= 1, got {value}")
+
+
+def _validate_rope_scaling(r: RopeScalingConfig, require) -> None:
+    require(r.type in ROPE_SCALING_TYPES,
+            f"model.rope_scaling.type must be one of "
+            f"{', '.join(repr(t) for t in ROPE_SCALING_TYPES)}, got '{r.type}'")
+    fields = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    if r.type == "none":  # a value set without the type is most likely a forgotten type
+        stray = [f"model.rope_scaling.{k}" for k in fields if getattr(r, k) is not None]
+        require(not stray, f"{', '.join(stray)} given but model.rope_scaling.type is 'none': "
+                           f"set model.rope_scaling.type=llama3 or remove them")
+        return
+    for key in fields:
+        value = getattr(r, key)
+        require(value is not None, f"model.rope_scaling.{key} must be set for "
+                                   f"model.rope_scaling.type={r.type}")
+        require(value > 0, f"model.rope_scaling.{key} must be positive, got {value}")
+    require(r.high_freq_factor > r.low_freq_factor,
+            f"model.rope_scaling.high_freq_factor ({r.high_freq_factor}) must be greater than "
+            f"model.rope_scaling.low_freq_factor ({r.low_freq_factor})")
 
 
 def save_config(config: RunConfig, path: Path) -> None:
