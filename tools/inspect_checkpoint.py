@@ -29,7 +29,8 @@ from stem_megatron.checkpoint.table_stats import Spread  # noqa: E402
 
 BINS = [-1 + 2 * i / 80 for i in range(81)]  # cosine histogram bins over [-1, 1]
 STORAGE = {"device": "tables and their optimizer state in device memory",
-           "host": "tables and their optimizer state in host memory, rows staged per step"}
+           "host": "tables and their optimizer state in host memory, rows staged per step",
+           "mmap": "tables and their optimizer state in memory-mapped files, rows staged per step"}
 
 
 def describe(ckpt: OfflineCheckpoint) -> dict:

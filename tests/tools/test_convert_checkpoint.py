@@ -120,7 +120,7 @@ def test_reshard_back_to_tp2pp2_and_table_layouts(full_run, tmp_path):
     # The mmap tier's scratch files went to a temporary dir, not into the source run.
     assert not (full_run.run_dir / "stem_mmap").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [name for name, _, _ in steps] + ["resumed"])
+        [name for name, _, _ in steps] + ["run", "resumed"])  # no tmp or scratch dir left
 
 
 @pytest.mark.parametrize("full_run", ["lazy", "exact"], indirect=True)
