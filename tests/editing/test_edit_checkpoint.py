@@ -132,6 +132,8 @@ def test_bad_input_is_refused_with_the_fix(trained, tiny_config, tmp_path, capsy
                               f"logging.run_dir={tmp_path / 'dense'}"))
     code, err = run_tool(capsys, "--checkpoint", dense, "--output", out, "--swap", f"{A}={B}")
     assert code == 1 and "no STEM tables" in err
+    code = generate.main(["--checkpoint", str(dense), "--prompt", "the", "--stem-remap", f"{A}={B}"])
+    assert code == 1 and "dense model" in capsys.readouterr().err
     assert not out.exists() and list(exists.iterdir()) == []
 
 
