@@ -9,16 +9,17 @@ import torch
 import torch.nn.functional as F
 
 from stem_megatron.config import ModelConfig
+from stem_megatron.model.rope import inverse_frequencies
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-def _rotate(x: torch.Tensor, position: torch.Tensor, theta: float) -> torch.Tensor:
+def _rotate(x: torch.Tensor, position: torch.Tensor, m: ModelConfig) -> torch.Tensor:
     """x: [b, heads, s, d]; rotate-half RoPE at the given positions."""
     d = x.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    inv_freq = inverse_frequencies(d, m.rope_theta, m.rope_scaling)
     angles = torch.outer(position.double(), inv_freq)
     cos = torch.cat([angles, angles], -1).cos().float()
     sin = torch.cat([angles, angles], -1).sin().float()
@@ -50,7 +51,7 @@ class ReferenceGPT:
         k = k.repeat_interleave(per_group, dim=1)  # each KV head serves its group's q heads
         v = v.repeat_interleave(per_group, dim=1)
         pos = torch.arange(s)
-        q, k = _rotate(q, pos, m.rope_theta), _rotate(k, pos, m.rope_theta)
+        q, k = _rotate(q, pos, m), _rotate(k, pos, m)
         scores = (q @ k.transpose(-1, -2)) / d ** 0.5
         scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
         out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, -1)

@@ -36,7 +36,8 @@ from megatron.core.enums import ModelType
 from megatron.core.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
                                            vocab_parallel_cross_entropy)
 
-from stem_megatron.config import ModelConfig
+from stem_megatron.config import ModelConfig, RopeScalingConfig
+from stem_megatron.model.rope import inverse_frequencies
 from stem_megatron.model.sharding import (RowBlock, TPGroup, TPShard, full_shape,
                                           get_row_block, get_tp_shard, local_slice,
                                           param_generator, set_tp_shard)
@@ -104,8 +105,9 @@ def megatron_config(spec: ModelSpec) -> TransformerConfig:
         cuda_graph_scope=[])  # megatron-core 0.16 warns on its own default ("full")
 
 
-def rotary_cos_sin(seq_length: int, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+def rotary_cos_sin(seq_length: int, head_dim: int, theta: float,
+                   scaling: RopeScalingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = inverse_frequencies(head_dim, theta, scaling)
     freqs = torch.outer(torch.arange(seq_length, dtype=torch.float64), inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().float(), emb.sin().float()
@@ -212,7 +214,7 @@ class StemGPTModel(torch.nn.Module):
             if not self.tied:
                 set_tp_shard(self.output_layer.weight, TPShard(dim=0))
         cos, sin = rotary_cos_sin(m.seq_length, m.hidden_size // m.num_attention_heads,
-                                  m.rope_theta)
+                                  m.rope_theta, m.rope_scaling)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.input_tensor: torch.Tensor | None = None

@@ -1,0 +1,37 @@
+"""RoPE inverse frequencies, plain or with Llama 3's frequency scaling.
+
+Llama 3.1+ (`rope_type: llama3`) stretches the slow rotations so a model trained on
+`original_max_position_embeddings` tokens sees longer contexts at familiar angles, and leaves
+the fast ones (which already cycle many times within that context) alone. Measured by
+r = original_max_position_embeddings / wavelength, the number of turns a frequency makes in
+the original context:
+
+    r <= low_freq_factor    inv_freq / factor
+    r >= high_freq_factor   inv_freq
+    in between              a linear blend in r of the two
+
+Both our model (transformer.py) and the plain reference (reference.py) take their
+frequencies from here; tests/hf checks them against transformers' own llama3 RoPE.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from stem_megatron.config import RopeScalingConfig
+
+
+def inverse_frequencies(head_dim: int, theta: float,
+                        scaling: RopeScalingConfig) -> torch.Tensor:
+    """[head_dim / 2] float64 rotation speeds (radians per position) of the rotate-half pairs."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    if scaling.type == "none":
+        return inv_freq
+    if scaling.type != "llama3":  # config validation refuses other types first
+        raise ValueError(f"unsupported RoPE scaling type '{scaling.type}'")
+    turns = scaling.original_max_position_embeddings * inv_freq / (2 * math.pi)
+    kept = ((turns - scaling.low_freq_factor)
+            / (scaling.high_freq_factor - scaling.low_freq_factor)).clamp(0.0, 1.0)
+    return inv_freq * (kept + (1.0 - kept) / scaling.factor)
