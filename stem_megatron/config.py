@@ -317,7 +317,7 @@ def validate(config: RunConfig) -> None:
             f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
             f"model.num_query_groups ({m.num_query_groups})")
     require(m.vocab_size is None or m.vocab_size > 0, f"model.vocab_size must be positive")
-    _validate_rope_scaling(m.rope_scaling, require)
+    validate_rope_scaling(m.rope_scaling, require)
     layers = config.stem.layers or []
     bad = [i for i in layers if not 0 <= i < m.num_layers]
     require(not bad, f"stem.layers {bad} out of range: the model has layers 0..{m.num_layers - 1}")
@@ -359,7 +359,8 @@ def validate(config: RunConfig) -> None:
         require(value >= 1, f"parallel.{key} must be >= 1, got {value}")
 
 
-def _validate_rope_scaling(r: RopeScalingConfig, require) -> None:
+def validate_rope_scaling(r: RopeScalingConfig, require) -> None:
+    """`require(ok, message)` raises: ConfigError here, HFFormatError for an HF import."""
     require(r.type in ROPE_SCALING_TYPES,
             f"model.rope_scaling.type must be one of "
             f"{', '.join(repr(t) for t in ROPE_SCALING_TYPES)}, got '{r.type}'")
