@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from stem_megatron.data.tokenizer import Tokenizer
-from stem_megatron.generation import StemIds, generate_ids
+from stem_megatron.generation import StemIds
 
 TEMPLATES = (
     "The capital of {country} is {capital}.",
@@ -66,15 +66,32 @@ def fact_documents(facts: Sequence[Fact], repeats: int, per_document: int, seed:
 @torch.no_grad()
 def answers(model: torch.nn.Module, tokenizer: Tokenizer, facts: Sequence[Fact],
             stem_ids: StemIds | None = None) -> dict[str, tuple[int, ...]]:
-    """country -> the greedy continuation of its probe, as long as the longest capital."""
+    """country -> the greedy continuation of its probe, as long as the longest capital.
+
+    Probes of equal token length run as one batch (no padding, so every row computes what
+    it would alone); greedy decoding as in generation.generate_ids."""
     spec = model.spec
     n = max(len(capital_ids(tokenizer, fact)) for fact in facts)
-    out = {}
+    groups: dict[int, list[tuple[str, list[int]]]] = {}
     for fact in facts:
         prompt = tokenizer.encode(PROBE.format(country=fact.country))
-        ids = generate_ids(model, prompt, max_new_tokens=n, vocab_size=spec.vocab_size,
-                           seq_length=spec.model.seq_length, stem_ids=stem_ids)
-        out[fact.country] = tuple(ids[len(prompt):])
+        groups.setdefault(len(prompt), []).append((fact.country, prompt))
+    was_training = model.training
+    model.eval()
+    out = {}
+    try:
+        for length, probes in groups.items():
+            ids = torch.tensor([prompt for _, prompt in probes])
+            for _ in range(n):
+                window = ids[:, -spec.model.seq_length:]
+                lookup = None if stem_ids is None else torch.tensor(
+                    [stem_ids(row) for row in window.tolist()])
+                logits = model(window, stem_ids=lookup)[:, -1, :spec.vocab_size]
+                ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+            out.update({country: tuple(row[length:]) for (country, _), row
+                        in zip(probes, ids.tolist())})
+    finally:
+        model.train(was_training)
     return out
 
 
