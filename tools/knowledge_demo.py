@@ -85,7 +85,10 @@ def train(out: Path, data: dict[str, Path], args) -> Path:
         result = Trainer(config, parallel).run()
     finally:
         parallel.destroy()
-    print(f"trained {args.steps} steps: {result}")
+    if result.stopped_by:  # e.g. SIGTERM: the trainer saved and stopped early
+        raise SystemExit(f"training stopped by {result.stopped_by} at step {result.step}; the "
+                         f"checkpoint is in {out / 'run'}")
+    print(f"trained {result.step} steps: {result}")
     return out / "run"
 
 
