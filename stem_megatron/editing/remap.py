@@ -1,8 +1,9 @@
 """On-the-fly knowledge editing: redirect the STEM lookups of an entity's tokens in a text.
 
 `--stem-remap "Spain=Germany"` leaves the text (and so the embedding and attention) as it
-is; wherever the tokens of "Spain" occur, the STEM tables are indexed by the tokens of
-"Germany" instead, as in the paper. No weight changes. For a prompt, this is what a
+is; wherever the tokens of "Spain" occur (spelled as inside a sentence; forms="both" also
+matches the start-of-text spelling), the STEM tables are indexed by the tokens of "Germany"
+instead, as in the paper. No weight changes. For a prompt, this is what a
 checkpoint whose Spain rows were replaced by Germany's (tools/edit_knowledge.py
 --copy "Spain=Germany", or --swap) computes. Only id-to-id rules apply here (strict, repeat,
 pick); averaged rows exist only in an edited checkpoint.

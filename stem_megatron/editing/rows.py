@@ -109,14 +109,3 @@ def apply_plan(plan: RowPlan, tensors: Iterable[torch.Tensor]) -> None:
         index = torch.tensor(dests, device=tensor.device)
         tensor.index_copy_(0, index, torch.stack(rows))
 
-
-def describe(plan: RowPlan) -> list[str]:
-    """One line per edited row, e.g. "812 <- 77" or "812 <- mean(77, 78)"."""
-    lines = []
-    for dest in sorted(plan):
-        sources = plan[dest]
-        if len(sources) == 1 and sources[0][1] == 1.0:
-            lines.append(f"{dest} <- {sources[0][0]}")
-        else:
-            lines.append(f"{dest} <- " + " + ".join(f"{w:.3g}*{r}" for r, w in sources))
-    return lines
