@@ -1,9 +1,9 @@
 """Hugging Face Llama `config.json` <-> our `ModelConfig`.
 
-Our model is exactly Llama's math (RMSNorm, rotate-half RoPE, GQA, SwiGLU, no biases), so a
-Llama config maps field by field. Anything else (another architecture, biases, RoPE scaling,
-a head size other than hidden/heads) is refused by name rather than imported into a model
-that would compute something different.
+Our model is exactly Llama's math (RMSNorm, rotate-half RoPE, GQA, SwiGLU, no biases, plain
+or llama3-scaled RoPE), so a Llama config maps field by field. Anything else (another
+architecture, biases, another RoPE scaling, a head size other than hidden/heads) is refused
+by name rather than imported into a model that would compute something different.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stem_megatron.config import ModelConfig
+from stem_megatron.config import ModelConfig, RopeScalingConfig, validate_rope_scaling
 
 LLAMA_ARCHITECTURE = "LlamaForCausalLM"
 STEM_ARCHITECTURE = "StemLlamaForCausalLM"
@@ -43,16 +43,52 @@ def read_hf_config(hf_dir: Path) -> dict[str, Any]:
     return config
 
 
-def _rope_theta(cfg: dict[str, Any], where: str) -> float:
-    """RoPE base; refuses scaled RoPE (llama3, linear, dynamic, yarn...): our RoPE is plain."""
-    params = cfg.get("rope_parameters") or {}  # transformers >= 5
-    scaling = cfg.get("rope_scaling")  # older configs
-    rope_type = params.get("rope_type") or (scaling or {}).get("rope_type") or \
-        (scaling or {}).get("type") or "default"
-    if rope_type != "default":
-        raise HFFormatError(f"{where}: RoPE scaling '{rope_type}' is not supported (our model "
-                            f"implements plain RoPE); only rope_type 'default' can be imported")
-    return float(params.get("rope_theta", cfg.get("rope_theta", 10000.0)))
+LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor",
+               "original_max_position_embeddings")
+
+
+def _rope_parameters(cfg: dict[str, Any]) -> dict[str, Any]:
+    """RoPE settings as transformers 5 reads them: the older `rope_scaling` (how Llama 3.x
+    config.json files on the hub are written) if present, else `rope_parameters`; rope_theta
+    from that dict, else the top-level key."""
+    params = dict(cfg.get("rope_scaling") or cfg.get("rope_parameters") or {})
+    params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0))
+    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    return params
+
+
+def _rope_scaling(params: dict[str, Any], where: str) -> RopeScalingConfig:
+    """Our RopeScalingConfig; HFFormatError for a type we do not implement or bad values."""
+    rope_type = params["rope_type"]
+    if rope_type == "default":
+        return RopeScalingConfig()
+    if rope_type != "llama3":
+        raise HFFormatError(f"{where}: RoPE scaling '{rope_type}' is not supported: our model "
+                            f"implements rope_type 'default' (plain) and 'llama3'")
+    missing = [key for key in LLAMA3_KEYS if not isinstance(params.get(key), (int, float))]
+    if missing:
+        raise HFFormatError(f"{where}: llama3 RoPE scaling needs numbers for "
+                            f"{', '.join(missing)}, got {[params.get(k) for k in missing]}")
+    scaling = RopeScalingConfig(
+        type="llama3", factor=float(params["factor"]),
+        low_freq_factor=float(params["low_freq_factor"]),
+        high_freq_factor=float(params["high_freq_factor"]),
+        original_max_position_embeddings=int(params["original_max_position_embeddings"]))
+
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            raise HFFormatError(f"{where}: llama3 RoPE scaling: {message}")
+
+    validate_rope_scaling(scaling, require)
+    return scaling
+
+
+def _hf_rope_scaling(m: ModelConfig) -> dict[str, Any]:
+    """The export's `rope_scaling` keys: those transformers' llama3 RoPE reads."""
+    r = m.rope_scaling
+    return {"rope_type": r.type, "factor": r.factor, "low_freq_factor": r.low_freq_factor,
+            "high_freq_factor": r.high_freq_factor,
+            "original_max_position_embeddings": r.original_max_position_embeddings}
 
 
 def unpadded_divisor(vocab_size: int, limit: int = 128) -> int:
@@ -86,6 +122,7 @@ def model_config_from_hf(cfg: dict[str, Any], where: str) -> ModelConfig:
         raise HFFormatError(f"{where}: head_dim {head_dim} x {heads} heads != hidden_size "
                             f"{hidden}; our attention needs head_dim = hidden_size / heads")
     vocab = int(cfg["vocab_size"])
+    rope = _rope_parameters(cfg)
     return ModelConfig(
         num_layers=int(cfg["num_hidden_layers"]), hidden_size=hidden,
         ffn_hidden_size=int(cfg["intermediate_size"]), num_attention_heads=heads,
@@ -93,14 +130,15 @@ def model_config_from_hf(cfg: dict[str, Any], where: str) -> ModelConfig:
         seq_length=int(cfg.get("max_position_embeddings", 2048)), vocab_size=vocab,
         make_vocab_size_divisible_by=unpadded_divisor(vocab),
         untie_embeddings_and_output_weights=not cfg.get("tie_word_embeddings", False),
-        rope_theta=_rope_theta(cfg, where), norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=float(rope["rope_theta"]), rope_scaling=_rope_scaling(rope, where),
+        norm_epsilon=float(cfg.get("rms_norm_eps", 1e-6)),
         init_method_std=float(cfg.get("initializer_range", 0.02)))
 
 
 # Fields of ModelConfig that the imported weights fix: overriding them is an error.
 ARCHITECTURE_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                        "num_query_groups", "vocab_size", "untie_embeddings_and_output_weights",
-                       "rope_theta", "norm_epsilon")
+                       "rope_theta", "rope_scaling", "norm_epsilon")
 
 
 def hf_config_from_model(m: ModelConfig, vocab_size: int, stem_layers: list[int],
@@ -120,6 +158,9 @@ def hf_config_from_model(m: ModelConfig, vocab_size: int, stem_layers: list[int]
         "bos_token_id": None, "eos_token_id": eos_token_id, "pad_token_id": None,
         "dtype": "float32", "use_cache": True,
     }
+    if m.rope_scaling.type != "none":  # both spellings: transformers 5 and 4.x readers
+        cfg["rope_scaling"] = _hf_rope_scaling(m)
+        cfg["rope_parameters"] = {**cfg["rope_scaling"], "rope_theta": m.rope_theta}
     if stem_layers:
         cfg.update({
             "architectures": [STEM_ARCHITECTURE], "model_type": STEM_MODEL_TYPE,

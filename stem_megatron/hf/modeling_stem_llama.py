@@ -9,7 +9,7 @@ builds the model without stem_megatron installed. It may therefore import only t
 transformers (written against transformers 5.x).
 
 The model is Llama (attention, RMSNorm, RoPE and KV cache are transformers' own Llama
-modules), except that in the layers listed by `config.stem_layers` the FFN up-projection is
+modules; RoPE scaling such as llama3 comes from config.json as for LlamaForCausalLM), except that in the layers listed by `config.stem_layers` the FFN up-projection is
 a per-layer table row picked by the token id at that position (STEM, arXiv 2601.10639):
 
     y = down_proj( SiLU(gate_proj(x)) * stem_table[token] )

@@ -127,8 +127,8 @@ def test_bad_input_is_named_and_leaves_nothing(hf_llama, parallel, tmp_path):
         import_llama(hf_dir, tmp_path / "taken", log=lambda _: None)
     config = json.loads((hf_dir / "config.json").read_text())
     (hf_dir / "config.json").write_text(json.dumps(
-        {**config, "rope_parameters": {"rope_type": "llama3", "rope_theta": 5e5}}))
-    with pytest.raises(HFFormatError, match="RoPE scaling 'llama3'"):
+        {**config, "rope_parameters": {"rope_type": "yarn", "rope_theta": 5e5}}))
+    with pytest.raises(HFFormatError, match="RoPE scaling 'yarn'"):
         import_llama(hf_dir, tmp_path / "o", log=lambda _: None)
     (hf_dir / "config.json").write_text(json.dumps(config))
     (hf_dir / "model.safetensors").unlink()
