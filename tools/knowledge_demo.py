@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """Measured knowledge-editing demo: teach the tiny STEM model country capitals, swap rows.
 
-    python tools/knowledge_demo.py [--out runs/knowledge_demo-<time>] [--steps 300] [--pairs 20]
+    python tools/knowledge_demo.py [--out runs/knowledge_demo-<time>] [--steps 800] [--pairs 20] \
+        [--stem-layers 0,1,2,3] [--seed 1234] [--from-run <earlier out>/run]
 
 1. Fact sentences from countryinfo's country -> capital table (4 templates), mixed with
    works of the bundled Shakespeare corpus; a byte-level BPE trained on the mix (common
    country names become single tokens); indexed train/val datasets.
-2. A small STEM model (configs/tiny.yaml made smaller, STEM in layers 1-3) trained on CPU.
+2. A small STEM model (configs/tiny.yaml made smaller: 4 layers, hidden 128, STEM in every
+   layer) trained on CPU.
 3. Probe "The capital of <country> is" greedily: the facts it learned.
 4. Swap the STEM rows of pairs of learned countries (single-token names, strict rule; and
    multi-token names with the repeat rule) in all STEM layers, in the lower and upper half,
@@ -42,14 +44,12 @@ from stem_megatron.training.trainer import Trainer  # noqa: E402
 from tools.preprocess_data import preprocess  # noqa: E402
 
 CORPUS = ROOT / "data/corpus/shakespeare.jsonl.xz"
-# configs/tiny.yaml made smaller (fits a shared 2-core CPU in minutes): 4 layers, hidden 128,
-# STEM in every layer but 0 (the official default).
-# Memorising facts wants many small steps and a high table LR.
+# configs/tiny.yaml made smaller (fits a shared 2-core CPU in minutes): 4 layers, hidden 128.
+# Memorising facts wants many small steps; the tables get 10x the backbone's LR (the paper
+# also trains tables with a higher LR).
 MODEL = ["model.num_layers=4", "model.hidden_size=128", "model.ffn_hidden_size=512",
          "model.num_attention_heads=4", "model.num_query_groups=2", "train.micro_batch_size=16",
-         "train.global_batch_size=16", "optim.lr=2e-3", "optim.min_lr=2e-4",
-         "stem.optimizer.lr=1e-2"]
-STEM_LAYERS = [1, 2, 3]
+         "train.global_batch_size=16", "stem.optimizer.lr=1e-2"]
 
 
 def build_data(out: Path, facts: list[Fact], args) -> dict[str, Path]:
@@ -74,7 +74,7 @@ def build_data(out: Path, facts: list[Fact], args) -> dict[str, Path]:
 def train(out: Path, data: dict[str, Path], args) -> Path:
     overrides = [
         f"data.tokenizer={data['tokenizer']}", f"data.train_data={data['train']}",
-        f"data.valid_data={data['val']}", f"stem.layers={STEM_LAYERS}",
+        f"data.valid_data={data['val']}", f"stem.layers={args.stem_layers}",
         f"model.seq_length={args.seq_length}", f"train.train_iters={args.steps}",
         f"optim.lr_warmup_iters={max(1, args.steps // 20)}", "train.eval_interval=0",
         "train.eval_iters=1", "checkpoint.save_interval=0", *MODEL, f"logging.log_interval={max(1, args.steps // 10)}",
@@ -107,14 +107,17 @@ def pairs_of(countries: list[str], n: int, tok, rng: random.Random) -> list[tupl
 
 def score(after: dict, before: dict, facts: dict[str, Fact], tokenizer,
           pairs: list[tuple[str, str]]) -> dict:
-    """Edit success over both directions of each pair; locality over every other country."""
+    """Edit success over both directions of each pair (and how many edited probes still give
+    their own capital); locality over every other country."""
     partner = {a: b for a, b in pairs} | {b: a for a, b in pairs}
     flipped = [after[c][:len(t)] == t for c in partner
                for t in [capital_ids(tokenizer, facts[partner[c]])]]
+    own = [after[c][:len(t)] == t for c in partner for t in [capital_ids(tokenizer, facts[c])]]
     others = [c for c in facts if c not in partner]
     kept = [after[c][:len(capital_ids(tokenizer, facts[c]))] ==
             before[c][:len(capital_ids(tokenizer, facts[c]))] for c in others]
     return {"edit_success": sum(flipped) / max(1, len(flipped)), "edited_probes": len(flipped),
+            "still_own_capital": sum(own) / max(1, len(own)),
             "locality": sum(kept) / max(1, len(kept)), "unrelated_probes": len(kept)}
 
 
@@ -134,9 +137,10 @@ def measure(run_dir: Path, facts: list[Fact], args) -> dict:
         rng = random.Random(args.seed)
         setups = [("single-token names, strict", pairs_of(single, args.pairs, tok, rng), "strict"),
                   ("multi-token names, repeat", pairs_of(multi, args.pairs, tok, rng), "repeat")]
-        half = len(STEM_LAYERS) // 2
-        layer_sets = [("all STEM layers", STEM_LAYERS), ("lower half", STEM_LAYERS[:half]),
-                      ("upper half", STEM_LAYERS[half:])]
+        stem_layers = sorted(loaded.config.stem_layers())
+        half = len(stem_layers) // 2
+        layer_sets = [("all STEM layers", stem_layers), ("lower half", stem_layers[:half]),
+                      ("upper half", stem_layers[half:])]
         originals = {n: t.weight.detach().clone() for n, t in model.stem_tables().items()}
         rows = []
         for label, pairs, rule in setups:
@@ -153,7 +157,7 @@ def measure(run_dir: Path, facts: list[Fact], args) -> dict:
             remap = parse_remap(tok, [f"{a}={b}" for a, b in pairs] + [f"{b}={a}" for a, b in pairs],
                                 rule)
             rows.append({"entities": label, "layers": "on the fly (--stem-remap)",
-                         "stem_layers": STEM_LAYERS, "pairs": len(pairs),
+                         "stem_layers": stem_layers, "pairs": len(pairs),
                          **score(answers(model, tok, facts, stem_ids=remap), before, by_country,
                                  tok, pairs)})
     finally:
@@ -185,10 +189,12 @@ def print_table(report: dict) -> None:
           f"({100 * report['learned_fraction']:.1f}%); pairs from {report['pairs_from']} facts: "
           f"{report['single_token']} single-token names, {report['multi_token']} multi-token; "
           f"training {report['train_seconds']} s, total {report['total_seconds']} s")
-    print(f"{'swapped pairs':<30} {'where':<28} {'pairs':>5} {'edit success':>13} {'locality':>9}")
+    print(f"{'swapped pairs':<30} {'where':<28} {'pairs':>5} {'edit success':>13} {'locality':>9} "
+          f"{'own capital':>12}")
     for r in report["results"]:
         print(f"{r['entities']:<30} {r['layers']:<28} {r['pairs']:>5} "
-              f"{100 * r['edit_success']:>12.1f}% {100 * r['locality']:>8.1f}%")
+              f"{100 * r['edit_success']:>12.1f}% {100 * r['locality']:>8.1f}% "
+              f"{100 * r['still_own_capital']:>11.1f}%")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="countries to pair: those whose fact the model learned, or all (smoke tests)")
     ap.add_argument("--from-run", help="measure an earlier demo's trained run dir (<out>/run) "
                                        "instead of building data and training")
+    ap.add_argument("--stem-layers", type=lambda t: [int(x) for x in t.split(",")],
+                    default=[0, 1, 2, 3], help="STEM layers of the 4-layer model (default: all)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--override", nargs="*", default=[], help="extra config overrides key=value")
     args = ap.parse_args(argv)
