@@ -110,7 +110,8 @@ def edit_checkpoint(source: str | os.PathLike, output: str | os.PathLike,
     for spec, plan in plans:
         for layer in chosen:
             apply_plan(plan, [tensors[key] for key in groups[layer]])
-        log(f"{spec}: {len(plan)} rows in layers {chosen} (with their optimizer moments)")
+        log(f"{spec}: {len(plan)} token rows in each of layers {chosen} (with their "
+            "optimizer moments)")
     metadata = dict(ckpt.metadata)
     metadata["knowledge_edits"] = list(ckpt.metadata.get("knowledge_edits", [])) + [
         {"source": str(ckpt.path), "edits": [str(spec) for spec, _ in plans],

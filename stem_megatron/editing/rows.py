@@ -5,9 +5,8 @@ source rows it becomes. Every source row is read from the table as it was before
 (a swap reads both sides first), and a destination given two different values is an error.
 The plan is then applied, row by row, to every tensor whose rows belong to the table: the
 table itself and its optimizer state (AdamW's exp_avg and exp_avg_sq), so a swapped row
-keeps its own moments and training continues from the edited state as if the tokens had
-traded places. A plain copy moves values bit for bit; a mean of rows takes the same mean of
-their moments.
+keeps its own moments when training continues from the edited state. A plain copy moves
+values bit for bit; a mean of rows takes the same mean of their moments.
 
     swap     A <-> B              rows of A become B's and rows of B become A's
     copy     A = B                rows of A become B's (B unchanged)
