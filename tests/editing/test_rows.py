@@ -114,3 +114,16 @@ def test_remap_redirects_every_occurrence_and_nothing_else(tokenizer):
         parse_remap(tokenizer, ["Romeo=Juliet"], rule="average")
     with pytest.raises(EditError, match="FROM=TO"):
         parse_remap(tokenizer, ["Romeo"])
+
+
+def test_command_line_edit_syntax():
+    from stem_megatron.editing.edit import EditSpec
+
+    assert EditSpec.parse("swap", "Spain=Germany").entities == ("Spain", "Germany")
+    assert EditSpec.parse("copy", "Spain=Germany").entities == ("Spain", "Germany")
+    assert EditSpec.parse("average", "Spain+France+Italy").entities == ("Spain", "France", "Italy")
+    assert EditSpec.parse("inject", "Atlantis=Greece+Crete").entities == ("Atlantis", "Greece", "Crete")
+    for operation, text in [("swap", "Spain"), ("swap", "A=B+C"), ("copy", "=B"),
+                            ("average", "Spain"), ("inject", "X=")]:
+        with pytest.raises(EditError, match="expected"):
+            EditSpec.parse(operation, text)
