@@ -8,6 +8,7 @@ the key and what is allowed.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -292,7 +293,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         tree = loaded
         name = path.stem
     tree.setdefault("name", name)
-    for override in overrides or []:
+    return config_from_dict(tree, overrides or [])
+
+
+def config_from_dict(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """A validated config from a config tree (a YAML file's, or the resolved one a checkpoint
+    records), with `section.key=value` overrides applied; missing fields take their defaults.
+    `tree` itself is not modified."""
+    tree = copy.deepcopy(tree)
+    for override in overrides:
         _apply_override(tree, override)
     config = _build(RunConfig, _merge(_dataclass_tree(RunConfig), tree), "")
     validate(config)

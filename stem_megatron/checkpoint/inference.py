@@ -10,7 +10,7 @@ import torch
 from stem_megatron.checkpoint import layout
 from stem_megatron.checkpoint.dcp import Checkpointer
 from stem_megatron.checkpoint.model_state import CheckpointMeshes, model_state
-from stem_megatron.config import RunConfig, _build, validate
+from stem_megatron.config import RunConfig, config_from_dict
 from stem_megatron.data.tokenizer import Tokenizer, load_tokenizer
 from stem_megatron.model.transformer import ModelSpec, StemGPTModel
 
@@ -27,8 +27,7 @@ def checkpoint_config(path: str) -> tuple[RunConfig, int]:
     """The resolved config and step recorded in a checkpoint's metadata.json."""
     ckpt = layout.resolve(path)
     metadata = json.loads((ckpt / layout.METADATA_JSON).read_text())
-    config = _build(RunConfig, metadata["config"], "")
-    validate(config)
+    config = config_from_dict(metadata["config"])
     return config, int(metadata["step"])
 
 

@@ -23,7 +23,7 @@ from stem_megatron.checkpoint import layout
 from stem_megatron.checkpoint.dcp import Checkpointer
 from stem_megatron.checkpoint.errors import CheckpointExistsError
 from stem_megatron.checkpoint.offline import OfflineCheckpoint, publish
-from stem_megatron.config import ConfigError, RunConfig, _apply_override, _build, validate
+from stem_megatron.config import ConfigError, RunConfig, config_from_dict
 
 RNG_PREFIX = "rng.torch_rank"
 
@@ -34,12 +34,7 @@ class ConversionError(RuntimeError):
 
 def target_config(source: dict[str, Any], overrides: list[str]) -> RunConfig:
     """The source checkpoint's config with dotted `section.key=value` overrides applied."""
-    tree = copy.deepcopy(source)
-    for override in overrides:
-        _apply_override(tree, override)
-    config = _build(RunConfig, tree, "")
-    validate(config)
-    return config
+    return config_from_dict(source, overrides)
 
 
 def vocab_size(ckpt: OfflineCheckpoint, config: RunConfig) -> int:
@@ -91,7 +86,7 @@ def _convert_rank(source: str, tmp: str, build_dict: dict, config_dict: dict, vo
                 state["rng"].update(carried_rng)
             return state
 
-    config, build = _build(RunConfig, config_dict, ""), _build(RunConfig, build_dict, "")
+    config, build = config_from_dict(config_dict), config_from_dict(build_dict)
     p = config.parallel
     parallel = ParallelState.initialize(p.tensor_model_parallel_size,
                                         p.pipeline_model_parallel_size,
