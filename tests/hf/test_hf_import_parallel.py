@@ -3,8 +3,6 @@ process: the model-only checkpoint loads into TP shards like any other checkpoin
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import yaml
@@ -14,17 +12,7 @@ from stem_megatron.hf.importer import import_llama
 from stem_megatron.parallel.local_workers import run_local_workers
 from stem_megatron.training.short_run import full_parameters, train_steps
 from stem_megatron.training.trainer import Trainer
-
-
-def as_overrides(tree: dict, prefix: str = "") -> list[str]:
-    """A config file's values as dotted overrides (JSON is YAML), for train_steps."""
-    out = []
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out += as_overrides(value, f"{prefix}{key}.")
-        else:
-            out.append(f"{prefix}{key}={json.dumps(value)}")
-    return out
+from tests.config_overrides import as_overrides
 
 
 def test_imported_model_finetunes_identically_under_tp2(hf_llama, parallel, tmp_path,

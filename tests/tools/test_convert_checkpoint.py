@@ -14,6 +14,7 @@ from stem_megatron.checkpoint.offline import OfflineCheckpoint
 from stem_megatron.parallel.local_workers import run_local_workers
 from stem_megatron.training.short_run import train_steps
 from stem_megatron.training.trainer import Trainer
+from tests.config_overrides import as_overrides
 from tests.tools.checkpoint_files import snapshot
 from tools.convert_checkpoint import main
 
@@ -21,17 +22,6 @@ TP2_PP2 = ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_par
 TP1_PP1 = ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1"]
 RUN = ["checkpoint.save_interval=3",
        "model.untie_embeddings_and_output_weights=true"]  # PP > 1 needs untied embeddings
-
-
-def as_overrides(tree: dict, prefix: str = "") -> list[str]:
-    """A config dict as `section.key=value` overrides (JSON values are YAML)."""
-    out = []
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out += as_overrides(value, f"{prefix}{key}.")
-        else:
-            out.append(f"{prefix}{key}={json.dumps(value)}")
-    return out
 
 
 def losses(run_dir) -> dict[int, float]:
