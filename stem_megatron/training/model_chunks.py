@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import torch
 
 from stem_megatron.config import ConfigError, RunConfig
+from stem_megatron.model.sharding import RowBlock
 from stem_megatron.model.transformer import ModelSpec, StemGPTModel
 from stem_megatron.parallel.layout import validate_layout
 from stem_megatron.parallel.pipeline_stages import PipelineStage, pipeline_stages
@@ -42,7 +43,11 @@ def build_model_chunks(config: RunConfig, parallel: ParallelState,
     off_device = config.stem.storage in ("host", "mmap")
     files = table_files(config)
     if off_device:
-        _check_tables_fit(config, parallel, vocab_size, my_stages, files)
+        rows = vocab_size  # per table on this rank: its own block when vocab-sharded
+        if vocab_shard is not None:
+            block = RowBlock.of(vocab_size, *vocab_shard)
+            rows = block.end - block.start
+        _check_tables_fit(config, parallel, rows, my_stages, files)
     chunks = []
     for stage in my_stages:
         spec = ModelSpec(model=config.model, vocab_size=vocab_size,
@@ -66,15 +71,12 @@ def table_files(config: RunConfig) -> MmapFiles | None:
     return MmapFiles(config.mmap_dir) if config.stem.storage == "mmap" else None
 
 
-def _check_tables_fit(config: RunConfig, parallel: ParallelState, vocab_size: int,
+def _check_tables_fit(config: RunConfig, parallel: ParallelState, rows: int,
                       stages: list[PipelineStage], files: MmapFiles | None) -> None:
-    """Refuse host tables (with their optimizer state) larger than free host RAM, or mmap
-    tables larger than the free disk, before any is allocated."""
+    """Refuse host tables (with their optimizer state) of `rows` rows each larger than free
+    host RAM, or mmap tables larger than the free disk, before any is allocated."""
     stem = set(config.stem_layers())
     tables = sum(1 for stage in stages for layer in stage.layers if layer in stem)
-    rows = vocab_size
-    if config.stem.dp_layout == "vocab_sharded" and parallel.dp_size > 1:
-        rows = -(-vocab_size // parallel.dp_size)  # this rank's block, at most
     width = config.model.ffn_hidden_size // parallel.tp_size
     exact = config.stem.optimizer.mode == "exact"
     what = (f"{tables} {config.stem.storage}-tier STEM tables of [{rows}, {width}] with their "
