@@ -180,6 +180,14 @@ class RunConfig:
             return list(range(1, self.model.num_layers, 2))
         return sorted(self.stem.layers)
 
+    def resolved(self, vocab_size: int) -> RunConfig:
+        """This config with the values left to defaults spelled out (the vocab size the
+        tokenizer gave, the STEM layers chosen), as a run records it."""
+        model = dataclasses.replace(self.model, vocab_size=vocab_size)
+        stem = dataclasses.replace(self.stem, layers=self.stem_layers() if self.stem.enabled
+                                   else self.stem.layers)
+        return dataclasses.replace(self, model=model, stem=stem)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

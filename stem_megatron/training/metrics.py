@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -134,3 +135,29 @@ def _to_float(tag: str, value: float | int | torch.Tensor) -> float:
             )
         return float(value.item())
     return float(value)
+
+
+@dataclass
+class LossWindow:
+    """The train losses since the last logged step; the logged `loss/train` is their mean.
+    Checkpoints carry it, so a run resumed between two logged steps logs the mean the
+    uninterrupted run logs (a float sum in JSON round-trips exactly)."""
+
+    loss_sum: float = 0.0
+    steps: int = 0
+
+    def add(self, loss: float) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+
+    def take(self) -> float:
+        """The window's mean loss; starts the next window."""
+        mean = self.loss_sum / self.steps
+        self.loss_sum, self.steps = 0.0, 0
+        return mean
+
+    def state_dict(self) -> dict[str, float | int]:
+        return {"loss_sum": self.loss_sum, "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, float | int]) -> None:
+        self.loss_sum, self.steps = float(state["loss_sum"]), int(state["steps"])

@@ -4,7 +4,8 @@ The DCP part, every tensor in its layout-independent view (checkpoint/model_stat
 parameters by megatron-core name, the dense AdamW state per parameter name, the table
 optimizer state, and each rank's RNG state. Optimizer hyperparameters are not saved (they come
 from the config), which keeps every key meaning the same thing under any TP/PP/DP layout.
-The JSON part (`metadata.json`): step, data-stream position and the resolved config.
+The JSON part (`metadata.json`): step, data-stream position, the train losses not yet logged
+(training/metrics.py LossWindow) and the resolved config.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from stem_megatron.checkpoint.safe_io import read_dcp_metadata
 from stem_megatron.config import RunConfig
 from stem_megatron.data.sampler import PackedSampleStream
 from stem_megatron.parallel.state import ParallelState
+from stem_megatron.training.metrics import LossWindow
 from stem_megatron.training.model_chunks import named_parameters
 from stem_megatron.training.optimizer import TrainingOptimizer
 
@@ -55,6 +57,7 @@ class TrainingState:
                  train_stream: PackedSampleStream, parallel: ParallelState):
         self.chunks, self.optimizer = chunks, optimizer
         self.train_stream, self.parallel = train_stream, parallel
+        self.loss_window = LossWindow()
         self.meshes = CheckpointMeshes.build(parallel)
 
     def _rng_key(self) -> str:
@@ -77,7 +80,7 @@ class TrainingState:
 
     def save(self, checkpointer: Checkpointer, step: int, config: RunConfig) -> Path:
         metadata = {"step": step, "data": self.train_stream.state_dict(),
-                    "config": config.to_dict()}
+                    "loss_window": self.loss_window.state_dict(), "config": config.to_dict()}
         path = checkpointer.save(step, self._state(), metadata)
         self.optimizer.refresh_cache()  # exact mode: the save settled every host row
         return path
@@ -111,6 +114,8 @@ class TrainingState:
         if self._rng_key() in state["rng"]:
             torch.set_rng_state(state["rng"][self._rng_key()])
         self.train_stream.load_state_dict(metadata["data"])
+        if "loss_window" in metadata:  # older checkpoints: the window starts at the resume
+            self.loss_window.load_state_dict(metadata["loss_window"])
         return int(metadata["step"])
 
     def load_model_weights(self, path: str) -> None:

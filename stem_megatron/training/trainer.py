@@ -64,10 +64,11 @@ def _loss_func(per_token_loss: torch.Tensor):
 
 class Trainer:
     def __init__(self, config: RunConfig, parallel: ParallelState):
-        self.config, self.parallel = config, parallel
-        c = config
-        self.tokenizer = load_tokenizer(c.data.tokenizer)
-        self.vocab_size = c.model.vocab_size or self.tokenizer.vocab_size
+        self.tokenizer = load_tokenizer(config.data.tokenizer)
+        self.vocab_size = config.model.vocab_size or self.tokenizer.vocab_size
+        # What the run records (config.yaml, checkpoints) has its defaults spelled out.
+        self.config, self.parallel = config.resolved(self.vocab_size), parallel
+        c = self.config
         train_data = open_dataset(c.data.train_data, vocab_size=self.vocab_size)
         check_vocab(train_data, self.vocab_size, self.tokenizer)
         self.val_data = None
@@ -258,28 +259,31 @@ class Trainer:
         progress = TrainingProgress(c.train.train_iters, start_step=self.step,
                                     log_interval=c.logging.log_interval,
                                     enabled=self.parallel.is_main)
-        window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+        window, timed_steps, window_start = self.state.loss_window, 0, time.perf_counter()
         run_start, run_start_step = time.perf_counter(), self.step
         val_loss, metrics, stopped_by = None, {}, None
         with self.metrics, progress, StopRequest(self.parallel.device) as stop:
             while self.step < c.train.train_iters:
                 metrics = self.train_step()
-                window_loss += metrics["loss/train"]
-                window_steps += 1
+                window.add(metrics["loss/train"])
+                timed_steps += 1
                 progress.update(self.step, loss=metrics["loss/train"], tokens=tokens_per_step,
                                 lr=metrics["optim/lr"], grad_norm=metrics["optim/grad_norm"])
                 last = self.step == c.train.train_iters
+                record = {}  # one metrics.jsonl object per step: train and val together
                 if self.step % c.logging.log_interval == 0 or last:
                     elapsed = time.perf_counter() - window_start
-                    self.metrics.log(self.step, {
-                        **metrics, **static, "loss/train": window_loss / window_steps,
-                        "throughput/tokens_per_s": tokens_per_step * window_steps / elapsed})
-                    window_loss, window_steps, window_start = 0.0, 0, time.perf_counter()
+                    record = {**metrics, **static, "loss/train": window.take(),
+                              "throughput/tokens_per_s": tokens_per_step * timed_steps / elapsed}
+                    timed_steps = 0
                 if (c.train.eval_interval and self.step % c.train.eval_interval == 0) or last:
                     val_loss = self.evaluate()
                     if val_loss is not None:
-                        self.metrics.log(self.step, {"loss/val": val_loss})
+                        record["loss/val"] = val_loss
                         progress.message(f"step {self.step} | val_loss {val_loss:.4f}")
+                self.metrics.log(self.step, record)
+                if not timed_steps:  # the next throughput window starts after evaluation
+                    window_start = time.perf_counter()
                 saved = (c.checkpoint.save_interval
                          and self.step % c.checkpoint.save_interval == 0) or last
                 if saved:

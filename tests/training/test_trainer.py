@@ -7,8 +7,10 @@ import json
 
 import pytest
 import torch
+import yaml
 
 from stem_megatron.checkpoint.errors import CheckpointMismatchError
+from stem_megatron.data.tokenizer import load_tokenizer
 from stem_megatron.training.trainer import Trainer
 
 REQUIRED_TAGS = {"loss/train", "optim/lr", "optim/grad_norm", "throughput/tokens_per_s",
@@ -17,10 +19,12 @@ REQUIRED_TAGS = {"loss/train", "optim/lr", "optim/grad_norm", "throughput/tokens
 
 
 def metrics_by_step(run_dir) -> dict[int, dict]:
+    """metrics.jsonl by step; each step has one object (train and val metrics together)."""
     rows: dict[int, dict] = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        rows.setdefault(row["step"], {}).update(row)
+        assert row["step"] not in rows, f"step {row['step']} logged twice"
+        rows[row["step"]] = row
     return rows
 
 
@@ -36,7 +40,10 @@ def test_training_writes_metrics_checkpoints_and_config(tiny_config, parallel):
     assert rows[6]["loss/train"] < rows[1]["loss/train"]  # it learns
     assert rows[1]["params/active"] < rows[1]["params/total"]
     assert result.val_loss == pytest.approx(rows[6]["loss/val"])
-    assert (run / "config.yaml").is_file() and any((run / "tb").iterdir())
+    assert any((run / "tb").iterdir())
+    recorded = yaml.safe_load((run / "config.yaml").read_text())  # defaults spelled out
+    assert recorded["model"]["vocab_size"] == load_tokenizer(config.data.tokenizer).vocab_size
+    assert recorded["stem"]["layers"] == config.stem_layers()
     ckpts = run / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_6"
     assert (ckpts / "step_3").is_dir() and (ckpts / "step_6").is_dir()
@@ -64,6 +71,20 @@ def test_resume_reproduces_uninterrupted_run(tiny_config, parallel, tmp_path, mo
         assert b[step]["loss/train"] == a[step]["loss/train"]
         assert b[step]["optim/grad_norm"] == a[step]["optim/grad_norm"]
     assert b[6]["loss/val"] == a[6]["loss/val"]
+
+
+def test_resume_between_log_steps_logs_the_uninterrupted_means(tiny_config, parallel, tmp_path):
+    """loss/train is a mean over log_interval steps; a checkpoint inside a window carries the
+    window's losses, so the resumed run logs the same means."""
+    full = tiny_config("checkpoint.save_interval=3", "logging.log_interval=2")
+    Trainer(full, parallel).run()
+    resumed = tiny_config(f"checkpoint.load={full.run_dir / 'checkpoints' / 'step_3'}",
+                          f"logging.run_dir={tmp_path / 'resumed'}", "logging.log_interval=2")
+    Trainer(resumed, parallel).run()
+    a, b = metrics_by_step(full.run_dir), metrics_by_step(resumed.run_dir)
+    assert sorted(a) == [2, 3, 4, 6] and sorted(b) == [4, 6]  # step 3: validation only
+    assert b[4]["loss/train"] == a[4]["loss/train"] and b[6].keys() == a[6].keys()
+    assert b[6]["loss/train"] == a[6]["loss/train"] and b[6]["loss/val"] == a[6]["loss/val"]
 
 
 def test_gradient_accumulation_matches_one_big_micro_batch(tiny_config, parallel, tmp_path):
