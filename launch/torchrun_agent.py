@@ -1,5 +1,6 @@
 """`python launch/torchrun_agent.py ARGS` is `torchrun ARGS`, except that a rendezvous that
-fails ends with one line saying which rendezvous and what to check.
+fails ends with one line saying which rendezvous and what to check, and a worker that fails
+(after printing its own error) ends with one line naming it instead of the agent's traceback.
 
 torchrun itself ends a rendezvous that never completes with a bare
 `RendezvousTimeoutError` (no message) under a 40-line traceback; on a cluster that reads
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import sys
 
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.elastic.rendezvous.api import (RendezvousConnectionError, RendezvousError,
                                                       RendezvousTimeoutError)
 from torch.distributed.run import main, parse_args
@@ -29,9 +31,19 @@ def describe(args, exc: RendezvousError) -> str:
     return f"error: {where} failed: {type(exc).__name__}: {exc}"
 
 
+def describe_worker_failure(exc: ChildFailedError) -> str:
+    rank, failure = exc.get_first_failure()
+    return (f"error: {exc.name} failed: rank {rank} (local rank {failure.local_rank}, pid "
+            f"{failure.pid}) exited first, with code {failure.exitcode}; its output above says "
+            f"why ({len(exc.failures)} worker(s) of this node failed)")
+
+
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
     except RendezvousError as exc:
         print(describe(parse_args(sys.argv[1:]), exc), file=sys.stderr, flush=True)
+        sys.exit(1)
+    except ChildFailedError as exc:
+        print(describe_worker_failure(exc), file=sys.stderr, flush=True)
         sys.exit(1)

@@ -23,7 +23,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="ranks to plan the dry run for (default: TP x PP)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="dotted overrides, e.g. train.train_iters=200 stem.layers=[1,3]")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may sit on either side of flags
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,9 +50,13 @@ def main(argv: list[str] | None = None) -> int:
     from stem_megatron.checkpoint.errors import (CheckpointExistsError, CheckpointMismatchError,
                                                  CheckpointNotFoundError)
 
-    parallel = ParallelState.initialize(config.parallel.tensor_model_parallel_size,
-                                        config.parallel.pipeline_model_parallel_size,
-                                        config.parallel.virtual_pipeline_model_parallel_size)
+    try:
+        parallel = ParallelState.initialize(config.parallel.tensor_model_parallel_size,
+                                            config.parallel.pipeline_model_parallel_size,
+                                            config.parallel.virtual_pipeline_model_parallel_size)
+    except ValueError as exc:  # the launched world does not fit the layout
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     try:
         try:
             trainer = Trainer(config, parallel)

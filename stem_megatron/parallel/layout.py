@@ -58,4 +58,13 @@ def validate_layout(config: RunConfig, world_size: int, vocab_size: int) -> Para
         raise ConfigError(
             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
             f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp})")
+    microbatches = t.global_batch_size // (t.micro_batch_size * dp)
+    if p.virtual_pipeline_model_parallel_size and microbatches % pp:
+        # megatron-core's interleaved schedule runs micro-batches in groups of PP.
+        raise ConfigError(
+            f"the interleaved schedule (virtual_pipeline_model_parallel_size="
+            f"{p.virtual_pipeline_model_parallel_size}) needs the micro-batches per step "
+            f"({microbatches} = global_batch_size {t.global_batch_size} / (micro_batch_size "
+            f"{t.micro_batch_size} x data-parallel size {dp})) to be a multiple of "
+            f"pipeline_model_parallel_size ({pp})")
     return ParallelLayout(world_size, tp, pp, tuple(stages))

@@ -41,3 +41,14 @@ def test_failing_run_exits_non_zero(scope, tmp_path, run_overrides):
                           "torchrun", timeout=60)
     assert code != 0
     assert "unknown key 'train.train_iter'" in out
+
+
+def test_world_that_does_not_fit_the_layout_is_one_line_per_rank(scope, tmp_path, run_overrides):
+    code, out = scope.run([TORCHRUN_SH, "2", CONFIG, "parallel.pipeline_model_parallel_size=3",
+                           *train_command(tmp_path / "run", run_overrides)],
+                          "torchrun", timeout=60)
+    assert code != 0
+    assert "error: world size 2 is not divisible by tensor_model_parallel_size (1) x " \
+           "pipeline_model_parallel_size (3)" in out
+    assert "Traceback" not in out  # neither the workers nor the agent
+    assert "error: stem_megatron.train failed: rank" in out

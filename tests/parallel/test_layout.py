@@ -52,6 +52,10 @@ def test_a_good_layout():
      r"tied embeddings with pipeline_model_parallel_size \(2\) > 1"),
     (48, [], r"global_batch_size \(64\) must be a multiple of train.micro_batch_size \(1\) x "
              r"data-parallel size \(48\)"),
+    (2, ["parallel.pipeline_model_parallel_size=2",
+         "parallel.virtual_pipeline_model_parallel_size=2", "train.global_batch_size=3"],
+     r"interleaved schedule .* micro-batches per step \(3 = .*\) to be a multiple of "
+     r"pipeline_model_parallel_size \(2\)"),
 ])
 def test_bad_layouts_name_the_numbers(world_size, overrides, message):
     with pytest.raises(ConfigError, match=message):
