@@ -7,11 +7,14 @@ RUN_ID := $(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: install data train train-dense edit-demo test test-slow test-slurm clean-venv
 
-# The CPU wheel of torch is pinned first: an unpinned torch would pull a multi-GB CUDA build.
-# On a GPU cluster, install your own torch and then `pip install -r requirements.txt`.
+# torch is installed only when none is importable, as TORCH_INSTALL (our CPU machines' wheel;
+# an unpinned torch would pull a multi-GB CUDA build). A torch already in $(PYTHON)'s
+# site-packages (a GPU cluster's own build) is used as it is: the venv then sees it.
+TORCH_INSTALL ?= torch==2.13.0
 $(STAMP): requirements.txt constraints.txt
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q -c constraints.txt torch
+	test -x $(PY) || $(PYTHON) -m venv \
+	    $$($(PYTHON) -c "import torch" 2>/dev/null && echo --system-site-packages) $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_INSTALL)
 	$(PY) -m pip install -q -c constraints.txt -r requirements.txt
 	touch $(STAMP)
 
