@@ -21,7 +21,8 @@ def generate_ids(model: torch.nn.Module, prompt_ids: list[int], *, max_new_token
                  vocab_size: int, seq_length: int, temperature: float = 0.0,
                  top_k: int | None = None, seed: int = 0,
                  device: torch.device | str = "cpu", stem_ids: StemIds | None = None) -> list[int]:
-    """Continue `prompt_ids`. temperature 0 is greedy; top_k keeps the k likeliest tokens.
+    """Continue `prompt_ids` with ids below `vocab_size`. temperature 0 is greedy; top_k keeps
+    the k likeliest tokens.
     `stem_ids` (optional) gives, for each context, the ids its STEM tables are indexed by."""
     if not prompt_ids:
         raise ValueError("the prompt is empty: give at least one token")
@@ -41,7 +42,7 @@ def generate_ids(model: torch.nn.Module, prompt_ids: list[int], *, max_new_token
                 logits = model(context)
             else:
                 logits = model(context, stem_ids=torch.tensor([stem_ids(window)], device=device))
-            logits = logits[0, -1, :vocab_size].float().cpu()  # drop vocab padding
+            logits = logits[0, -1, :vocab_size].float().cpu()  # drop ids past the vocab
             if temperature == 0:
                 next_id = int(logits.argmax())
             else:
@@ -59,11 +60,15 @@ def generate_ids(model: torch.nn.Module, prompt_ids: list[int], *, max_new_token
 def generate_text(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, *,
                   max_new_tokens: int = 50, temperature: float = 0.0, top_k: int | None = None,
                   seed: int = 0, stem_ids: StemIds | None = None) -> str:
-    """Prompt plus continuation, decoded."""
+    """Prompt plus continuation, decoded. Only ids the tokenizer can decode are generated:
+    a model vocab set larger than the tokenizer's has rows no text maps to."""
     spec = model.spec
+    if tokenizer.vocab_size > spec.vocab_size:
+        raise ValueError(f"the tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but the "
+                         f"model only {spec.vocab_size}: use the tokenizer the model was trained with")
     device = next(model.parameters()).device
     ids = generate_ids(model, tokenizer.encode(prompt), max_new_tokens=max_new_tokens,
-                       vocab_size=spec.vocab_size, seq_length=spec.model.seq_length,
+                       vocab_size=tokenizer.vocab_size, seq_length=spec.model.seq_length,
                        temperature=temperature, top_k=top_k, seed=seed, device=device,
                        stem_ids=stem_ids)
     return tokenizer.decode(ids)
