@@ -116,6 +116,9 @@ class DataConfig:
     tokenizer: str = "data/prepared/tokenizer.json"
     train_data: str = "data/prepared/shakespeare_train"  # indexed dataset prefix (.bin/.idx)
     valid_data: str | None = "data/prepared/shakespeare_val"
+    # false: also accept datasets made by Megatron-LM's preprocess_data.py (no .meta.json
+    # sidecar): ids are still checked against the vocab, the tokenizer match cannot be.
+    require_meta: bool = True
 
 
 @dataclass

@@ -153,7 +153,7 @@ def _check_meta(prefix: str, required: bool, docs: int, tokens: int, bin_bytes: 
         if required:
             raise DatasetError(
                 f"{path}: sidecar of dataset {prefix} is missing, so its tokenizer is unknown; {_FIX} "
-                "(datasets from Megatron-LM's preprocess_data.py: open with require_meta=False)"
+                "(datasets from Megatron-LM's preprocess_data.py: set data.require_meta=false)"
             )
         return None
     try:

@@ -23,6 +23,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from stem_megatron.checkpoint.dcp import Checkpointer
 from stem_megatron.config import RunConfig, save_config
 from stem_megatron.data.indexed import check_vocab, open_dataset
+from stem_megatron.data.bundled import check_bundled_data_prepared
 from stem_megatron.data.sampler import PackedSampleStream, ValidationBatches
 from stem_megatron.data.tokenizer import load_tokenizer
 from stem_megatron.model.accounting import count_model
@@ -64,17 +65,14 @@ def _loss_func(per_token_loss: torch.Tensor):
 
 class Trainer:
     def __init__(self, config: RunConfig, parallel: ParallelState):
+        check_bundled_data_prepared(config.data)
         self.tokenizer = load_tokenizer(config.data.tokenizer)
         self.vocab_size = config.model.vocab_size or self.tokenizer.vocab_size
         # What the run records (config.yaml, checkpoints) has its defaults spelled out.
         self.config, self.parallel = config.resolved(self.vocab_size), parallel
         c = self.config
-        train_data = open_dataset(c.data.train_data, vocab_size=self.vocab_size)
-        check_vocab(train_data, self.vocab_size, self.tokenizer)
-        self.val_data = None
-        if c.data.valid_data:
-            self.val_data = open_dataset(c.data.valid_data, vocab_size=self.vocab_size)
-            check_vocab(self.val_data, self.vocab_size, self.tokenizer)
+        train_data = self._open_data(c.data.train_data)
+        self.val_data = self._open_data(c.data.valid_data) if c.data.valid_data else None
 
         torch.manual_seed(c.train.seed)
         self.stem_layers = tuple(c.stem_layers())
@@ -114,6 +112,15 @@ class Trainer:
         self.metrics.truncate_after(self.step)
         if parallel.is_main:
             save_config(c, c.run_dir / "config.yaml")
+
+    def _open_data(self, prefix: str):
+        """The indexed dataset at `prefix`, its ids checked against the vocab and (when it
+        records one) its tokenizer against ours."""
+        data = open_dataset(prefix, vocab_size=self.vocab_size,
+                            require_meta=self.config.data.require_meta)
+        if data.meta is not None:
+            check_vocab(data, self.vocab_size, self.tokenizer)
+        return data
 
     def _resume_path(self) -> tuple[str | None, bool]:
         """What to load, and whether its model weights only: `checkpoint.load`, with "auto"

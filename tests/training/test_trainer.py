@@ -4,6 +4,7 @@ gradient accumulation, bad input."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -131,6 +132,23 @@ def test_checkpoint_of_another_shape_is_refused(tiny_config, parallel, tmp_path)
 def test_model_vocab_smaller_than_data_is_refused_before_training(tiny_config, parallel):
     with pytest.raises(ValueError, match="vocab"):
         Trainer(tiny_config("model.vocab_size=100"), parallel)
+
+
+def test_megatron_lm_dataset_without_sidecar_needs_require_meta_false(tiny_config, parallel,
+                                                                       small_corpus, tmp_path):
+    """A dataset from Megatron-LM's own preprocessing has no .meta.json: refused with the
+    setting that accepts it; with it, the ids are still checked against the vocab."""
+    prefix = tmp_path / "megatron_lm_train"
+    for suffix in (".bin", ".idx"):
+        shutil.copy(f"{small_corpus['train']}{suffix}", f"{prefix}{suffix}")
+    data = [f"data.train_data={prefix}", "data.valid_data=null"]
+    with pytest.raises(ValueError, match="set data.require_meta=false"):
+        Trainer(tiny_config(*data), parallel)
+    with pytest.raises(ValueError, match="outside the vocabulary of size 100"):
+        Trainer(tiny_config(*data, "data.require_meta=false", "model.vocab_size=100"), parallel)
+    trainer = Trainer(tiny_config(*data, "data.require_meta=false", "train.train_iters=1",
+                                  "optim.lr_warmup_iters=0", "train.eval_interval=0"), parallel)
+    assert trainer.run().step == 1
 
 
 def test_auto_resume_and_refusal_to_start_over_existing_checkpoints(tiny_config, parallel):
