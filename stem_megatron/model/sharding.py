@@ -66,6 +66,16 @@ def get_tp_shard(param: torch.Tensor) -> TPShard | None:
     return getattr(param, "tp_shard", None)
 
 
+def mark_tied_copy(param: torch.nn.Parameter) -> None:
+    """`param` is the last pipeline stage's copy of the tied embedding: kept equal to the
+    first stage's by summing their gradients, and counted once (there) in norms."""
+    param.tied_copy = True
+
+
+def is_tied_copy(param: torch.Tensor) -> bool:
+    return getattr(param, "tied_copy", False)
+
+
 def full_shape(param: torch.Tensor, tp_size: int) -> tuple[int, ...]:
     shape = list(param.shape)
     shard = get_tp_shard(param)

@@ -15,6 +15,9 @@ megatron-core. Parameter names follow megatron-core's GPTModel (local spec):
     decoder.final_layernorm.weight
     output_layer.weight                                 only when untied
 
+Tied, under pipeline parallelism: the last stage holds a copy of the embedding weight, named
+as the embedding, for the head; the trainer keeps the two equal (sums their gradients).
+
 N is the global layer number on every pipeline stage. Every STEM layer needs the token ids,
 so `forward` takes `input_ids` on every stage, not only the first.
 
@@ -40,7 +43,7 @@ from stem_megatron.config import ModelConfig, RopeScalingConfig
 from stem_megatron.model.rope import inverse_frequencies
 from stem_megatron.model.sharding import (RowBlock, TPGroup, TPShard, full_shape,
                                           get_row_block, get_tp_shard, local_slice,
-                                          param_generator, set_tp_shard)
+                                          mark_tied_copy, param_generator, set_tp_shard)
 from stem_megatron.model.stem_ffn import StemMLP, SwiGLUMLP, column_linear, row_linear
 from stem_megatron.stem.table import StemTable, xavier_normal_std
 
@@ -205,6 +208,17 @@ class StemGPTModel(torch.nn.Module):
                 spec.padded_vocab_size, m.hidden_size, init_method=lambda w: None,
                 config=self.config, tp_group=tp_group)
             set_tp_shard(self.embedding.word_embeddings.weight, TPShard(dim=0))
+        elif spec.post_process and self.tied:
+            # The last of several pipeline stages holds a copy of the tied embedding for the
+            # head (as Megatron does), under the embedding's name: initialised alike, its
+            # gradient summed with the first stage's, so the two never part.
+            self.embedding = torch.nn.Module()
+            self.embedding.word_embeddings = torch.nn.Module()
+            copy = torch.nn.Parameter(torch.empty(
+                spec.padded_vocab_size // spec.tp_size, m.hidden_size))
+            self.embedding.word_embeddings.weight = copy
+            set_tp_shard(copy, TPShard(dim=0))
+            mark_tied_copy(copy)
         self.decoder = TransformerBlock(spec, self.config, tp_group)
         if spec.post_process:
             self.output_layer = ColumnParallelLinear(

@@ -47,12 +47,6 @@ def validate_layout(config: RunConfig, world_size: int, vocab_size: int) -> Para
             raise ConfigError(f"tensor_model_parallel_size ({tp}) does not divide {name} "
                               f"({value}){detail}")
     stages = pipeline_stages(m.num_layers, pp, p.pipeline_layers)
-    if pp > 1 and not m.untie_embeddings_and_output_weights:
-        # The last stage has no embedding to share; Megatron would keep a synchronised copy,
-        # which our model does not implement yet.
-        raise ConfigError(
-            f"tied embeddings with pipeline_model_parallel_size ({pp}) > 1 are not supported: "
-            f"set model.untie_embeddings_and_output_weights=true or use one pipeline stage")
     dp = world_size // (tp * pp)
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(

@@ -67,6 +67,11 @@ class ParallelState:
         return parallel_state.get_pipeline_model_parallel_last_rank()
 
     @property
+    def embedding_group(self) -> dist.ProcessGroup:
+        """The first and last pipeline stages: they share a tied embedding."""
+        return parallel_state.get_embedding_group()
+
+    @property
     def model_parallel_group(self) -> dist.ProcessGroup:
         """TP x PP: the ranks that together hold one replica of the model."""
         return parallel_state.get_model_parallel_group()

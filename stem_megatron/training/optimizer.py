@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from stem_megatron.config import RunConfig
-from stem_megatron.model.sharding import get_tp_shard
+from stem_megatron.model.sharding import get_tp_shard, is_tied_copy
 from stem_megatron.parallel.state import ParallelState
 from stem_megatron.stem.cache import HotRowCache
 from stem_megatron.stem.sparse_adam import SparseRowAdamW
@@ -23,6 +23,9 @@ from stem_megatron.stem.sync import gather_union_ids, sync_replicated_row_grads
 from stem_megatron.stem.table import StemTable
 from stem_megatron.training.model_chunks import named_modules, named_parameters, table_files
 from stem_megatron.training.table_update import OverlappedTableUpdate
+
+
+TIED_EMBEDDING = "embedding.word_embeddings.weight"
 
 
 def _no_weight_decay(name: str, param: torch.Tensor) -> bool:
@@ -44,6 +47,11 @@ class TrainingOptimizer:
                 continue
             (no_decay if _no_weight_decay(name, param) else decay).append(param)
         self.dense_params = decay + no_decay
+        # Tied embedding under PP: the first stage's weight and the last stage's copy.
+        tied_across_stages = (parallel.pp_size > 1
+                              and not config.model.untie_embeddings_and_output_weights)
+        tied = dict(named_parameters(chunks)).get(TIED_EMBEDDING) if tied_across_stages else None
+        self.tied_embedding = [tied] if tied is not None else []
         self.base_lr = o.lr
         self.dense = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o.weight_decay},
@@ -140,12 +148,19 @@ class TrainingOptimizer:
             sync_replicated_row_grads(table.grad_accumulator, self.parallel.dp_group,
                                       table.weight.shape[1], self.parallel.device)
 
+    def sync_tied_embedding_grads(self) -> None:
+        """Sum the tied embedding's gradients over the first stage (from the lookup) and the
+        last (from the head), after the data-parallel reduction: both then take the same step."""
+        for param in self.tied_embedding:
+            dist.all_reduce(param.grad, group=self.parallel.embedding_group)
+
     def grad_norm(self) -> float:
         """L2 norm over every dense gradient and every table's combined row gradient, over the
-        whole model: TP-sharded gradients summed across ranks, TP-duplicated ones counted once."""
-        sharded = [p.grad for p in self.dense_params if p.grad is not None and get_tp_shard(p)]
-        duplicated = [p.grad for p in self.dense_params
-                      if p.grad is not None and not get_tp_shard(p)]
+        whole model: TP-sharded gradients summed across ranks, TP-duplicated ones and the tied
+        embedding's copy counted once."""
+        counted = [p for p in self.dense_params if p.grad is not None and not is_tied_copy(p)]
+        sharded = [p.grad for p in counted if get_tp_shard(p)]
+        duplicated = [p.grad for p in counted if not get_tp_shard(p)]
         device = self.parallel.device
         squared = torch.zeros((), dtype=torch.float32, device=device)
         if sharded:

@@ -235,6 +235,8 @@ class Trainer:
             with self.optimizer.overlapping_table_updates(lr_factor, len(batches)), \
                     self._prefetching(batches, metrics):
                 metrics["loss/train"] = self._run_schedule(batches, forward_only=False)
+            with self.comm.purpose("pp"):
+                self.optimizer.sync_tied_embedding_grads()
             metrics.update(self.optimizer.step(lr_factor))
         metrics["stem/bytes_h2d"] += metrics["stem/cache_refresh_bytes"]
         metrics.update(self.comm.take())  # bytes this step moved, by purpose and kind

@@ -47,9 +47,6 @@ def test_a_good_layout():
      r"pipeline_layers \[4\] has 1 entries; parallel.pipeline_model_parallel_size is 2"),
     (2, ["parallel.pipeline_model_parallel_size=2", "parallel.pipeline_layers=[0,4]"],
      r"every stage needs at least one layer"),
-    (2, ["parallel.pipeline_model_parallel_size=2",
-         "model.untie_embeddings_and_output_weights=false"],
-     r"tied embeddings with pipeline_model_parallel_size \(2\) > 1"),
     (48, [], r"global_batch_size \(64\) must be a multiple of train.micro_batch_size \(1\) x "
              r"data-parallel size \(48\)"),
     (2, ["parallel.pipeline_model_parallel_size=2",
