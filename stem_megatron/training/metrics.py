@@ -150,9 +150,13 @@ class LossWindow:
         self.loss_sum += loss
         self.steps += 1
 
+    @property
+    def mean(self) -> float:
+        return self.loss_sum / self.steps
+
     def take(self) -> float:
         """The window's mean loss; starts the next window."""
-        mean = self.loss_sum / self.steps
+        mean = self.mean
         self.loss_sum, self.steps = 0.0, 0
         return mean
 

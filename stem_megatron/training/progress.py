@@ -4,7 +4,8 @@ interval otherwise (SLURM logs, `| tee`, CI).
 Plain line (stdout, flushed), fields `name value` separated by ` | `, the step padded to
 the width of train_iters so columns line up:
     step   100/2000 | loss 4.1234 | lr 3.00e-04 | grad_norm 0.812 | tok/s 12,345 | elapsed 0:01:23 | eta 0:20:11
-`loss` is the mean over the interval, `tok/s` the interval's throughput, `lr` and
+`loss` is what the caller reports (the trainer: the mean over the log window, as logged),
+`tok/s` the interval's throughput, `lr` and
 `grad_norm` the last values (omitted when not given). `eta` comes from the average time
 per step since this object was created, so on a resumed run it counts only the steps
 this run has done and the steps left. `grep '^step '` selects the lines.
@@ -52,8 +53,6 @@ class TrainingProgress:
         self._start_time = monotonic()
         self._interval_start = self._start_time
         self._interval_tokens = 0
-        self._interval_loss_sum = 0.0
-        self._interval_steps = 0
         self._bar: tqdm | None = None
         if enabled and sys.stderr.isatty():
             self._bar = tqdm(
@@ -76,7 +75,7 @@ class TrainingProgress:
         """Record that iteration `step` (1-based count of completed iterations) is done.
 
         `tokens` is the number of tokens the iteration trained on across all ranks, so
-        tok/s is the job's throughput.
+        tok/s is the job's throughput; `loss` is shown as given.
         """
         if not self.enabled:
             return
@@ -84,14 +83,11 @@ class TrainingProgress:
             raise ValueError(f"step={step} must be > start_step={self.start_step}")
         now = monotonic()
         self._interval_tokens += tokens
-        self._interval_loss_sum += float(loss)
-        self._interval_steps += 1
-        mean_loss = self._interval_loss_sum / self._interval_steps
         tokens_per_s = self._interval_tokens / max(now - self._interval_start, 1e-9)
 
         if self._bar is not None:
             self._bar.set_postfix_str(
-                f"loss {mean_loss:.4f}, {tokens_per_s:,.0f} tok/s", refresh=False
+                f"loss {loss:.4f}, {tokens_per_s:,.0f} tok/s", refresh=False
             )
             self._bar.update(step - self._bar.n)
         elif step % self.log_interval == 0 or step == self.train_iters:
@@ -99,7 +95,7 @@ class TrainingProgress:
             eta = elapsed / (step - self.start_step) * (self.train_iters - step)
             fields = [
                 f"step {step:>{len(str(self.train_iters))}}/{self.train_iters}",
-                f"loss {mean_loss:.4f}",
+                f"loss {loss:.4f}",
             ]
             if lr is not None:
                 fields.append(f"lr {lr:.2e}")
@@ -115,8 +111,6 @@ class TrainingProgress:
         if step % self.log_interval == 0:
             self._interval_start = now
             self._interval_tokens = 0
-            self._interval_loss_sum = 0.0
-            self._interval_steps = 0
 
     def message(self, text: str) -> None:
         """Print a line (e.g. `step 100 | val_loss 4.0000`) without breaking the bar."""

@@ -276,7 +276,7 @@ class Trainer:
                 metrics = self.train_step()
                 window.add(metrics["loss/train"])
                 timed_steps += 1
-                progress.update(self.step, loss=metrics["loss/train"], tokens=tokens_per_step,
+                progress.update(self.step, loss=window.mean, tokens=tokens_per_step,
                                 lr=metrics["optim/lr"], grad_norm=metrics["optim/grad_norm"])
                 last = self.step == c.train.train_iters
                 record = {}  # one metrics.jsonl object per step: train and val together
