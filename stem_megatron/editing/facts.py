@@ -71,6 +71,7 @@ def answers(model: torch.nn.Module, tokenizer: Tokenizer, facts: Sequence[Fact],
     Probes of equal token length run as one batch (no padding, so every row computes what
     it would alone); greedy decoding as in generation.generate_ids."""
     spec = model.spec
+    vocab_size = min(spec.vocab_size, tokenizer.vocab_size)  # only ids the tokenizer decodes
     n = max(len(capital_ids(tokenizer, fact)) for fact in facts)
     groups: dict[int, list[tuple[str, list[int]]]] = {}
     for fact in facts:
@@ -86,7 +87,7 @@ def answers(model: torch.nn.Module, tokenizer: Tokenizer, facts: Sequence[Fact],
                 window = ids[:, -spec.model.seq_length:]
                 lookup = None if stem_ids is None else torch.tensor(
                     [stem_ids(row) for row in window.tolist()])
-                logits = model(window, stem_ids=lookup)[:, -1, :spec.vocab_size]
+                logits = model(window, stem_ids=lookup)[:, -1, :vocab_size]
                 ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
             out.update({country: tuple(row[length:]) for (country, _), row
                         in zip(probes, ids.tolist())})
