@@ -1,9 +1,15 @@
 #!/usr/bin/env python
-"""Parameters and memory per rank type of a config's TP/PP layout, without a GPU or a process
-group: the report of `python -m stem_megatron.train --dry-run` (the same code).
+"""Parameters and memory per rank type of a config's TP/PP(/VP) layout, without a GPU or a
+process group: the report of `python -m stem_megatron.train --dry-run` (the same code).
 
     python tools/estimate_memory.py --config configs/stem_1b.yaml [--world-size 64] \
         [--json out.json] [section.key=value ...]
+
+Overrides change the plan like the run: e.g. stem.dp_layout=vocab_sharded (each DP rank holds
+its block of table rows), stem.storage=host|mmap (tables and their optimizer state counted in
+host RAM or mmap files; the device keeps staging buffers and stem.cache_rows), or
+parallel.virtual_pipeline_model_parallel_size=2 (interleaved chunks per pipeline rank).
+--json must name a new file (an existing one is never overwritten).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", required=True, help="YAML config file")
     ap.add_argument("--world-size", type=int, default=None,
                     help="ranks to plan for (default: TP x PP, one model replica)")
-    ap.add_argument("--json", help="also write the numbers to this JSON file")
+    ap.add_argument("--json", help="also write the numbers to this new JSON file")
     ap.add_argument("overrides", nargs="*", metavar="section.key=value")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")

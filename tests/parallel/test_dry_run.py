@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from stem_megatron.config import load_config
-from stem_megatron.parallel.dry_run import build_rank_shard, dry_run, replica_sums
+from stem_megatron.parallel.dry_run import build_rank_shard, dry_run
 from stem_megatron.parallel.pipeline_stages import pipeline_stages
 from stem_megatron.train import main as train_main
 
@@ -46,7 +46,7 @@ def test_per_rank_sums_equal_the_model(name, world_size, overrides):
     report = dry_run(c, world_size)
     tp, pp = report.layout.tp_size, report.layout.pp_size
     assert len(report.ranks) == tp * pp
-    dense, tables = replica_sums(report)
+    dense, tables = report.replica_sums()
     assert tables == report.counts.table_params
     assert dense + tables == report.counts.total_params
     # Norms are whole on every TP rank: counted once per TP rank over the replica.
@@ -99,7 +99,7 @@ def test_uneven_pipeline_split_in_the_report():
     assert [len(s.layers) for s in report.layout.stages] == [10, 14, 14, 10]
     assert report.layout.stages[1].layers[0] == 10
     first, last = report.ranks[0].memory, report.ranks[-1].memory
-    assert (first.microbatches_in_flight, last.microbatches_in_flight) == (4, 1)
+    assert (first.passes_in_flight, last.passes_in_flight) == (4, 1)
 
 
 def test_train_dry_run_prints_the_table(capsys):
@@ -110,6 +110,7 @@ def test_train_dry_run_prints_the_table(capsys):
     assert "6.67B total / 1.41B active" in out
     assert "(equals the model total)" in out
     assert "pp 0 / tp 0-1" in out
+    assert "storage device" in out and "-- in host RAM --" not in out
 
 
 def test_train_dry_run_refuses_a_bad_layout(capsys):
@@ -130,13 +131,17 @@ def test_estimate_memory_tool_writes_json(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "pp 1 / tp 0-3" in proc.stdout
     data = json.loads(out.read_text())
-    assert data["layout"] == {"world_size": 64, "tp": 4, "pp": 2, "dp": 8,
+    assert data["layout"] == {"world_size": 64, "tp": 4, "pp": 2, "dp": 8, "vp": 1,
                               "stages": [list(range(16)), list(range(16, 32))]}
     assert data["num_microbatches"] == 1024 // (2 * 8)
     assert len(data["ranks"]) == 8
     assert sum(r["params"]["tables"] for r in data["ranks"]) == data["counts"]["table_params"]
     rank = data["ranks"][0]["memory_bytes"]
-    assert rank["total"] == (rank["dense_weights"] + rank["dense_grads"]
-                             + rank["dense_optimizer"] + rank["tables"]
-                             + rank["table_optimizer"] + rank["table_row_grads"]
-                             + rank["activations"])
+    tables = rank["tables"]
+    assert tables["storage"] == "device"
+    assert rank["device_total"] == (rank["dense_weights"] + rank["dense_grads"]
+                                    + rank["dense_optimizer"] + tables["weights"]
+                                    + tables["optimizer"] + tables["step_counters"]
+                                    + tables["row_grads"] + tables["grad_transient"]
+                                    + rank["activations"])
+    assert rank["host_total"] == rank["mmap_total"] == 0
