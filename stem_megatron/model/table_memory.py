@@ -17,14 +17,18 @@ on host).
 Row gradients (stem/lookup.py, stem/sync.py, stem/vocab_sharded.py) depend on the data; the
 estimate takes the worst case, every id of a micro-batch distinct (bounded by the rows that
 exist). With t ids per micro-batch, n micro-batches per step, V rows and DP d:
-  replicated: each backward keeps one chunk of min(V, t) rows until the step ends; reducing
-  concatenates the chunks and sums them into min(V, n t) rows; with d > 1 the sync then keeps
-  a union buffer of min(V, d n t) rows per table. Held per table: the larger of the chunks and
-  the union buffer; the table being reduced or synced needs its peak on top of that.
+  accumulating: each backward adds a chunk of c rows; the accumulator merges (concatenates and
+  sums) once the held rows pass twice the rows of its last merge (or of a chunk), so with R
+  rows in the step's final gradient it holds min(n c, 2 max(R, c)) rows, and a merge briefly
+  needs the rows concatenated plus R more.
+  replicated: chunks of c = min(V, t) rows summing into R = min(V, n t); with d > 1 the sync
+  then keeps a union buffer of min(V, d n t) rows per table. Held per table: the larger of the
+  accumulated rows and the union buffer; the table being reduced or synced needs its peak on
+  top of that.
   vocab_sharded: a lookup's union holds u = min(V, d t) rows; the forward's all-gather and the
   backward's reduce-scatter each use d x s rows with s = min(block, u) (the longest owner's
   segment) next to the union (u) and the local rows (min(V, t)), one table at a time; each
-  backward keeps a chunk of this rank's own rows of the union, min(own rows, u).
+  backward adds a chunk of this rank's own rows of the union, c = min(own rows, u).
 Off-device tables are updated on the host: each table's reduced gradient is copied there for
 its update, one table at a time. Index tensors (8 bytes a row) are not counted.
 """
@@ -97,6 +101,14 @@ class _GradRows:
     reduced: int  # rows of the final gradient the update reads
 
 
+def _accumulated(n: int, chunk: int, reduced: int) -> tuple[int, int]:
+    """(rows held, rows a merge adds on top) of stem/lookup.py's RowGradAccumulator over `n`
+    chunks of `chunk` rows that sum into `reduced` rows."""
+    held = min(n * chunk, 2 * max(reduced, chunk))
+    merge = min(n * chunk, held + chunk) + reduced if n > 1 else 0
+    return held, merge
+
+
 def _grad_rows(rows: int, s: TableSetup) -> _GradRows:
     """Row-gradient buffer rows of one table holding `rows` rows (see the module docstring)."""
     n, d, t, vocab = s.num_microbatches, s.dp_size, s.ids_per_microbatch, s.vocab
@@ -104,19 +116,18 @@ def _grad_rows(rows: int, s: TableSetup) -> _GradRows:
     if s.vocab_sharded:
         union = min(vocab, d * t)
         segment = min(RowBlock.of(vocab, 0, d).end, union)  # block 0 is the longest
-        chunks = n * min(rows, union)
-        reduced = min(rows, chunks)
+        chunk = min(rows, union)
+        reduced = min(rows, n * chunk)
+        held, merge = _accumulated(n, chunk, reduced)
         exchange = local + union + d * segment + segment
-        merge = chunks + reduced if n > 1 else 0  # RowGradAccumulator.reduce concatenates
-        return _GradRows(chunks, max(exchange, merge), reduced)
-    chunks = n * local
+        return _GradRows(held, max(exchange, merge), reduced)
     reduced = min(vocab, n * t)
-    peak = chunks + (chunks + reduced if n > 1 else 0)
+    held, merge = _accumulated(n, local, reduced)
     if d == 1:
-        return _GradRows(chunks, peak - chunks, reduced)
+        return _GradRows(held, merge, reduced)
     union = min(vocab, d * n * t)
-    held = max(chunks, union)
-    return _GradRows(held, max(peak, reduced + union) - held, union)
+    return _GradRows(max(held, union), max(held + merge, reduced + union) - max(held, union),
+                     union)
 
 
 def _staged_rows(rows: int, s: TableSetup) -> int:

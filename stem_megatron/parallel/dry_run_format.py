@@ -144,8 +144,9 @@ def _notes(report: DryRunReport, config: RunConfig) -> list[str]:
         exchange = ("the lookup's all-gather/reduce-scatter" if report.vocab_sharded
                     else "the DP sync")
         notes.append(f"STEM row grads: worst case, every id of a micro-batch distinct up to "
-                     f"the rows that exist; held rows add up over the step's micro-batches "
-                     f"(the accumulator keeps one chunk per micro-batch until the update). The "
+                     f"the rows that exist; the accumulator merges the micro-batches' chunks "
+                     f"once they pass twice its last merge, so it holds at most about twice "
+                     f"the step's distinct rows. The "
                      f"peak row is one table's reduce or {exchange}, one table at a time "
                      f"(stem_megatron/model/table_memory.py). The device total adds every "
                      f"peak: an upper bound.")

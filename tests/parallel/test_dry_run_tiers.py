@@ -73,9 +73,9 @@ def test_vocab_sharded_at_world_64_divides_tables_by_dp():
     assert sharded.dp_ranks == tuple(range(32))  # 128256 = 32 x 4008
     rep, sh = replicated.memory.tables, sharded.memory.tables
     assert (sh.weights * 32, sh.optimizer * 32) == (rep.weights, rep.optimizer)
-    # Row-gradient chunks are this rank's rows of each micro-batch's union (8 x 4008 rows),
-    # not the whole vocabulary's.
-    assert sh.row_grads == TABLES * 8 * 4008 * WIDTH * 4
+    # Row-gradient chunks are this rank's rows of each micro-batch's union (4008 rows each),
+    # merged once they pass twice a merge's rows: 2 x 4008 held, not 8 chunks, nor the vocab.
+    assert sh.row_grads == TABLES * 2 * 4008 * WIDTH * 4
     assert rep.row_grads == TABLES * V * WIDTH * 4
     assert sharded.memory.device_total < replicated.memory.device_total
 

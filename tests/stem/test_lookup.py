@@ -166,3 +166,23 @@ def test_accumulator_sums_bf16_chunks_in_fp32() -> None:
     _, grad = acc.reduce()
     assert grad.dtype == torch.float32
     assert grad[0, 0].item() == 3 * (1 + 2**-7)
+
+
+def test_many_micro_batches_hold_a_bounded_number_of_rows() -> None:
+    """64 micro-batches of 256 random ids into a 1000-row table: merging on the way keeps the
+    held rows within 3x the table (one chunk per micro-batch would hold 16k rows), and the
+    result equals summing everything at once."""
+    gen = torch.Generator().manual_seed(0)
+    acc = RowGradAccumulator()
+    everything = torch.zeros(1000, 8, dtype=torch.float64)
+    most_held = 0
+    for _ in range(64):
+        ids = torch.randint(0, 1000, (256,), generator=gen).unique()
+        rows = torch.randn(ids.numel(), 8, generator=gen)
+        acc.add(ids, rows)
+        everything.index_add_(0, ids, rows.double())
+        most_held = max(most_held, acc.held_rows)
+    ids, grad = acc.reduce()
+    assert most_held <= 3 * 1000
+    assert ids.tolist() == everything.abs().sum(1).nonzero().flatten().tolist()
+    torch.testing.assert_close(grad.double(), everything[ids], rtol=1e-5, atol=1e-5)
