@@ -8,11 +8,12 @@ from collections.abc import Iterator
 
 import torch
 
-from stem_megatron.config import ConfigError, RunConfig
+from stem_megatron.config import RunConfig
 from stem_megatron.model.sharding import RowBlock
 from stem_megatron.model.transformer import ModelSpec, StemGPTModel
+from stem_megatron.parallel.chunk_stages import chunk_stages, virtual_pipeline_size
 from stem_megatron.parallel.layout import validate_layout
-from stem_megatron.parallel.pipeline_stages import PipelineStage, pipeline_stages
+from stem_megatron.parallel.pipeline_stages import PipelineStage
 from stem_megatron.parallel.state import ParallelState
 from stem_megatron.stem.storage import MmapFiles, check_host_fits, host_table_bytes
 
@@ -21,25 +22,12 @@ def build_model_chunks(config: RunConfig, parallel: ParallelState,
                        vocab_size: int) -> list[StemGPTModel]:
     """This rank's chunks, initialised from the seed (the same values as the matching
     parameters of the single-process model)."""
-    layout = validate_layout(config, parallel.world_size, vocab_size)
-    pp, vp = parallel.pp_size, config.parallel.virtual_pipeline_model_parallel_size or 1
-    stages = layout.stages
-    if vp > 1:
-        if config.parallel.pipeline_layers is not None:
-            raise ConfigError("parallel.pipeline_layers cannot be combined with "
-                              "parallel.virtual_pipeline_model_parallel_size (the interleaved "
-                              "split is even)")
-        if config.model.num_layers < pp * vp:
-            raise ConfigError(
-                f"model.num_layers ({config.model.num_layers}) is smaller than "
-                f"pipeline_model_parallel_size x virtual_pipeline_model_parallel_size "
-                f"({pp} x {vp}): every virtual stage needs a layer")
-        # Virtual stage v of pipeline rank r is chunk v * pp + r of the layer sequence.
-        stages = pipeline_stages(config.model.num_layers, pp * vp)
+    validate_layout(config, parallel.world_size, vocab_size)
+    pp, vp = parallel.pp_size, virtual_pipeline_size(config)
+    my_stages = chunk_stages(config)[parallel.pp_rank]
     vocab_shard = None
     if config.stem.dp_layout == "vocab_sharded" and parallel.dp_size > 1:
         vocab_shard = (parallel.dp_rank, parallel.dp_size)
-    my_stages = [stages[v * pp + parallel.pp_rank] for v in range(vp)]
     off_device = config.stem.storage in ("host", "mmap")
     files = table_files(config)
     if off_device:
