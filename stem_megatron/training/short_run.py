@@ -1,6 +1,6 @@
 """A short training run on one rank of a local job, reporting what layouts are compared by:
-per-step losses, communication, and the full (gathered) parameters. Runs inside processes
-started by stem_megatron.parallel.local_workers."""
+per-step losses, communication, the full (gathered) parameters and the layout it ran. Runs
+inside processes started by stem_megatron.parallel.local_workers."""
 
 from __future__ import annotations
 
@@ -34,9 +34,24 @@ def full_parameters(trainer) -> dict[str, torch.Tensor]:
     return out
 
 
+def built_layout(trainer) -> dict:
+    """The layout this rank really runs, read from what was built (process groups, model
+    chunks, tables), not from the config: a test comparing layouts checks it got the one it
+    asked for."""
+    parallel = trainer.parallel
+    chunk_layers = [sorted({int(name.split(".")[2]) for name, _ in chunk.named_parameters()
+                            if name.startswith("decoder.layers.")})
+                    for chunk in trainer.chunks]
+    return {"tp_rank": parallel.tp_rank, "tp_size": dist.get_world_size(parallel.tp_group),
+            "pp_rank": parallel.pp_rank, "pp_size": dist.get_world_size(parallel.pp_group),
+            "dp_rank": parallel.dp_rank, "dp_size": dist.get_world_size(parallel.dp_group),
+            "vp_size": len(trainer.chunks), "chunk_layers": chunk_layers,
+            "dp_layout": "vocab_sharded" if trainer.optimizer.vocab_sharded else "replicated"}
+
+
 def train_steps(overrides: list[str], steps: int, save_at: int | None = None) -> dict:
     """Build a Trainer from overrides, run `steps` optimizer steps (saving a checkpoint after
-    step `save_at`), and report losses and full parameters."""
+    step `save_at`), and report losses, comm metrics, full parameters and the layout built."""
     from stem_megatron.config import load_config
     from stem_megatron.parallel.state import ParallelState
     from stem_megatron.training.trainer import Trainer
@@ -59,7 +74,8 @@ def train_steps(overrides: list[str], steps: int, save_at: int | None = None) ->
         tables = sum(t.weight.numel() for t in trainer.optimizer.tables.values())
         dense = sum(p.numel() for p in trainer.optimizer.dense_params)
         return {"start": start, "losses": losses, "params": full_parameters(trainer),
-                "comm": comm, "unique_rows": unique_rows, "counts": {"table_params": tables, "dense_params": dense},
-                "layout": (parallel.tp_rank, parallel.pp_rank, parallel.dp_rank)}
+                "comm": comm, "unique_rows": unique_rows,
+                "counts": {"table_params": tables, "dense_params": dense},
+                "layout": built_layout(trainer)}
     finally:
         parallel.destroy()
