@@ -25,6 +25,9 @@ _KINDS = {
     "isend": "p2p", "irecv": "p2p", "send": "p2p", "recv": "p2p",
 }
 PURPOSES = ("tp", "pp", "dp-dense", "dp-stem", "other")
+# Position of the `group` argument of the collectives that take one.
+_GROUP_ARG = {"all_reduce": 2, "broadcast": 2, "all_gather": 2, "all_gather_into_tensor": 2,
+              "reduce_scatter_tensor": 3, "all_to_all": 2, "all_to_all_single": 4}
 
 
 def _payload_bytes(name: str, args, kwargs) -> int:
@@ -84,12 +87,9 @@ class CommMeter:
         @functools.wraps(original)
         def wrapper(*args, **kwargs):
             group = kwargs.get("group")
-            if group is None and name not in ("isend", "irecv", "send", "recv"):
-                positional = {"all_reduce": 2, "broadcast": 2, "all_gather": 2,
-                              "all_gather_into_tensor": 2, "reduce_scatter_tensor": 3}
-                index = positional.get(name)
-                if index is not None and len(args) > index:
-                    group = args[index]
+            index = _GROUP_ARG.get(name)
+            if group is None and index is not None and len(args) > index:
+                group = args[index]
             # Receives are the peer's sends; a one-rank group moves nothing.
             if name in ("irecv", "recv") or dist.get_world_size(group) == 1:
                 return original(*args, **kwargs)
@@ -110,10 +110,13 @@ class CommMeter:
             return allreduce_hook(process_group, bucket)
 
     def take(self) -> dict[str, float]:
-        """Metrics for the bytes counted since the last call, then reset."""
+        """Metrics for the bytes counted since the last call, then reset. Every purpose and
+        kind is reported, zeros included: `comm/all_to_all_bytes` 0 is the logged proof that
+        no layout uses an all-to-all."""
         metrics = {f"comm/{p.replace('-', '_')}_bytes": float(self.bytes_by_purpose.get(p, 0))
                    for p in PURPOSES}
-        metrics.update({f"comm/{kind}_bytes": float(n) for kind, n in self.bytes_by_kind.items()})
+        metrics.update({f"comm/{kind}_bytes": float(self.bytes_by_kind.get(kind, 0))
+                        for kind in dict.fromkeys(_KINDS.values())})
         self.bytes_by_purpose.clear()
         self.bytes_by_kind.clear()
         return metrics
