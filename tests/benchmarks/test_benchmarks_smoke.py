@@ -3,18 +3,36 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+# The small corpus as every benchmark's data, and a model that trains in a second.
+TINY_MODEL = ["model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64",
+              "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=32",
+              "train.micro_batch_size=2", "train.global_batch_size=4"]
+
+
+def small_data(small_corpus: dict[str, Path]) -> list[str]:
+    """The small corpus, not data/prepared: a fresh clone has not prepared the full corpus."""
+    return [f"data.tokenizer={small_corpus['tokenizer']}",
+            f"data.train_data={small_corpus['train']}", f"data.valid_data={small_corpus['val']}"]
+
+
+def run_script(script: str, tmp_path: Path, *args: str, timeout: float = 120,
+               env: dict[str, str] | None = None) -> tuple[dict, str]:
+    """The JSON the benchmark wrote, and its standard output."""
+    out = tmp_path / "out.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--json", str(out),
+                           *args], check=True, cwd=ROOT, timeout=timeout, capture_output=True,
+                          text=True, env=env)
+    return json.loads(out.read_text()), done.stdout
 
 
 def run(script: str, tmp_path: Path, *args: str) -> dict:
-    out = tmp_path / "out.json"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--json", str(out), *args],
-                   check=True, cwd=ROOT, timeout=120, capture_output=True)
-    return json.loads(out.read_text())
+    return run_script(script, tmp_path, *args)[0]
 
 
 def test_table_update_benchmark(tmp_path: Path) -> None:
@@ -44,12 +62,7 @@ def test_stem_ffn_benchmark(tmp_path: Path) -> None:
 
 
 def test_host_tables_benchmark(tmp_path: Path, small_corpus: dict[str, Path]) -> None:
-    # The small corpus, not data/prepared: a fresh clone has not prepared the full corpus.
-    data = [f"data.tokenizer={small_corpus['tokenizer']}", f"data.train_data={small_corpus['train']}",
-            f"data.valid_data={small_corpus['val']}"]
-    tiny = [*data, "model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64",
-            "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=32",
-            "train.micro_batch_size=2", "train.global_batch_size=4", "stem.layers=[0,1]"]
+    tiny = [*small_data(small_corpus), *TINY_MODEL, "stem.layers=[0,1]"]
     out = run("bench_host_tables.py", tmp_path, "--models", "tiny", "--steps", "2", "--warmup",
               "1", "--cache-rows", "256", "--override", *tiny)
     (r,) = out["results"]
@@ -63,3 +76,23 @@ def test_host_tables_benchmark(tmp_path: Path, small_corpus: dict[str, Path]) ->
     assert 0 < v["host_cache"]["cache_hit_rate"] <= 1
     assert r["host_vs_device"] > 0 and r["host_cache_vs_device"] > 0
     assert r["host_overlap_vs_device_noclip"] > 0 and r["host_noclip_vs_device_noclip"] > 0
+
+
+def test_comm_benchmark(tmp_path: Path, small_corpus: dict[str, Path]) -> None:
+    scratch = tmp_path / "tmp"  # the benchmark's temporary run dir must appear, then go
+    scratch.mkdir()
+    tiny = [*small_data(small_corpus), *TINY_MODEL, "model.make_vocab_size_divisible_by=64",
+            "stem.layers=[1]"]
+    out, stdout = run_script("bench_comm.py", tmp_path, "--steps", "1", "--override", *tiny,
+                             timeout=300, env={**os.environ, "TMPDIR": str(scratch)})
+    (run_dir,) = [line.split()[2] for line in stdout.splitlines() if line.startswith("run dir:")]
+    assert Path(run_dir).parent == scratch and not Path(run_dir).exists()
+    runs, s = out["runs"], out["summary"]
+    assert runs["tp2_stem"]["comm/tp_bytes"] > 0
+    assert s["tp2_stem_added_bytes"] == 0 and s["tp2_stem_over_dense"] == 1
+    for layout in ("dp2_replicated", "dp2_vocab_sharded"):
+        # One table of the 512-token vocabulary (a multiple of 64) x d_ff 64, fp32.
+        assert s[f"{layout}_dense_table_sync_bytes"] == 4 * 512 * 64
+        assert 0 < s[f"{layout}_table_sync_bytes"] < s[f"{layout}_dense_table_sync_bytes"]
+        assert 0 < runs[layout]["unique_rows"] < 512
+    assert s["all_to_all_bytes"] == 0
