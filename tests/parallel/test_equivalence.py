@@ -142,6 +142,10 @@ LAYOUTS = {
     "pp2-interleaved": (PP2 + VP2, [], Grid(pp=2, stages=(((0,), (2,)), ((1,), (3,))))),
     "tp2xpp2": (TP2 + PP2, [], Grid(tp=2, pp=2)),
     "tp2-tied": (TP2, TIED, Grid(tp=2)),
+    # Tied across stages: the last stage's copy of the embedding must equal the first's
+    # bitwise (merged_params) and both the single process's.
+    "pp2-interleaved-tied": (PP2 + VP2, TIED, Grid(pp=2, stages=(((0,), (2,)), ((1,), (3,))))),
+    "tp2xpp2-tied": (TP2 + PP2, TIED, Grid(tp=2, pp=2)),
 }
 
 
@@ -154,7 +158,7 @@ def test_layout_matches_single_process(base_overrides, single_process, case):
     print(f"{case}: max relative difference {worst:.2e}")
 
 
-# Save under one layout (overrides, layout), resume under another.
+# Save under one layout (overrides, layout), resume under another (, overrides of both).
 RESHARDS = {
     "tp2-to-single": ((TP2, Grid(tp=2)), ([], Grid())),
     "single-to-tp2": (([], Grid()), (TP2, Grid(tp=2))),
@@ -165,6 +169,7 @@ RESHARDS = {
                                 (VOCAB_SHARDED, Grid(dp=2, dp_layout="vocab_sharded"))),
     "pp2-to-single": ((PP2, Grid(pp=2)), ([], Grid())),
     "single-to-pp2-interleaved": (([], Grid()), (PP2 + VP2, LAYOUTS["pp2-interleaved"][2])),
+    "pp2-tied-to-single": ((PP2, Grid(pp=2)), ([], Grid()), TIED),
 }
 
 
@@ -172,18 +177,20 @@ RESHARDS = {
 def test_checkpoint_loads_under_another_layout(base_overrides, single_process, tmp_path, case):
     """Save after step 3 under one layout, resume under another: steps 4-5 and the final
     parameters equal the uninterrupted single-process run (DCP reshards on load)."""
-    (save_extra, save_grid), (load_extra, load_grid) = RESHARDS[case]
+    (save_extra, save_grid), (load_extra, load_grid), *model = RESHARDS[case]
+    model = model[0] if model else []
     saved = tmp_path / "saved"
-    saving = run_local_workers(save_grid.world, train_steps,
-                               base_overrides + save_extra + [f"logging.run_dir={saved}"], 3, 3)
+    saving = run_local_workers(
+        save_grid.world, train_steps,
+        base_overrides + model + save_extra + [f"logging.run_dir={saved}"], 3, 3)
     assert_layout(saving, save_grid)
     resumed = run_local_workers(
         load_grid.world, train_steps,
-        base_overrides + load_extra + [f"logging.run_dir={tmp_path / 'resumed'}",
-                                       f"checkpoint.load={saved}"], STEPS - 3)
+        base_overrides + model + load_extra + [f"logging.run_dir={tmp_path / 'resumed'}",
+                                               f"checkpoint.load={saved}"], STEPS - 3)
     assert_layout(resumed, load_grid)
     assert all(r["start"] == 3 for r in resumed)
-    reference = single_process([])
+    reference = single_process(model)
     tail = {"losses": reference["losses"][3:], "params": reference["params"]}
     worst = assert_equivalent(resumed, tail)
     print(f"{case}: max relative difference {worst:.2e}")
