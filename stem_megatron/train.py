@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if parallel.is_main:
             val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
-            print(f"done: step {result.step} | final train loss {result.train_loss:.4f} | "
+            print(f"done: step {result.step} | last step's train loss {result.train_loss:.4f} | "
                   f"final val loss {val} | {result.tokens_per_s:,.0f} tok/s | "
                   f"run dir {config.run_dir}", flush=True)
             if args.sample_prompt and parallel.tp_size == 1 and parallel.pp_size == 1:
