@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from stem_megatron.config import ModelConfig
-from stem_megatron.model.sharding import get_tp_shard
+from stem_megatron.model.sharding import get_tp_shard, is_tied_copy
 from stem_megatron.model.table_memory import FP32, TableMemory, TableSetup, table_memory
 from stem_megatron.stem.table import is_stem_table
 
@@ -30,15 +30,17 @@ class ShardParams:
     replicated: int  # of `dense`: held whole by every TP rank (the norms)
     tables: int
     table_shapes: tuple[tuple[int, int], ...]  # local [rows, columns] of each table
+    tied_copy: int = 0  # of `dense`: the last stage's copy of a tied embedding (not the model's)
 
     def __add__(self, other: "ShardParams") -> "ShardParams":
         """The parameters of two model chunks of one rank together."""
         return ShardParams(self.dense + other.dense, self.replicated + other.replicated,
-                           self.tables + other.tables, self.table_shapes + other.table_shapes)
+                           self.tables + other.tables, self.table_shapes + other.table_shapes,
+                           self.tied_copy + other.tied_copy)
 
 
 def count_shard(model: torch.nn.Module) -> ShardParams:
-    dense = replicated = tables = 0
+    dense = replicated = tables = tied_copy = 0
     shapes = []
     for param in model.parameters():
         if is_stem_table(param):
@@ -48,7 +50,9 @@ def count_shard(model: torch.nn.Module) -> ShardParams:
             dense += param.numel()
             if get_tp_shard(param) is None:
                 replicated += param.numel()
-    return ShardParams(dense, replicated, tables, tuple(shapes))
+            if is_tied_copy(param):
+                tied_copy += param.numel()
+    return ShardParams(dense, replicated, tables, tuple(shapes), tied_copy)
 
 
 def layer_activation_bytes(m: ModelConfig, tp_size: int, micro_batch_size: int,

@@ -124,11 +124,12 @@ class DryRunReport:
         return list(groups.values())
 
     def replica_sums(self) -> tuple[int, int]:
-        """(dense over one replica, each TP-replicated parameter once; tables over the ranks
-        that together hold each table once: one replica, or every DP rank when sharded)."""
+        """(dense over one replica, each TP-replicated parameter once and a tied embedding's
+        copy not at all; tables over the ranks that together hold each table once: one
+        replica, or every DP rank when sharded)."""
         tp = self.layout.tp_size
         one_block = [r for r in self.ranks if 0 in r.dp_ranks]
-        dense = sum(r.params.dense - r.params.replicated for r in one_block)
+        dense = sum(r.params.dense - r.params.replicated - r.params.tied_copy for r in one_block)
         dense += sum(r.params.replicated for r in one_block) // tp
         if self.vocab_sharded:
             return dense, sum(r.params.tables * len(r.dp_ranks) for r in self.ranks)

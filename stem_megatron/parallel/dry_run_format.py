@@ -59,6 +59,8 @@ def _rows(report: DryRunReport, config: RunConfig) -> list[Row | str]:
         ("  of which TP-replicated (norms)", lambda r: _n(r.params.replicated)),
         ("table params", lambda r: _n(r.params.tables)),
     ]
+    if any(r.params.tied_copy for r in report.ranks):
+        rows.insert(-1, ("  of which tied-embedding copy", lambda r: _n(r.params.tied_copy)))
     if report.vocab_sharded:
         rows.append(("table rows held (of each table)",
                      lambda r: str(r.params.table_shapes[0][0]) if r.params.table_shapes

@@ -40,6 +40,7 @@ def test_stem_1b_matches_the_papers_counts():
     ("stem_7b", 64, []),
     ("stem_30b", 128, []),
     ("stem_30b", 32, ["parallel.pipeline_layers=[10,14,14,10]"]),
+    ("stem_350m", 8, ["parallel.pipeline_model_parallel_size=2"]),  # tied across stages
 ])
 def test_per_rank_sums_equal_the_model(name, world_size, overrides):
     c = config(name, *overrides)
@@ -52,6 +53,11 @@ def test_per_rank_sums_equal_the_model(name, world_size, overrides):
     # Norms are whole on every TP rank: counted once per TP rank over the replica.
     h, layers = c.model.hidden_size, c.model.num_layers
     assert sum(r.params.replicated for r in report.ranks) == tp * (2 * h * layers + h)
+    # A tied embedding under PP: the last stage holds a copy of the first stage's shard.
+    tied_across_stages = pp > 1 and not c.model.untie_embeddings_and_output_weights
+    for r in report.ranks:
+        copy = report.padded_vocab_size // tp * h if tied_across_stages and r.stage == pp - 1 else 0
+        assert r.params.tied_copy == copy
     # Tables: the full [vocab, d_ff] of each STEM layer, split by columns over TP.
     for r in report.ranks:
         assert r.params.table_shapes == ((c.model.vocab_size, c.model.ffn_hidden_size // tp),) \
