@@ -72,6 +72,12 @@ def main(argv: list[str] | None = None) -> int:
                   f"parameters, STEM layers {list(trainer.stem_layers)}, "
                   f"{n.flops_per_token / 1e6:.1f} MFLOPs/token; run dir {config.run_dir}",
                   flush=True)
+        if trainer.step >= config.train.train_iters:
+            if parallel.is_main:
+                print(f"nothing to do: the run is at step {trainer.step} of train.train_iters="
+                      f"{config.train.train_iters} (raise train.train_iters to train on)",
+                      flush=True)
+            return 0
         result = trainer.run()
         if parallel.is_main and result.stopped_by:
             print(f"stopped at step {result.step} on {result.stopped_by} after saving a "

@@ -63,33 +63,40 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     return losses
 
 
-@pytest.fixture(scope="session")
-def reference_losses(run_overrides, tmp_path_factory) -> dict[int, float]:
-    """The same run as one plain process (no torchrun)."""
-    tmp = tmp_path_factory.mktemp("reference")
+def single_process_losses(overrides: list[str], tmp: Path, iters: int = TRAIN_ITERS
+                          ) -> dict[int, float]:
+    """loss/train per step of the run `overrides` describe, as one plain process."""
     processes = ProcessScope(tmp)
     try:
         code, out = processes.run(
             [sys.executable, "-m", "stem_megatron.train", "--config", CONFIG,
-             *train_command(tmp / "run", run_overrides)],
+             *train_command(tmp / "run", overrides)],
             "reference", timeout=120, cwd=ROOT)
     finally:
         processes.close()
     assert code == 0, out
     losses = train_losses(tmp / "run")
-    assert sorted(losses) == list(range(1, TRAIN_ITERS + 1))
+    assert sorted(losses) == list(range(1, iters + 1))
     return losses
 
 
-def assert_trained_like_reference(run_dir: Path, reference: dict[int, float]) -> None:
-    """Every step's loss equals the single process's; checkpoints every 2 steps and a
-    `latest` pointing at the last."""
+@pytest.fixture(scope="session")
+def reference_losses(run_overrides, tmp_path_factory) -> dict[int, float]:
+    """The same run as one plain process (no torchrun)."""
+    return single_process_losses(run_overrides, tmp_path_factory.mktemp("reference"))
+
+
+def assert_trained_like_reference(run_dir: Path, reference: dict[int, float],
+                                  signal_saves: tuple[int, ...] = ()) -> None:
+    """Every step's loss equals the single process's; checkpoints every 2 steps (plus any a
+    stop signal made the run save in between) and a `latest` pointing at the last."""
     losses = train_losses(run_dir)
     assert sorted(losses) == sorted(reference)
     for step, loss in losses.items():
         assert abs(loss - reference[step]) <= RTOL * abs(reference[step]), \
             f"step {step}: loss {loss} vs single process {reference[step]}"
+    iters = max(reference)
     checkpoints = run_dir / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step_*")) == sorted(
-        f"step_{s}" for s in range(2, TRAIN_ITERS + 1, 2))
-    assert (checkpoints / "latest").read_text().strip() == f"step_{TRAIN_ITERS}"
+        {f"step_{s}" for s in range(2, iters + 1, 2)} | {f"step_{s}" for s in signal_saves})
+    assert (checkpoints / "latest").read_text().strip() == f"step_{iters}"

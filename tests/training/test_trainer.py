@@ -12,7 +12,9 @@ import yaml
 
 from stem_megatron.checkpoint.errors import CheckpointMismatchError
 from stem_megatron.data.tokenizer import load_tokenizer
+from stem_megatron.train import main as train_main
 from stem_megatron.training.trainer import Trainer
+from tests.config_overrides import as_overrides
 
 REQUIRED_TAGS = {"loss/train", "optim/lr", "optim/grad_norm", "throughput/tokens_per_s",
                  "throughput/flops_per_token", "stem/unique_rows", "params/total",
@@ -202,3 +204,19 @@ def test_checkpoint_of_another_table_optimizer_mode_is_refused(tiny_config, para
     with pytest.raises(ValueError, match="trained with stem.optimizer.mode=lazy, this run uses "
                                          "exact: resume with stem.optimizer.mode=lazy"):
         Trainer(other, parallel)
+
+
+def test_resuming_a_finished_run_says_there_is_nothing_to_do(tiny_config, capsys):
+    """`checkpoint.load=auto` on a run that reached train_iters (e.g. a job requeued after it
+    ended): one line, exit 0, nothing trained or overwritten."""
+    config = tiny_config("train.train_iters=2", "optim.lr_warmup_iters=0",
+                         "train.eval_interval=0", "checkpoint.load=auto")
+    args = as_overrides(config.to_dict()) + ["--sample-prompt", ""]
+    assert train_main(args) == 0
+    latest = (config.save_dir / "latest").read_text()
+    metrics = (config.run_dir / "metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert train_main(args) == 0
+    assert "nothing to do: the run is at step 2 of train.train_iters=2" in capsys.readouterr().out
+    assert (config.save_dir / "latest").read_text() == latest
+    assert (config.run_dir / "metrics.jsonl").read_text() == metrics
