@@ -22,8 +22,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from stem_megatron.checkpoint.dcp import Checkpointer
 from stem_megatron.config import RunConfig, save_config
-from stem_megatron.data.indexed import check_vocab, open_dataset
 from stem_megatron.data.bundled import check_bundled_data_prepared
+from stem_megatron.data.indexed import check_vocab, open_dataset
 from stem_megatron.data.sampler import PackedSampleStream, ValidationBatches
 from stem_megatron.data.tokenizer import load_tokenizer
 from stem_megatron.model.accounting import count_model
