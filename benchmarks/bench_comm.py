@@ -24,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from stem_megatron.atomic_file import write_text_atomically  # noqa: E402
 from stem_megatron.config import ConfigError, DataConfig, load_config  # noqa: E402
 from stem_megatron.parallel.local_workers import run_local_workers  # noqa: E402
 from stem_megatron.training.short_run import train_steps  # noqa: E402
@@ -153,11 +154,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = report(rows)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.with_name(out.name + ".partial")  # renamed when complete
-    partial.write_text(json.dumps({"model": MODEL, "override": args.override,
-                                   "steps": args.steps, "runs": rows, "summary": summary},
-                                  indent=2))
-    partial.replace(out)
+    write_text_atomically(out, json.dumps({"model": MODEL, "override": args.override,
+                                           "steps": args.steps, "runs": rows,
+                                           "summary": summary}, indent=2))
     print(f"\nwrote {out}")
     return 0
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from stem_megatron.atomic_file import write_text_atomically
+
 
 STORAGE_TIERS = ("device", "host", "mmap")  # where STEM tables live (stem/storage.py)
 ROPE_SCALING_TYPES = ("none", "llama3")  # model/rope.py
@@ -402,6 +404,4 @@ def validate_rope_scaling(r: RopeScalingConfig, require) -> None:
 
 def save_config(config: RunConfig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    tmp.replace(path)
+    write_text_atomically(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
+from stem_megatron.atomic_file import write_text_atomically
 from stem_megatron.config import ConfigError, RunConfig
 from stem_megatron.model.accounting import ModelCounts, count_model
 from stem_megatron.model.memory import (RankMemory, ShardParams, count_shard,
@@ -176,7 +176,7 @@ def dry_run(config: RunConfig, world_size: int | None = None) -> DryRunReport:
     vp, dp = virtual_pipeline_size(config), layout.dp_size
     stem_layers = tuple(config.stem_layers())
     padded = padded_vocab_size(vocab, config.model.make_vocab_size_divisible_by)
-    num_microbatches = t.global_batch_size // (t.micro_batch_size * dp)
+    num_microbatches = layout.num_microbatches
     sharded = s.dp_layout == "vocab_sharded" and dp > 1  # as training/model_chunks.py
     tables = TableSetup(vocab=vocab, dp_size=dp, vocab_sharded=sharded, storage=s.storage,
                         exact=s.optimizer.mode == "exact", cache_rows=s.cache_rows,
@@ -195,7 +195,7 @@ def dry_run(config: RunConfig, world_size: int | None = None) -> DryRunReport:
                         post_process=stages[-1].post_process, padded_vocab=padded, tp_size=tp,
                         pp_rank=pp_rank, pp_size=pp, vp_size=vp, dp_size=dp,
                         micro_batch_size=t.micro_batch_size,
-                        global_batch_size=t.global_batch_size, bf16=t.bf16, tables=tables)
+                        num_microbatches=num_microbatches, bf16=t.bf16, tables=tables)
                     ranks.append(RankShard(
                         pp_rank, tp_rank, dp_ranks, tuple(c.layers for c in stages),
                         tuple(i for c in stages for i in c.layers if i in stem_layers),
@@ -221,9 +221,6 @@ def run_dry_run(config: RunConfig, world_size: int | None = None,
         print(f"layout error: {exc}", file=sys.stderr)
         return 2
     print(format_report(report, config), flush=True)
-    if json_path is not None:  # complete or absent: written aside, then renamed
-        path = Path(json_path)
-        partial = path.with_name(f".{path.name}.partial")
-        partial.write_text(json.dumps(report_json(report), indent=1) + "\n")
-        os.replace(partial, path)
+    if json_path is not None:  # complete or absent
+        write_text_atomically(json_path, json.dumps(report_json(report), indent=1) + "\n")
     return 0

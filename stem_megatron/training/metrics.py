@@ -15,7 +15,6 @@ and hidden in TensorBoard, so the resumed run's metrics have no duplicate steps.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -23,6 +22,8 @@ from typing import IO
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
+
+from stem_megatron.atomic_file import write_text_atomically
 
 MetricValue = float | int | torch.Tensor | None
 
@@ -88,10 +89,8 @@ class MetricsLogger:
                     continue  # a line torn by a crash mid-write
                 if record["step"] <= step:
                     kept.append(line if line.endswith("\n") else line + "\n")
-        tmp = self.jsonl_path.with_name(self.jsonl_path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, self.jsonl_path)  # never leave a half-written metrics file
+        # never leave a half-written metrics file
+        write_text_atomically(self.jsonl_path, "".join(kept))
 
     def close(self) -> None:
         self._close_files()
