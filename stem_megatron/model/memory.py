@@ -138,11 +138,10 @@ class RankMemory:
 def estimate_rank_memory(shard: ShardParams, m: ModelConfig, *, chunk_layers: tuple[int, ...],
                          post_process: bool, padded_vocab: int, tp_size: int, pp_rank: int,
                          pp_size: int, vp_size: int, dp_size: int, micro_batch_size: int,
-                         global_batch_size: int, bf16: bool,
+                         num_microbatches: int, bf16: bool,
                          tables: TableSetup) -> RankMemory:
     """`chunk_layers`: layers of each of the rank's model chunks; `post_process`: the rank
     holds the head (in its last chunk)."""
-    num_microbatches = global_batch_size // (micro_batch_size * dp_size)
     grad_copies = 2 if dp_size > 1 else 1  # DDP's buckets hold a second copy of the grads
     e = 2 if bf16 else FP32
     per_pass = max(chunk_layers) * layer_activation_bytes(m, tp_size, micro_batch_size, e)

@@ -16,6 +16,7 @@ class ParallelLayout:
     tp_size: int
     pp_size: int
     stages: tuple[PipelineStage, ...]
+    num_microbatches: int  # per rank and step: global batch / (micro-batch x DP)
 
     @property
     def dp_size(self) -> int:
@@ -61,4 +62,4 @@ def validate_layout(config: RunConfig, world_size: int, vocab_size: int) -> Para
             f"({microbatches} = global_batch_size {t.global_batch_size} / (micro_batch_size "
             f"{t.micro_batch_size} x data-parallel size {dp})) to be a multiple of "
             f"pipeline_model_parallel_size ({pp})")
-    return ParallelLayout(world_size, tp, pp, tuple(stages))
+    return ParallelLayout(world_size, tp, pp, tuple(stages), microbatches)
