@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 from stem_megatron.atomic_file import write_text_atomically
+from stem_megatron.repo_paths import data_from_repo_root, from_repo_root
 
 
 STORAGE_TIERS = ("device", "host", "mmap")  # where STEM tables live (stem/storage.py)
@@ -294,7 +295,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     tree: dict[str, Any] = {}
     name = "run"
     if path is not None:
-        path = Path(path)
+        path = Path(from_repo_root(str(path)))  # configs/tiny.yaml from any directory
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
         try:
@@ -317,6 +318,7 @@ def config_from_dict(tree: dict[str, Any], overrides: list[str] | tuple[str, ...
     for override in overrides:
         _apply_override(tree, override)
     config = _build(RunConfig, _merge(_dataclass_tree(RunConfig), tree), "")
+    config.data = data_from_repo_root(config.data)  # the bundled corpus from any directory
     validate(config)
     return config
 

@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         return run_dry_run(config, args.world_size)
     from stem_megatron.generation import generate_text
     from stem_megatron.parallel.state import ParallelState
+    from stem_megatron.training.latest_link import point_latest_at
     from stem_megatron.training.trainer import Trainer
 
     from stem_megatron.checkpoint.errors import (CheckpointExistsError, CheckpointMismatchError,
@@ -72,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"parameters, STEM layers {list(trainer.stem_layers)}, "
                   f"{n.flops_per_token / 1e6:.1f} MFLOPs/token; run dir {config.run_dir}",
                   flush=True)
+            note = point_latest_at(config.run_dir)  # runs/latest: this run, for the commands after
+            if note:
+                print(note, flush=True)
         if trainer.step >= config.train.train_iters:
             if parallel.is_main:
                 print(f"nothing to do: the run is at step {trainer.step} of train.train_iters="
