@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -231,11 +232,13 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
         return float(value)
     if tp is float and isinstance(value, str):
         try:  # YAML 1.1 reads "3e-4" (no dot) as a string
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
     if tp in (int, float, str, bool) and (type(value) is not tp):
         raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if tp is float and not math.isfinite(value):  # .nan passes every range check below
+        raise ConfigError(f"{key}: expected a finite number, got {value!r}")
     return value
 
 
@@ -273,7 +276,18 @@ def _apply_override(tree: dict[str, Any], override: str) -> None:
     try:
         node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{override}': value is not valid YAML ({exc})") from exc
+        raise ConfigError(f"override '{override}': value is not valid YAML "
+                          f"({_yaml_problem(exc)}); quote strings, close brackets, e.g. "
+                          f"stem.layers=[1,3]") from None
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """The YAML parser's several-line report as one phrase: the problem and where."""
+    problem = getattr(exc, "problem", None)
+    mark = getattr(exc, "problem_mark", None)
+    if problem is None:
+        return " ".join(str(exc).split())
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
 
 
 def _dataclass_tree(cls: type) -> dict[str, Any]:
@@ -296,12 +310,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     name = "run"
     if path is not None:
         path = Path(from_repo_root(str(path)))  # configs/tiny.yaml from any directory
+        if path.is_dir():
+            raise ConfigError(f"--config '{path}' is a directory: name a YAML file in it, "
+                              f"e.g. configs/tiny.yaml")
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{path}' is not valid YAML: {exc}") from exc
+            raise ConfigError(f"config file '{path}' is not valid YAML: "
+                              f"{_yaml_problem(exc)}") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file '{path}' cannot be read as UTF-8 text: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file '{path}' must hold a mapping at the top level")
         tree = loaded
@@ -325,14 +345,18 @@ def config_from_dict(tree: dict[str, Any], overrides: list[str] | tuple[str, ...
 
 def validate(config: RunConfig) -> None:
     """Checks that need several fields at once; each message names the numbers involved."""
-    m, t, o = config.model, config.train, config.optim
+    m, t, o, so = config.model, config.train, config.optim, config.stem.optimizer
 
     def require(ok: bool, message: str) -> None:
         if not ok:
             raise ConfigError(message)
 
+    def bound(key: str, value: Any, ok: bool, allowed: str) -> None:
+        require(ok, f"{key} must be {allowed}, got {value}")
+
     for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                "num_query_groups", "seq_length", "make_vocab_size_divisible_by"):
+                "num_query_groups", "seq_length", "make_vocab_size_divisible_by", "rope_theta",
+                "norm_epsilon", "init_method_std"):
         require(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
     require(m.hidden_size % m.num_attention_heads == 0,
             f"model.hidden_size ({m.hidden_size}) must be divisible by "
@@ -357,14 +381,25 @@ def validate(config: RunConfig) -> None:
     require(config.stem.cache_rows == 0 or config.stem.storage != "device",
             "stem.cache_rows caches rows of host-resident tables: it needs stem.storage=host "
             "or mmap")
-    require(config.stem.optimizer.mode in ("lazy", "exact"),
-            f"stem.optimizer.mode must be 'lazy' or 'exact', got '{config.stem.optimizer.mode}'")
+    require(so.mode in ("lazy", "exact"),
+            f"stem.optimizer.mode must be 'lazy' or 'exact', got '{so.mode}'")
+    bound("stem.optimizer.lr", so.lr, so.lr is None or so.lr >= 0,
+          ">= 0 (0 freezes the tables; unset: optim.lr)")
+    bound("stem.optimizer.weight_decay", so.weight_decay, so.weight_decay >= 0, ">= 0")
     for key in ("micro_batch_size", "global_batch_size", "train_iters", "eval_iters"):
         require(getattr(t, key) > 0, f"train.{key} must be positive, got {getattr(t, key)}")
     require(t.global_batch_size % t.micro_batch_size == 0,
             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
             f"train.micro_batch_size ({t.micro_batch_size})")
     require(t.eval_interval >= 0, "train.eval_interval must be >= 0 (0: only at the end)")
+    bound("train.seed", t.seed, 0 <= t.seed < 2**32, "in [0, 2**32)")  # numpy's seed range
+    bound("optim.lr", o.lr, o.lr > 0, "positive")
+    bound("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0")
+    for key in ("adam_beta1", "adam_beta2"):
+        bound(f"optim.{key}", getattr(o, key), 0 <= getattr(o, key) < 1, "in [0, 1)")
+    bound("optim.adam_eps", o.adam_eps, o.adam_eps > 0, "positive")
+    bound("optim.lr_decay_iters", o.lr_decay_iters,
+          o.lr_decay_iters is None or o.lr_decay_iters > 0, "positive (unset: train.train_iters)")
     require(o.lr_decay_style in ("cosine", "linear", "constant"),
             f"optim.lr_decay_style must be cosine, linear or constant, got '{o.lr_decay_style}'")
     require(0 <= o.min_lr <= o.lr, f"optim.min_lr ({o.min_lr}) must be in [0, optim.lr ({o.lr})]")
@@ -381,6 +416,13 @@ def validate(config: RunConfig) -> None:
     for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
         value = getattr(config.parallel, key)
         require(value >= 1, f"parallel.{key} must be >= 1, got {value}")
+    vp = config.parallel.virtual_pipeline_model_parallel_size
+    bound("parallel.virtual_pipeline_model_parallel_size", vp, vp is None or vp >= 1,
+          ">= 1 (unset: no interleaving)")
+    # The layer split per (virtual) pipeline stage: megatron would only assert on it later.
+    from stem_megatron.parallel.chunk_stages import chunk_stages  # it imports this module
+
+    chunk_stages(config)
 
 
 def validate_rope_scaling(r: RopeScalingConfig, require) -> None:

@@ -55,13 +55,51 @@ def test_bad_values_name_the_key(override, message):
         load_config(None, [override])
 
 
+@pytest.mark.parametrize("override,message", [
+    # Each of these used to pass the config and fail only once the model was built (or
+    # deep in megatron), with a message that named no key.
+    ("optim.adam_beta1=1.5", r"optim.adam_beta1 must be in \[0, 1\), got 1.5"),
+    ("optim.adam_beta2=-0.1", r"optim.adam_beta2 must be in \[0, 1\)"),
+    ("optim.adam_eps=0", "optim.adam_eps must be positive"),
+    ("optim.lr=-1", "optim.lr must be positive"),
+    ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
+    ("optim.lr_decay_iters=0", "optim.lr_decay_iters must be positive"),
+    ("stem.optimizer.lr=-1", "stem.optimizer.lr must be >= 0"),
+    ("stem.optimizer.weight_decay=-1", "stem.optimizer.weight_decay must be >= 0"),
+    ("train.seed=-1", r"train.seed must be in \[0, 2\*\*32\), got -1"),
+    ("model.norm_epsilon=0", "model.norm_epsilon must be positive"),
+    ("model.rope_theta=-5", "model.rope_theta must be positive"),
+    ("model.init_method_std=0", "model.init_method_std must be positive"),
+    ("optim.lr=.nan", "optim.lr: expected a finite number, got nan"),
+    ("optim.clip_grad=.inf", "optim.clip_grad: expected a finite number"),
+    ("parallel.virtual_pipeline_model_parallel_size=2",
+     r"virtual_pipeline_model_parallel_size \(2\) needs pipeline_model_parallel_size > 1"),
+    ("parallel.virtual_pipeline_model_parallel_size=-2",
+     "parallel.virtual_pipeline_model_parallel_size must be >= 1"),
+    ("parallel.pipeline_layers=[2,2]", r"pipeline_layers \[2, 2\] has 2 entries"),
+])
+def test_ranges_are_checked_at_load_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(ROOT / "configs/tiny.yaml", [override])
+
+
+def test_a_yaml_error_in_an_override_is_one_line():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["stem.layers=[1,3"])
+    message = str(info.value)
+    assert "\n" not in message
+    assert "override 'stem.layers=[1,3'" in message and "line 1, column 5" in message
+
+
 def test_missing_or_malformed_file(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("model: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match=r"not valid YAML: .* at line 2, column 1$"):
         load_config(bad)
+    with pytest.raises(ConfigError, match="is a directory: name a YAML file in it"):
+        load_config(tmp_path)
 
 
 def test_saved_config_loads_back_identically(tmp_path):
