@@ -47,22 +47,27 @@ def parallel():
     state.destroy()
 
 
+def tiny_run_config(small_corpus: dict[str, Path], run_dir: Path, *overrides: str) -> RunConfig:
+    """A 2-layer STEM model on the small corpus (see `tiny_config`), then `overrides`."""
+    base = [
+        "model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64",
+        "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=32",
+        "model.make_vocab_size_divisible_by=64",
+        "train.micro_batch_size=2", "train.global_batch_size=4", "train.train_iters=6",
+        "train.eval_interval=3", "train.eval_iters=2", "optim.lr_warmup_iters=2",
+        "optim.lr=0.003", "optim.min_lr=0.0003", "logging.log_interval=1",
+        f"data.tokenizer={small_corpus['tokenizer']}",
+        f"data.train_data={small_corpus['train']}", f"data.valid_data={small_corpus['val']}",
+        f"logging.run_dir={run_dir}",
+    ]
+    return load_config(None, base + list(overrides))
+
+
 @pytest.fixture
 def tiny_config(small_corpus, tmp_path):
     """`tiny_config(*overrides)`: a 2-layer STEM model on the small corpus, run dir in tmp."""
 
     def make(*overrides: str) -> RunConfig:
-        base = [
-            "model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64",
-            "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=32",
-            "model.make_vocab_size_divisible_by=64",
-            "train.micro_batch_size=2", "train.global_batch_size=4", "train.train_iters=6",
-            "train.eval_interval=3", "train.eval_iters=2", "optim.lr_warmup_iters=2",
-            "optim.lr=0.003", "optim.min_lr=0.0003", "logging.log_interval=1",
-            f"data.tokenizer={small_corpus['tokenizer']}",
-            f"data.train_data={small_corpus['train']}", f"data.valid_data={small_corpus['val']}",
-            f"logging.run_dir={tmp_path / 'run'}",
-        ]
-        return load_config(None, base + list(overrides))
+        return tiny_run_config(small_corpus, tmp_path / "run", *overrides)
 
     return make
