@@ -26,6 +26,7 @@ from stem_megatron.data.tokenizer import Tokenizer, load_tokenizer
 from stem_megatron.editing.entities import EditError, resolve_entity
 from stem_megatron.editing.rows import OPERATIONS, RowPlan, apply_plan, build_plan
 from stem_megatron.editing.tables import row_keys, select_layers, table_layers
+from stem_megatron.repo_paths import from_repo_root
 
 # How each operation is written on the command line.
 SYNTAX = {"swap": "A=B", "copy": "A=B (A takes B's rows)", "average": "A+B[+C...]",
@@ -100,7 +101,8 @@ def edit_checkpoint(source: str | os.PathLike, output: str | os.PathLike,
                                     "(edits never overwrite a checkpoint)")
     ckpt = OfflineCheckpoint(source)
     chosen = select_layers(table_layers(ckpt.keys()), layers, str(ckpt.path))
-    tokenizer = load_tokenizer(tokenizer_path or ckpt.config_dict["data"]["tokenizer"])
+    recorded = from_repo_root(ckpt.config_dict["data"]["tokenizer"])  # works from any directory
+    tokenizer = load_tokenizer(tokenizer_path or recorded)
     plans = plan_edits(tokenizer, specs, rule, pick, forms)
     groups = row_keys(ckpt.keys(), chosen)
     _check_rows(plans, ckpt.info(groups[chosen[0]][0]).shape[0], str(ckpt.path))
