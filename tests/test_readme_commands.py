@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import inspect
 import io
 import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,10 +97,16 @@ def _tool_help(script: Path, args: list[str]) -> str:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
 
+    takes_argv = bool(inspect.signature(module.main).parameters)  # else it reads sys.argv
+
     def help_of(argv: list[str]) -> str:
-        out = io.StringIO()
-        with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
-            module.main(argv)
+        out, saved = io.StringIO(), sys.argv
+        sys.argv = [str(script), *argv]
+        try:
+            with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+                module.main(argv) if takes_argv else module.main()
+        finally:
+            sys.argv = saved
         return out.getvalue()
 
     text = help_of(["--help"])
