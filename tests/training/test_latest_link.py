@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
+from stem_megatron.train import main as train_main
 from stem_megatron.training.latest_link import point_latest_at
+from tests.conftest import tiny_run_config
+from tests.config_overrides import as_overrides
 
 
 def test_latest_is_a_relative_link_to_the_newest_run(tmp_path):
@@ -49,3 +54,26 @@ def test_a_link_that_cannot_be_made_gives_a_note_and_the_run_goes_on(tmp_path):
     note = point_latest_at(run)
     assert note is not None and "could not point" in note
     assert not (tmp_path / "latest").exists()
+
+
+def test_each_training_run_becomes_runs_latest(tiny_run, tmp_path, capsys):
+    """The train CLI points runs/latest at the run it starts (repointing is tested above),
+    and leaves a user's own `latest` directory alone with a note."""
+    runs = tmp_path / "runs"
+    tiny_run(runs / "tiny-1")
+    assert os.readlink(runs / "latest") == "tiny-1"
+    (runs / "latest").unlink()
+    (runs / "latest").mkdir()
+    capsys.readouterr()
+    tiny_run(runs / "tiny-2")
+    assert "not a symlink, so it was left as it is" in capsys.readouterr().out
+    assert (runs / "latest").is_dir() and not (runs / "latest").is_symlink()
+
+
+@pytest.fixture
+def tiny_run(small_corpus):
+    def run(run_dir):
+        config = tiny_run_config(small_corpus, run_dir, "train.train_iters=1",
+                                 "optim.lr_warmup_iters=0", "train.eval_interval=0")
+        assert train_main(as_overrides(config.to_dict()) + ["--sample-prompt", ""]) == 0
+    return run
