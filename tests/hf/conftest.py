@@ -13,7 +13,11 @@ import torch
 
 from tests.conftest import tiny_run_config
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported
+import transformers  # noqa: E402
+
+# from_pretrained's dtype argument: `dtype` in transformers 5, `torch_dtype` before (4.45)
+DTYPE_ARG = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,8 @@ def hf_llama(small_corpus, tmp_path):
         model.to(dtype).save_pretrained(directory, max_shard_size="20KB" if sharded else "5GB")
         if dtype != torch.float32:  # real Llama checkpoints are bf16: compare against the saved
             # values in fp32 (reloaded: a round trip of the model would also round RoPE buffers)
-            model = LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+            model = LlamaForCausalLM.from_pretrained(
+                directory, **{DTYPE_ARG: torch.float32}).eval()
         shutil.copyfile(small_corpus["tokenizer"], directory / "tokenizer.json")
         return directory, model
 

@@ -34,7 +34,8 @@ MODEL = dict(hidden_size=64, intermediate_size=64, num_attention_heads=4, num_ke
 @pytest.fixture
 def llama3(hf_llama):
     """A tiny saved LlamaForCausalLM with llama3 RoPE scaling, and the model."""
-    return hf_llama(name="llama3", rope_parameters={**LLAMA3, "rope_theta": THETA}, **MODEL)
+    # rope_scaling: read by transformers 4 and 5 (5 adds rope_theta to the dict it is given)
+    return hf_llama(name="llama3", rope_scaling=dict(LLAMA3), **MODEL)
 
 
 def logit_diff(ours: torch.nn.Module, theirs: torch.nn.Module, what: str) -> float:
@@ -82,7 +83,7 @@ def test_llama_3_2_1b_shaped_config_maps_with_transformers_frequencies():
     assert m.rope_theta == 500000.0 and m.rope_scaling == RopeScalingConfig(
         type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
         original_max_position_embeddings=8192)
-    theirs = LlamaRotaryEmbedding(LlamaConfig(**cfg)).inv_freq.double()
+    theirs = LlamaRotaryEmbedding(config=LlamaConfig(**cfg)).inv_freq.double()
     ours = inverse_frequencies(64, m.rope_theta, m.rope_scaling)
     plain = inverse_frequencies(64, m.rope_theta, RopeScalingConfig())
     torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
@@ -93,11 +94,13 @@ def test_llama_3_2_1b_shaped_config_maps_with_transformers_frequencies():
 @pytest.mark.parametrize("layout", ["rope_parameters", "rope_scaling"])
 def test_import_matches_transformers_logits(llama3, parallel, tmp_path, layout):
     hf_dir, hf_model = llama3
-    if layout == "rope_scaling":  # as Llama 3.x config.json files on the hub are written
-        config = json.loads((hf_dir / "config.json").read_text())
-        del config["rope_parameters"]
-        (hf_dir / "config.json").write_text(json.dumps(
-            {**config, "rope_theta": THETA, "rope_scaling": LLAMA3}))
+    config = json.loads((hf_dir / "config.json").read_text())
+    config.pop("rope_parameters", None)
+    config.pop("rope_scaling", None)
+    spelling = {"rope_parameters": {"rope_parameters": {**LLAMA3, "rope_theta": THETA}},
+                # as Llama 3.x config.json files on the hub (and transformers 4) write it
+                "rope_scaling": {"rope_theta": THETA, "rope_scaling": LLAMA3}}[layout]
+    (hf_dir / "config.json").write_text(json.dumps({**config, **spelling}))
     out = import_llama(hf_dir, tmp_path / "imported", ["stem.enabled=false"], log=lambda _: None)
     loaded = load_for_inference(str(out / "checkpoints"))
     assert loaded.config.model.rope_scaling == SCALING
