@@ -5,17 +5,17 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_ID := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install data train train-dense edit-demo test test-slow test-slurm clean-venv
+.PHONY: install lock data train train-dense edit-demo test test-slow test-slurm test-latest \
+	test-lowest clean-venv
 
-# torch is installed only when none is importable, as TORCH_INSTALL (our CPU machines' wheel;
-# an unpinned torch would pull a multi-GB CUDA build). A torch already in $(PYTHON)'s
-# site-packages (a GPU cluster's own build) is used as it is: the venv then sees it.
+# The venv holds the exact set CI tests: constraints.txt, written by `make lock`. torch is
+# installed only when none is importable, as TORCH_INSTALL (our CPU machines' wheel; an unpinned
+# torch would pull a multi-GB CUDA build). A torch already in $(PYTHON)'s site-packages (a GPU
+# cluster's own build) is used as it is: the venv then sees it.
 TORCH_INSTALL ?= torch==2.13.0
-$(STAMP): requirements.txt constraints.txt
-	test -x $(PY) || $(PYTHON) -m venv \
-	    $$($(PYTHON) -c "import torch" 2>/dev/null && echo --system-site-packages) $(VENV)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_INSTALL)
-	$(PY) -m pip install -q -c constraints.txt -r requirements.txt
+export PYTHON TORCH_INSTALL
+$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+	tools/dev/venv.sh $(VENV) locked
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -46,5 +46,25 @@ test-slow: $(STAMP)
 test-slurm: $(STAMP)
 	$(PY) -m pytest -q -m slurm tests/launch
 
+# constraints.txt anew from the newest releases of the day (torch stays TORCH_INSTALL). Written
+# beside, then moved over the old lock only once the install succeeded.
+lock:
+	tools/dev/venv.sh .venv-lock latest
+	{ echo "# Written by make lock on $$(date -u +%F) from requirements*.txt: the exact set CI installs."; \
+	  echo "# torch is not here: the Makefile installs TORCH_INSTALL only when none is importable."; \
+	  .venv-lock/bin/pip freeze --exclude-editable | grep -viE '^(torch|nvidia-|triton)'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+	rm -rf .venv-lock
+
+# The suite against the newest releases of the day: drift shows up here before a user hits it.
+test-latest:
+	tools/dev/venv.sh .venv-latest latest
+	.venv-latest/bin/python -m pytest -q
+
+# The suite against every lower bound in requirements*.txt (torch 2.6.0: a CUDA build, ~3 GB).
+test-lowest:
+	tools/dev/venv.sh .venv-lowest lowest
+	.venv-lowest/bin/python -m pytest -q
+
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-lock .venv-latest .venv-lowest
