@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python tools/x.
 import numpy as np
 from tqdm import tqdm
 
-from stem_megatron.data.indexed import DatasetWriter, dataset_files
+from stem_megatron.cli_args import HelpFormatter, fraction, non_negative_int
 from stem_megatron.data.tokenizer import Tokenizer, load_tokenizer
 
 _KINDS = (".txt", ".jsonl")
@@ -51,6 +51,11 @@ def _open_text(path: Path, comp: str):
     return opener(path, "rt", encoding="utf-8")
 
 
+def _read_error(path: Path, kind: str, comp: str, error: Exception) -> ValueError:
+    fix = ("if it is text in another encoding, convert it first, e.g. "
+           f"iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}"
+           if isinstance(error, UnicodeDecodeError) else "check that the file is complete")
+    return ValueError(f"{path}: cannot read as UTF-8 {kind}{comp}: {error}; {fix}")
 
 
 def iter_documents(path: Path, json_key: str) -> Iterator[str]:
@@ -68,27 +73,35 @@ def iter_documents(path: Path, json_key: str) -> Iterator[str]:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}:{lineno}: bad JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get(json_key), str):
+                if isinstance(obj, dict) and json_key in obj and not isinstance(obj[json_key], str):
+                    value = obj[json_key]
+                    raise ValueError(f"{path}:{lineno}: field {json_key!r} holds {repr(value)[:40]} "
+                                     f"(type {type(value).__name__}), not a string")
+                if not isinstance(obj, dict) or json_key not in obj:
                     keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                    raise ValueError(f"{path}:{lineno}: no string field {json_key!r} (found {keys}); set --json-key")
+                    raise ValueError(f"{path}:{lineno}: no field {json_key!r} (found {keys}); set --json-key")
                 yield obj[json_key]
     except _READ_ERRORS as e:
-        raise ValueError(f"{path}: cannot read as UTF-8 {kind}{comp}: {e}") from e
+        raise _read_error(path, kind, comp, e) from None
 
 
 def count_documents(paths: Sequence[Path]) -> int:
-    """Cheap first pass (no JSON parsing): the split and the progress bar need the total."""
+    """Cheap first pass (no JSON parsing): the split and the progress bar need the total.
+    A .txt is one document, but it is decoded here too, so a file that is not UTF-8 is
+    reported as such rather than as a split too small."""
     n = 0
     for path in paths:
         kind, comp = _kind(path)
-        if kind == ".txt":
-            n += 1
-            continue
         try:
             with _open_text(path, comp) as f:
-                n += sum(1 for line in f if line.strip())
+                if kind == ".txt":
+                    while f.read(1 << 20):
+                        pass
+                    n += 1
+                else:
+                    n += sum(1 for line in f if line.strip())
         except _READ_ERRORS as e:
-            raise ValueError(f"{path}: cannot read as UTF-8 {kind}{comp}: {e}") from e
+            raise _read_error(path, kind, comp, e) from None
     return n
 
 
@@ -117,6 +130,8 @@ def preprocess(
     overwrite: bool = False,
 ) -> dict:
     """Tokenize `inputs` into `<output_prefix>_train` / `_val`; return counts and timing."""
+    from stem_megatron.data.indexed import DatasetWriter, dataset_files  # torch: after arguments
+
     t0 = time.perf_counter()
     paths = [Path(p) for p in inputs]
     if not paths:
@@ -132,6 +147,8 @@ def preprocess(
         raise FileExistsError(f"output exists: {', '.join(existing)}; pass --overwrite to replace it")
 
     n = count_documents(paths)
+    if n == 0:
+        raise ValueError(f"no documents in {', '.join(map(str, paths))}: every input is empty")
     is_val = split_documents(n, val_fraction, seed)
     splits = ["train", "val"] if is_val.any() else ["train"]
     if "val" not in splits:  # with --overwrite, a stale val set must not outlive its train set
@@ -150,6 +167,8 @@ def preprocess(
                 bar.update(len(batch))
         if doc != n:
             raise ValueError(f"inputs changed while reading: counted {n} documents, read {doc}")
+        if all(w.num_tokens == w.num_documents for w in writers.values()):  # eod ids only
+            raise ValueError(f"no text in {', '.join(map(str, paths))}: every document is empty")
         metas = {s: w.commit() for s, w in writers.items()}
     except BaseException:
         for w in writers.values():
@@ -184,13 +203,13 @@ def summary_line(result: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     ap.add_argument("--input", nargs="+", required=True, help=".txt / .jsonl files, optionally .gz / .xz")
     ap.add_argument("--tokenizer", required=True, help="tokenizer.json, SentencePiece .model, or GPT-2 vocab.json+merges.txt dir")
     ap.add_argument("--output-prefix", required=True, help="writes <prefix>_train and <prefix>_val datasets")
     ap.add_argument("--json-key", default="text", help="field holding the document in .jsonl lines")
-    ap.add_argument("--val-fraction", type=float, default=0.02, help="fraction of documents held out (0: none)")
-    ap.add_argument("--seed", type=int, default=1234, help="seed of the train/validation split")
+    ap.add_argument("--val-fraction", type=fraction, default=0.02, help="fraction of documents held out (0: none)")
+    ap.add_argument("--seed", type=non_negative_int, default=1234, help="seed of the train/validation split")
     ap.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     args = ap.parse_args(argv)
     try:

@@ -93,7 +93,7 @@ def test_bad_json_line_names_file_and_line_and_leaves_nothing(tmp_path, inputs, 
 
 def test_missing_json_key(tmp_path, tok_path):
     path = _jsonl(tmp_path / "x.jsonl", ["a", "b"], key="body")
-    with pytest.raises(ValueError, match=r"x\.jsonl:1: no string field 'text' \(found \['body', 'id'\]\); set --json-key"):
+    with pytest.raises(ValueError, match=r"x\.jsonl:1: no field 'text' \(found \['body', 'id'\]\); set --json-key"):
         preprocess([path], tok_path, tmp_path / "o")
     result = preprocess([path], tok_path, tmp_path / "o", json_key="body")
     assert result["documents"] == {"train": 1, "val": 1}
@@ -114,6 +114,36 @@ def test_bad_input_files(tmp_path, tok_path, texts, name, content, message):
     with pytest.raises(ValueError, match=message) as e:
         preprocess([good, tmp_path / name], tok_path, tmp_path / "out" / "c")
     assert str(tmp_path / name) in str(e.value)
+
+
+@pytest.mark.parametrize("content", ["café".encode("latin-1"), bytes(range(256)) * 4])
+def test_a_lone_non_utf8_txt_reports_the_encoding_not_the_split(tmp_path, tok_path, content):
+    # One .txt is one document: the split check used to fire before the file was decoded.
+    path = tmp_path / "one.txt"
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=r"one\.txt: cannot read as UTF-8 \.txt: .*iconv -f latin1"):
+        preprocess([path], tok_path, tmp_path / "out")
+
+
+def test_a_non_string_field_names_its_type_and_line(tmp_path, tok_path):
+    path = tmp_path / "n.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": 42}\n')
+    with pytest.raises(ValueError, match=r"n\.jsonl:2: field 'text' holds 42 \(type int\), not a string$"):
+        preprocess([path], tok_path, tmp_path / "out", val_fraction=0.0)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("empty.txt", "", "no text in .*empty.txt: every document is empty"),
+    ("blank.jsonl", "\n\n", "no documents in .*blank.jsonl: every input is empty"),
+    ("hollow.jsonl", '{"text": ""}\n', "no text in .*hollow.jsonl: every document is empty"),
+])
+def test_empty_input_is_refused_and_writes_nothing(tmp_path, tok_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ValueError, match=message):
+        preprocess([tmp_path / name], tok_path, out / "c", val_fraction=0.0)
+    assert os.listdir(out) == []
 
 
 def test_refuses_to_overwrite_unless_asked(tmp_path, inputs, tok_path):
