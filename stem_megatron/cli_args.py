@@ -41,3 +41,12 @@ positive_int = _ranged(int, lambda v: v >= 1, "a positive integer")
 non_negative_int = _ranged(int, lambda v: v >= 0, "an integer >= 0")
 non_negative_float = _ranged(float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0")
 fraction = _ranged(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def int_list(text: str) -> list[int]:
+    """Comma-separated integers such as layer numbers: "1,3"."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 1,3, "
+                                         f"got {text!r}") from None

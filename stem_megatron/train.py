@@ -7,23 +7,38 @@ import argparse
 import sys
 import warnings
 
+from stem_megatron.cli_args import HelpFormatter, positive_int
 from stem_megatron.config import ConfigError, load_config
+from stem_megatron.writable import unwritable_reason
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m stem_megatron.train", description="Train a STEM language model.")
+        prog="python -m stem_megatron.train", description="Train a STEM language model.",
+        formatter_class=HelpFormatter)
     parser.add_argument("--config", help="YAML config file (defaults for every key not given)")
     parser.add_argument("--sample-prompt", default="ROMEO.",
                         help="prompt for the short sample printed at the end ('' to skip)")
     parser.add_argument("--dry-run", action="store_true",
                         help="build each rank's shard on the meta device, print parameters and "
                              "memory per rank type, and exit (no training, no process group)")
-    parser.add_argument("--world-size", type=int, default=None,
+    parser.add_argument("--world-size", type=positive_int, default=None,
                         help="ranks to plan the dry run for (default: TP x PP)")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="dotted overrides, e.g. train.train_iters=200 stem.layers=[1,3]")
     return parser.parse_intermixed_args(argv)  # overrides may sit on either side of flags
+
+
+def run_paths_problem(config) -> str | None:
+    """Why the run could not write its run dir (or its mmap tables), naming the key."""
+    paths = {"logging.run_dir": config.run_dir}
+    if config.stem.enabled and config.stem.storage == "mmap":
+        paths["stem.mmap_dir"] = config.mmap_dir
+    for key, path in paths.items():
+        reason = unwritable_reason(path)
+        if reason:
+            return f"{key}: {path} cannot be written: {reason}; choose a writable {key}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,6 +58,10 @@ def main(argv: list[str] | None = None) -> int:
         from stem_megatron.parallel.dry_run import run_dry_run
 
         return run_dry_run(config, args.world_size)
+    problem = run_paths_problem(config)
+    if problem:  # before the slow imports and the model build
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     from stem_megatron.generation import generate_text
     from stem_megatron.parallel.state import ParallelState
     from stem_megatron.training.latest_link import point_latest_at
@@ -82,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
                       f"{config.train.train_iters} (raise train.train_iters to train on)",
                       flush=True)
             return 0
-        result = trainer.run()
+        try:
+            result = trainer.run()
+        except FloatingPointError as exc:  # diverged: the message names the knob to turn
+            print(f"error: {exc}", file=sys.stderr)
+            return 1
         if parallel.is_main and result.stopped_by:
             print(f"stopped at step {result.step} on {result.stopped_by} after saving a "
                   f"checkpoint; resume with checkpoint.load=auto", flush=True)

@@ -24,8 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python tools/x.py` without installing
 
-from stem_megatron.editing.entities import FORMS, RULES  # noqa: E402
-from stem_megatron.editing.edit import SYNTAX  # noqa: E402
+# Light imports only: arguments and edits are checked before torch loads.
+from stem_megatron.cli_args import HelpFormatter, int_list  # noqa: E402
+from stem_megatron.editing.entities import FORMS, RULES, EditError, StrictLengthError  # noqa: E402
+from stem_megatron.editing.spec import SYNTAX, EditSpec  # noqa: E402
 
 
 class _EditAction(argparse.Action):
@@ -37,25 +39,18 @@ class _EditAction(argparse.Action):
         namespace.edits = edits
 
 
-def _layers(text: str) -> list[int]:
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers {text!r}: expected comma-separated layer "
-                                         "numbers, e.g. 1,3") from None
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Swap, copy, average or inject STEM table rows "
-                                             "and write the result as a new checkpoint.")
+                                             "and write the result as a new checkpoint.",
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--checkpoint", required=True, help="step dir, checkpoints dir or run dir")
     ap.add_argument("--output", required=True, help="new checkpoints dir to create")
     for operation, syntax in SYNTAX.items():
         ap.add_argument(f"--{operation}", dest=operation, action=_EditAction, metavar="SPEC",
                         help=syntax)
-    ap.add_argument("--layers", type=_layers, help="STEM layers to edit (default: all)")
+    ap.add_argument("--layers", type=int_list, help="STEM layers to edit (default: all)")
     ap.add_argument("--rule", choices=RULES, default="strict",
-                    help="entities of different token lengths (default strict: equal lengths)")
+                    help="how entities of different token lengths line up (strict: refuse)")
     ap.add_argument("--pick", type=int, default=-1, help="source token the pick rule takes")
     ap.add_argument("--forms", choices=FORMS, default="inner",
                     help="text entities as inside a sentence (inner, default) or also at the "
@@ -64,18 +59,26 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not getattr(args, "edits", None):
         ap.error("give at least one edit: --swap, --copy, --average or --inject")
+    try:
+        specs = [EditSpec.parse(operation, text) for operation, text in args.edits]
+    except EditError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
     from stem_megatron.checkpoint.errors import (CheckpointExistsError, CheckpointNotFoundError,
                                                  UnsafeCheckpointError)
-    from stem_megatron.editing.edit import EditSpec, edit_checkpoint
-    from stem_megatron.editing.entities import EditError
+    from stem_megatron.editing.edit import edit_checkpoint
 
     try:
-        specs = [EditSpec.parse(operation, text) for operation, text in args.edits]
         out = edit_checkpoint(args.checkpoint, args.output, specs, layers=args.layers,
                               rule=args.rule, pick=args.pick, forms=args.forms,
                               tokenizer_path=args.tokenizer)
+    except StrictLengthError as exc:
+        others = [rule for rule in RULES if rule != "strict"]
+        print(f"error: {exc}: choose --rule {', '.join(others[:-1])} or {others[-1]}",
+              file=sys.stderr)
+        return 1
     except (EditError, CheckpointExistsError, CheckpointNotFoundError, UnsafeCheckpointError,
             ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

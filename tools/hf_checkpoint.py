@@ -24,12 +24,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python tools/x.py` without installing
 
+from stem_megatron.cli_args import HelpFormatter, positive_int  # noqa: E402
+
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("import", help="Hugging Face Llama directory -> STEM checkpoint")
-    imp.add_argument("--hf-dir", required=True, type=Path)
+    imp = sub.add_parser("import", help="Hugging Face Llama directory -> STEM checkpoint",
+                         formatter_class=HelpFormatter)
+    imp.add_argument("--hf-dir", required=True, type=Path,
+                     help="Llama-format directory: config.json, safetensors, tokenizer")
     imp.add_argument("--out", required=True, type=Path, help="new directory to create")
     imp.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
                      help="overrides of the written config, e.g. stem.layers=[1,2] "
@@ -38,9 +43,10 @@ def _parser() -> argparse.ArgumentParser:
                      help="initialise the tables from the dense model's up-projection averaged "
                           "per token over this dataset (tokenized with the HF tokenizer) "
                           "instead of xavier-normal; see docs/huggingface.md")
-    imp.add_argument("--calibration-tokens", type=int, default=262_144,
-                     help="tokens of --calibration-data to run (default 262144)")
-    exp = sub.add_parser("export", help="checkpoint -> Hugging Face directory")
+    imp.add_argument("--calibration-tokens", type=positive_int, default=262_144,
+                     help="tokens of --calibration-data to run")
+    exp = sub.add_parser("export", help="checkpoint -> Hugging Face directory",
+                         formatter_class=HelpFormatter)
     exp.add_argument("--checkpoint", required=True, help="step dir, checkpoints dir or run dir")
     exp.add_argument("--out", required=True, type=Path, help="new directory to create")
     exp.add_argument("--tokenizer", help="tokenizer path (default: the one in the run's config)")

@@ -21,11 +21,15 @@ import json
 import sys
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python tools/x.py` without installing
 
-from stem_megatron.checkpoint.offline import OfflineCheckpoint  # noqa: E402
-from stem_megatron.checkpoint.table_stats import Spread  # noqa: E402
+from stem_megatron.cli_args import HelpFormatter, non_negative_int, positive_int  # noqa: E402
+
+if TYPE_CHECKING:  # imported in main, after the arguments are checked: they load torch
+    from stem_megatron.checkpoint.offline import OfflineCheckpoint
+    from stem_megatron.checkpoint.table_stats import Spread
 
 BINS = [-1 + 2 * i / 80 for i in range(81)]  # cosine histogram bins over [-1, 1]
 STORAGE = {"device": "tables and their optimizer state in device memory",
@@ -160,21 +164,23 @@ def _dense_spreads(args, main: OfflineCheckpoint, stem_layers: list[int]):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Describe a stem_megatron checkpoint.")
+    ap = argparse.ArgumentParser(description="Describe a stem_megatron checkpoint.",
+                                 formatter_class=HelpFormatter)
     ap.add_argument("checkpoint", help="step dir, checkpoints dir or run dir")
     ap.add_argument("--tensors", action="store_true", help="list every tensor")
-    ap.add_argument("--pairs", type=int, default=20000, help="random pairs per spread")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pairs", type=positive_int, default=20000, help="random pairs per spread")
+    ap.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random pairs")
     ap.add_argument("--dense-checkpoint", help="dense baseline run to compare with")
     ap.add_argument("--data", help="indexed dataset prefix for the token-level spreads "
                                    "(default: the dense run's validation data)")
-    ap.add_argument("--tokens", type=int, default=8192, help="data tokens to run")
+    ap.add_argument("--tokens", type=positive_int, default=8192, help="data tokens to run")
     ap.add_argument("--plot", type=Path, help="write the cosine distributions as a PNG")
     ap.add_argument("--json", type=Path, help="write the report as JSON")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
     from stem_megatron.checkpoint.errors import CheckpointNotFoundError, UnsafeCheckpointError
+    from stem_megatron.checkpoint.offline import OfflineCheckpoint
     from stem_megatron.checkpoint.table_stats import stem_table_stats
 
     try:

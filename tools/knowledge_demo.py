@@ -27,21 +27,24 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python tools/x.py` without installing
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
-from stem_megatron.checkpoint.inference import load_for_inference  # noqa: E402
+# Only light imports here; the functions import what loads torch, so that --help and a bad
+# flag answer before it.
+from stem_megatron.cli_args import (HelpFormatter, int_list, non_negative_int,  # noqa: E402
+                                    positive_int)
 from stem_megatron.config import load_config  # noqa: E402
 from stem_megatron.data.tokenizer import train_bpe_tokenizer  # noqa: E402
-from stem_megatron.editing.edit import EditSpec, edit_model, plan_edits  # noqa: E402
-from stem_megatron.editing.facts import (Fact, answers, capital_ids, country_capitals,  # noqa: E402
-                                         fact_documents)
 from stem_megatron.editing.remap import parse_remap  # noqa: E402
-from stem_megatron.parallel.state import ParallelState  # noqa: E402
-from stem_megatron.training.trainer import Trainer  # noqa: E402
+from stem_megatron.editing.spec import EditSpec  # noqa: E402
 from tools.preprocess_data import preprocess  # noqa: E402
+
+if TYPE_CHECKING:
+    from stem_megatron.editing.facts import Fact
 
 CORPUS = ROOT / "data/corpus/shakespeare.jsonl.xz"
 # configs/tiny.yaml made smaller (fits a shared 2-core CPU in minutes): 4 layers, hidden 128.
@@ -54,6 +57,8 @@ MODEL = ["model.num_layers=4", "model.hidden_size=128", "model.ffn_hidden_size=5
 
 def build_data(out: Path, facts: list[Fact], args) -> dict[str, Path]:
     """The mixed corpus, its tokenizer and the indexed datasets."""
+    from stem_megatron.editing.facts import fact_documents
+
     docs = fact_documents(facts, args.repeats, per_document=12, seed=args.seed)
     n_fact_docs = len(docs)
     with lzma.open(CORPUS, "rt", encoding="utf-8") as f:
@@ -79,6 +84,9 @@ def train(out: Path, data: dict[str, Path], args) -> Path:
         f"optim.lr_warmup_iters={max(1, args.steps // 20)}", "train.eval_interval=0",
         "train.eval_iters=1", "checkpoint.save_interval=0", *MODEL, f"logging.log_interval={max(1, args.steps // 10)}",
         f"logging.run_dir={out / 'run'}", f"train.seed={args.seed}", *args.override]
+    from stem_megatron.parallel.state import ParallelState
+    from stem_megatron.training.trainer import Trainer
+
     config = load_config(ROOT / "configs/tiny.yaml", overrides)
     parallel = ParallelState.initialize()
     try:
@@ -109,6 +117,8 @@ def score(after: dict, before: dict, facts: dict[str, Fact], tokenizer,
           pairs: list[tuple[str, str]]) -> dict:
     """Edit success over both directions of each pair (and how many edited probes still give
     their own capital); locality over every other country."""
+    from stem_megatron.editing.facts import capital_ids
+
     partner = {a: b for a, b in pairs} | {b: a for a, b in pairs}
     flipped = [after[c][:len(t)] == t for c in partner
                for t in [capital_ids(tokenizer, facts[partner[c]])]]
@@ -123,6 +133,11 @@ def score(after: dict, before: dict, facts: dict[str, Fact], tokenizer,
 
 def measure(run_dir: Path, facts: list[Fact], args) -> dict:
     """Probe the trained model, then every edit setup; the report's figures."""
+    from stem_megatron.checkpoint.inference import load_for_inference
+    from stem_megatron.editing.edit import edit_model, plan_edits
+    from stem_megatron.editing.facts import answers, capital_ids
+    from stem_megatron.parallel.state import ParallelState
+
     parallel = ParallelState.initialize()
     try:
         loaded = load_for_inference(str(run_dir))
@@ -168,6 +183,8 @@ def measure(run_dir: Path, facts: list[Fact], args) -> dict:
 
 
 def run_demo(args) -> dict:
+    from stem_megatron.editing.facts import country_capitals
+
     out = Path(args.out)
     t0 = time.perf_counter()
     facts = country_capitals()[:args.countries or None]
@@ -198,22 +215,28 @@ def print_table(report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default=f"runs/knowledge_demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    ap.add_argument("--steps", type=int, default=800)
-    ap.add_argument("--countries", type=int, default=0, help="first N facts (0: all)")
-    ap.add_argument("--repeats", type=int, default=16, help="copies of each fact per template")
-    ap.add_argument("--works", type=int, default=1, help="Shakespeare works in the mix")
-    ap.add_argument("--vocab", type=int, default=4096)
-    ap.add_argument("--seq-length", type=int, default=64)
-    ap.add_argument("--pairs", type=int, default=20, help="country pairs swapped per setup")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=HelpFormatter)
+    ap.add_argument("--out", default=f"runs/knowledge_demo-{time.strftime('%Y%m%d-%H%M%S')}",
+                    help="new directory for the data, the run and knowledge_demo.json")
+    ap.add_argument("--steps", type=positive_int, default=800, help="training steps")
+    ap.add_argument("--countries", type=non_negative_int, default=0,
+                    help="first N facts (0: all)")
+    ap.add_argument("--repeats", type=positive_int, default=16,
+                    help="copies of each fact per template")
+    ap.add_argument("--works", type=non_negative_int, default=1,
+                    help="Shakespeare works in the mix")
+    ap.add_argument("--vocab", type=positive_int, default=4096, help="BPE vocabulary size")
+    ap.add_argument("--seq-length", type=positive_int, default=64, help="model.seq_length")
+    ap.add_argument("--pairs", type=positive_int, default=20,
+                    help="country pairs swapped per setup")
     ap.add_argument("--pairs-from", choices=("learned", "all"), default="learned",
                     help="countries to pair: those whose fact the model learned, or all (smoke tests)")
     ap.add_argument("--from-run", help="measure an earlier demo's trained run dir (<out>/run) "
                                        "instead of building data and training")
-    ap.add_argument("--stem-layers", type=lambda t: [int(x) for x in t.split(",")],
-                    default=[0, 1, 2, 3], help="STEM layers of the 4-layer model (default: all)")
-    ap.add_argument("--seed", type=int, default=1234)
+    ap.add_argument("--stem-layers", type=int_list, default=[0, 1, 2, 3],
+                    help="STEM layers of the 4-layer model, e.g. 1,3 (default: all)")
+    ap.add_argument("--seed", type=non_negative_int, default=1234, help="data, split and run seed")
     ap.add_argument("--override", nargs="*", default=[], help="extra config overrides key=value")
     args = ap.parse_args(argv)
     if Path(args.out).exists():

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python tools/x.py` without installing
 
-from stem_megatron.data.indexed import DatasetError, open_dataset
+from stem_megatron.cli_args import HelpFormatter
 from stem_megatron.data.tokenizer import load_tokenizer, train_bpe_tokenizer
 from tools.preprocess_data import preprocess, summary_line
 
@@ -42,6 +42,8 @@ def _texts(corpus: Path) -> Iterator[str]:
 
 def _datasets_ready(prefix: Path, tokenizer_path: Path) -> bool:
     """True if both splits open, validate, and were made with this very tokenizer."""
+    from stem_megatron.data.indexed import DatasetError, open_dataset  # torch: after arguments
+
     tok = load_tokenizer(tokenizer_path)
     try:
         for split in ("train", "val"):
@@ -83,7 +85,7 @@ def prepare_corpus(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     ap.add_argument("--force", action="store_true", help="retrain the tokenizer and rebuild the datasets")
     args = ap.parse_args(argv)
     try:

@@ -83,13 +83,15 @@ def remove_stale_tmp(checkpoints: Path) -> list[Path]:
 def resolve(path: str | os.PathLike) -> Path:
     """The complete checkpoint directory that `path` designates.
 
-    Accepts a checkpoint dir (`.../step_N`), a checkpoints dir (follows `latest`),
-    or a run dir (follows `<run>/checkpoints/latest`). Raises CheckpointNotFoundError
+    Accepts a checkpoint dir (`.../step_N`), a checkpoints dir (follows `latest`), its
+    `latest` file, or a run dir (follows `<run>/checkpoints/latest`). Raises CheckpointNotFoundError
     saying which of those it failed to find.
     """
     p = Path(path)
     if not p.exists():
         raise CheckpointNotFoundError(f"no such checkpoint path: {p}")
+    if p.name == LATEST and p.is_file():  # the pointer itself: the checkpoints dir it is in
+        p = p.parent
     if not p.is_dir():
         raise CheckpointNotFoundError(f"checkpoint path is not a directory: {p}")
     if p.name.startswith(TMP_PREFIX):

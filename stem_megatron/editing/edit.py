@@ -14,7 +14,6 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,38 +23,12 @@ from stem_megatron.checkpoint.errors import CheckpointExistsError
 from stem_megatron.checkpoint.offline import OfflineCheckpoint, write_checkpoint
 from stem_megatron.data.tokenizer import Tokenizer, load_tokenizer
 from stem_megatron.editing.entities import EditError, resolve_entity
-from stem_megatron.editing.rows import OPERATIONS, RowPlan, apply_plan, build_plan
+from stem_megatron.editing.rows import RowPlan, apply_plan, build_plan
+from stem_megatron.editing.spec import EditSpec
 from stem_megatron.editing.tables import row_keys, select_layers, table_layers
 from stem_megatron.repo_paths import from_repo_root
 
-# How each operation is written on the command line.
-SYNTAX = {"swap": "A=B", "copy": "A=B (A takes B's rows)", "average": "A+B[+C...]",
-          "inject": "A=B+C[+...] (A takes the mean of B, C, ...)"}
 _TABLE_MODULE = re.compile(r"decoder\.layers\.(\d+)\.mlp\.stem_table")
-
-
-@dataclass(frozen=True)
-class EditSpec:
-    operation: str
-    entities: tuple[str, ...]
-
-    @classmethod
-    def parse(cls, operation: str, text: str) -> "EditSpec":
-        if operation not in OPERATIONS:
-            raise EditError(f"unknown edit {operation!r}; choose one of {', '.join(OPERATIONS)}")
-        if operation == "average":
-            parts = text.split("+")
-        else:
-            dest, sep, rest = text.partition("=")
-            parts = [dest] + (rest.split("+") if operation == "inject" else [rest])
-            if not sep:
-                parts = []
-        if len(parts) < 2 or not all(parts) or (operation in ("swap", "copy") and "+" in text):
-            raise EditError(f"--{operation} {text!r}: expected {SYNTAX[operation]}")
-        return cls(operation, tuple(parts))
-
-    def __str__(self) -> str:
-        return f"{self.operation} {' | '.join(self.entities)}"
 
 
 def plan_edits(tokenizer: Tokenizer, specs: Sequence[EditSpec], rule: str = "strict",

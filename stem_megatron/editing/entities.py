@@ -39,6 +39,11 @@ class EditError(ValueError):
     """An edit that cannot be done as asked: the message names the input and the fix."""
 
 
+class StrictLengthError(EditError):
+    """The strict rule met entities of different token lengths. The message names no flag:
+    each tool adds how to choose another rule with its own option and values."""
+
+
 @dataclass(frozen=True)
 class Entity:
     spec: str  # as the user wrote it
@@ -99,9 +104,9 @@ def align(dest: tuple[int, ...], source: tuple[int, ...], rule: str,
         raise EditError(f"unknown multi-token rule {rule!r}; choose one of {', '.join(RULES)}")
     if rule == "strict":
         if n != m:
-            raise EditError(
-                f"token lengths differ: {list(dest)} ({n} tokens) vs {list(source)} ({m} tokens); "
-                "the strict rule needs equal lengths: choose --rule repeat, pick or average")
+            raise StrictLengthError(
+                f"token lengths differ: {list(dest)} ({n} tokens) vs {list(source)} ({m} tokens) "
+                "and the strict rule needs equal lengths")
         return [(s,) for s in source]
     if rule == "repeat":
         # Position i covers the fraction (i, i + 1] / n of the source; take the source token

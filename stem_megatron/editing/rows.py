@@ -21,10 +21,10 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 
 from stem_megatron.editing.entities import EditError, Entity, align, paired_forms
+from stem_megatron.editing.spec import OPERATIONS
 
 # destination row -> ((source row, weight), ...)
 RowPlan = dict[int, tuple[tuple[int, float], ...]]
-OPERATIONS = ("swap", "copy", "average", "inject")
 
 
 def _mean(ids: Sequence[int]) -> dict[int, float]:

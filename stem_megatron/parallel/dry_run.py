@@ -170,8 +170,10 @@ def dry_run(config: RunConfig, world_size: int | None = None) -> DryRunReport:
     `world_size` None: one model replica (TP x PP ranks)."""
     p, t, s = config.parallel, config.train, config.stem
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
+    if world_size is not None and world_size < 1:  # 0 is not "unset": say so, plan nothing
+        raise ConfigError(f"world size must be >= 1, got {world_size}")
     vocab = resolve_vocab_size(config)
-    layout = validate_layout(config, world_size or tp * pp, vocab)
+    layout = validate_layout(config, tp * pp if world_size is None else world_size, vocab)
     per_rank_stages = chunk_stages(config)
     vp, dp = virtual_pipeline_size(config), layout.dp_size
     stem_layers = tuple(config.stem_layers())

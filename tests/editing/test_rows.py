@@ -7,7 +7,8 @@ import sentencepiece as spm
 import torch
 
 from stem_megatron.data.tokenizer import load_tokenizer
-from stem_megatron.editing.entities import EditError, Entity, align, resolve_entity
+from stem_megatron.editing.entities import (EditError, Entity, StrictLengthError, align,
+                                            resolve_entity)
 from stem_megatron.editing.remap import parse_remap
 from stem_megatron.editing.rows import apply_plan, build_plan
 
@@ -34,8 +35,10 @@ def test_alignment_rules(rule, dest, source, expected):
     assert align(dest, source, rule) == expected
 
 
-def test_strict_rule_refuses_different_lengths_and_names_the_fix():
-    with pytest.raises(EditError, match="--rule repeat, pick or average"):
+def test_strict_rule_refuses_different_lengths():
+    # No flag in the message: each tool names its own option for the rule.
+    with pytest.raises(StrictLengthError, match=r"\(2 tokens\) vs \[7\] \(1 tokens\) and the strict "
+                                               r"rule needs equal lengths$"):
         align((1, 2), (7,), "strict")
     with pytest.raises(EditError, match="pick index 5"):
         align((1,), (7, 8), "pick", pick=5)
