@@ -6,11 +6,19 @@ models and short samples this serves (reports, smoke tests, the editing demo).
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from stem_megatron.data.tokenizer import Tokenizer
+from stem_megatron.repo_paths import REPO_ROOT
+
+if TYPE_CHECKING:
+    from stem_megatron.parallel.state import ParallelState
 
 # Maps the ids of a context to the ids its STEM lookups use (on-the-fly knowledge editing).
 StemIds = Callable[[list[int]], list[int]]
@@ -35,6 +43,8 @@ def generate_ids(model: torch.nn.Module, prompt_ids: list[int], *, max_new_token
     was_training = model.training
     model.eval()
     try:
+        # Exactly max_new_tokens forwards, never fewer: ranks whose lookups are collectives
+        # generate together and must run the same number.
         for _ in range(max_new_tokens):
             window = ids[-seq_length:]
             context = torch.tensor([window], device=device)
@@ -72,3 +82,49 @@ def generate_text(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, *,
                        temperature=temperature, top_k=top_k, seed=seed, device=device,
                        stem_ids=stem_ids)
     return tokenizer.decode(ids)
+
+
+@dataclass(frozen=True)
+class SampleSettings:
+    """The short sample a training run ends with. `command` draws the same text from a
+    checkpoint with tools/generate.py (on the same kind of device)."""
+
+    prompt: str
+    seed: int
+    max_new_tokens: int = 60
+    temperature: float = 0.8
+    top_k: int = 40
+
+    def generate(self, model: torch.nn.Module, tokenizer: Tokenizer) -> str:
+        return generate_text(model, tokenizer, self.prompt, max_new_tokens=self.max_new_tokens,
+                             temperature=self.temperature, top_k=self.top_k, seed=self.seed)
+
+    def command(self, checkpoint: str | Path) -> str:
+        tool = REPO_ROOT / "tools" / "generate.py"
+        here = Path.cwd().resolve()
+        if tool.is_relative_to(here):  # as the README writes it, from the repository
+            tool = tool.relative_to(here)
+        return shlex.join([
+            "python", str(tool), "--checkpoint", str(checkpoint), "--prompt", self.prompt,
+            "--max-new-tokens", str(self.max_new_tokens), "--temperature", str(self.temperature),
+            "--top-k", str(self.top_k), "--seed", str(self.seed)])
+
+
+def end_of_run_sample(model: torch.nn.Module, tokenizer: Tokenizer, parallel: ParallelState,
+                      settings: SampleSettings, checkpoint: str | Path) -> str | None:
+    """The `sample:` line a training run ends with, on the main rank (None on the others).
+    Every rank calls this. Where each rank runs the whole model, the main rank generates,
+    with every rank of its DP group in lockstep when the tables are vocab-sharded (each
+    lookup gathers rows from their owners). Where TP or PP split the model, the line says so
+    and names the tools/generate.py command that draws the sample from `checkpoint`."""
+    if not parallel.runs_whole_model:
+        line = (f"sample: skipped: TP x PP = {parallel.tp_size} x {parallel.pp_size} splits the "
+                f"model over ranks, so no rank generates alone; the same sample from this run's "
+                f"checkpoint: {settings.command(checkpoint)}")
+    else:
+        lookups_are_collective = any(table.row_block is not None
+                                     for table in model.stem_tables().values())
+        if not (parallel.is_main or lookups_are_collective):
+            return None
+        line = f"sample: {settings.generate(model, tokenizer)!r}"
+    return line if parallel.is_main else None

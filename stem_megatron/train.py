@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if problem:  # before the slow imports and the model build
         print(f"error: {problem}", file=sys.stderr)
         return 2
-    from stem_megatron.generation import generate_text
+    from stem_megatron.generation import SampleSettings, end_of_run_sample
     from stem_megatron.parallel.state import ParallelState
     from stem_megatron.training.latest_link import point_latest_at
     from stem_megatron.training.trainer import Trainer
@@ -106,22 +106,22 @@ def main(argv: list[str] | None = None) -> int:
         except FloatingPointError as exc:  # diverged: the message names the knob to turn
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        if parallel.is_main and result.stopped_by:
-            print(f"stopped at step {result.step} on {result.stopped_by} after saving a "
-                  f"checkpoint; resume with checkpoint.load=auto", flush=True)
+        if result.stopped_by:  # agreed by every rank
+            if parallel.is_main:
+                print(f"stopped at step {result.step} on {result.stopped_by} after saving a "
+                      f"checkpoint; resume with checkpoint.load=auto", flush=True)
             return 0
         if parallel.is_main:
             val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
             print(f"done: step {result.step} | last step's train loss {result.train_loss:.4f} | "
                   f"final val loss {val} | {result.tokens_per_s:,.0f} tok/s | "
                   f"run dir {config.run_dir}", flush=True)
-            if args.sample_prompt and parallel.tp_size == 1 and parallel.pp_size == 1:
-                # Rank 0 holds the whole model only without TP/PP; otherwise use
-                # tools/generate.py on the checkpoint.
-                sample = generate_text(trainer.chunks[0], trainer.tokenizer, args.sample_prompt,
-                                       max_new_tokens=60, temperature=0.8, top_k=40,
-                                       seed=config.train.seed)
-                print(f"sample: {sample!r}", flush=True)
+        if args.sample_prompt:  # on every rank: some layouts generate collectively
+            line = end_of_run_sample(trainer.chunks[0], trainer.tokenizer, parallel,
+                                     SampleSettings(args.sample_prompt, config.train.seed),
+                                     trainer.checkpointer.latest())
+            if line:
+                print(line, flush=True)
     finally:
         parallel.destroy()
     return 0

@@ -77,6 +77,12 @@ class ParallelState:
         return parallel_state.get_model_parallel_group()
 
     @property
+    def runs_whole_model(self) -> bool:
+        """Each rank runs the whole model's forward: neither TP nor PP splits it. (Under the
+        vocab-sharded table layout its STEM lookups still gather rows over the DP group.)"""
+        return self.tp_size == 1 and self.pp_size == 1
+
+    @property
     def is_main(self) -> bool:
         return self.rank == 0
 
