@@ -6,6 +6,7 @@ comes at once, not after seconds of imports). Each command runs as a user runs i
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -129,6 +130,20 @@ def test_a_run_dir_that_is_a_file_is_refused_before_torch(tmp_path, run_dir):
     assert "torch" not in packages
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
     assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_a_read_only_run_dir_is_refused_before_torch(tmp_path):
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    mount = ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(read_only)]
+    if not shutil.which("mount") or subprocess.run(mount, capture_output=True).returncode:
+        pytest.skip("mounting a read-only tmpfs needs root where mount is allowed")
+    try:
+        code, _, lines, packages = run([*TRAIN, f"logging.run_dir={read_only / 'run'}"])
+    finally:
+        subprocess.run(["umount", str(read_only)], check=True)
+    assert code == 2 and len(lines) == 1 and "torch" not in packages
+    assert f"cannot create a directory in {read_only} (Read-only file system)" in lines[0]
 
 
 @pytest.mark.parametrize("edit", ["--swap=Rome=Rome", "--copy=Rome=Rome", "--average=Rome+Rome",
