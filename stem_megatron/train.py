@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     from stem_megatron.training.trainer import Trainer
 
     from stem_megatron.checkpoint.errors import (CheckpointExistsError, CheckpointMismatchError,
-                                                 CheckpointNotFoundError)
+                                                 CheckpointNotFoundError, CheckpointSaveError,
+                                                 UnsafeCheckpointError)
 
     try:
         parallel = ParallelState.initialize(config.parallel.tensor_model_parallel_size,
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer = Trainer(config, parallel)
         except (ValueError, NotImplementedError, CheckpointNotFoundError,
                 CheckpointMismatchError, CheckpointExistsError, MemoryError,
-                PermissionError) as exc:
+                PermissionError, CheckpointSaveError, UnsafeCheckpointError) as exc:
             # Bad data, checkpoint, layout or table tier: say what and how to fix it.
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         try:
             result = trainer.run()
-        except FloatingPointError as exc:  # diverged: the message names the knob to turn
+        except (FloatingPointError, CheckpointSaveError) as exc:  # diverged, or a save failed
             print(f"error: {exc}", file=sys.stderr)
             return 1
         if result.stopped_by:  # agreed by every rank

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,9 +34,13 @@ from torch.distributed.checkpoint.api import CheckpointException
 
 from stem_megatron.checkpoint import layout
 from stem_megatron.checkpoint.compare import check_rank, merge_reports
-from stem_megatron.checkpoint.errors import CheckpointExistsError
+from stem_megatron.checkpoint.errors import CheckpointExistsError, CheckpointSaveError
 from stem_megatron.checkpoint.flatten import Scalar, flatten_state, restore_scalars
 from stem_megatron.checkpoint.layout import resolve
+from stem_megatron.checkpoint.manifest import MANIFEST_JSON, digest_file, manifest_text
+from stem_megatron.checkpoint.recovery import recover_strays
+from stem_megatron.checkpoint.space import checkpoint_nbytes, human, space_problem, tensor_nbytes
+from stem_megatron.writable import unwritable_reason
 from stem_megatron.checkpoint.safe_io import (
     SafeFileSystemReader,
     TensorOnlyLoadPlanner,
@@ -110,17 +115,12 @@ def _merge_scalars(per_rank: list[dict[str, Scalar]]) -> dict[str, Scalar]:
     return merged
 
 
-def _read_json_object(path: Path) -> dict[str, Any]:
-    value = json.loads(path.read_text())
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} holds a JSON {type(value).__name__}, expected an object")
-    return value
-
-
 @contextlib.contextmanager
-def _calling_dcp() -> Iterator[None]:
-    # DCP warns that it assumes a single process when torch.distributed is not
-    # initialised; that is exactly our intent on a laptop run.
+def calling_dcp() -> Iterator[None]:
+    """Call DCP quietly, surfacing the failing rank's own error.
+
+    DCP warns that it assumes a single process when torch.distributed is not
+    initialised; that is exactly our intent on a laptop run."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         try:
@@ -130,6 +130,10 @@ def _calling_dcp() -> Iterator[None]:
             # misses; surface the lowest failing rank's own error, with DCP's report chained.
             rank = min(e.failures)
             raise e.failures[rank][0] from e
+
+
+def _sizes(tensors: dict[str, Any]) -> dict[str, int]:
+    return {key: tensor_nbytes(t) for key, t in tensors.items()}
 
 
 class Checkpointer:
@@ -149,10 +153,13 @@ class Checkpointer:
     def save(self, step: int, state: dict[str, Any], metadata: dict[str, Any]) -> Path:
         """Write `state` and `metadata` as `step_<step>/`, then point `latest` at it.
 
-        Refuses (CheckpointExistsError) if `step_<step>` exists. A crash at any point
-        leaves earlier checkpoints and `latest` as they were; its tmp dir is removed by
-        the next successful save. `metadata` is written from rank 0; every rank still
-        checks that its own is JSON-serialisable so all fail alike.
+        Refuses (CheckpointExistsError) if `step_<step>` exists, and (CheckpointSaveError)
+        if the disk lacks room for it; a write that fails (disk full, I/O error) removes its
+        tmp dir and raises CheckpointSaveError. A crash at any point leaves earlier
+        checkpoints and `latest` as they were; its tmp dir is removed by the next successful
+        save. The commit adds manifest.json (sizes and CRC-32s, manifest.py). `metadata` is
+        written from rank 0; every rank still checks that its own is JSON-serialisable so
+        all fail alike.
         """
         ranks = _Ranks(self.process_group)
         final = self.dir / layout.step_dir_name(step)
@@ -160,25 +167,57 @@ class Checkpointer:
         tensors: dict[str, Any] = {}
         scalars: dict[str, Scalar] = {}
         metadata_text = ""
-        tmp_name: str | None = None
         try:
             if not isinstance(step, int) or isinstance(step, bool) or step < 0:
                 raise ValueError(f"step must be a non-negative int, got {step!r}")
             tensors, scalars = flatten_state(state)
             metadata_text = json.dumps(metadata, indent=2)
-            if ranks.rank == 0:
+        except Exception as e:
+            error = e
+        gathered = ranks.all_gather((_portable(error), scalars, _sizes(tensors)))
+        ranks.raise_any([g[0] for g in gathered])
+        merged_scalars = _merge_scalars([g[1] for g in gathered])
+        need = checkpoint_nbytes({k: n for g in gathered for k, n in g[2].items()},
+                                 len(metadata_text))
+        tmp_name: str | None = None
+        if ranks.rank == 0:
+            try:
                 if final.exists():
                     raise CheckpointExistsError(f"checkpoint {final} already exists; refusing to overwrite it")
                 self.dir.mkdir(parents=True, exist_ok=True)
+                problem = space_problem(self.dir, need)
+                if problem:
+                    raise CheckpointSaveError(f"not saving {final.name}: {problem}; free space "
+                                              f"there (or save elsewhere with checkpoint.save)")
                 tmp_name = layout.tmp_dir_name(step)
-        except Exception as e:
-            error = e
-        gathered = ranks.all_gather((_portable(error), scalars, tmp_name))
-        ranks.raise_any([g[0] for g in gathered])
-        merged_scalars = _merge_scalars([g[1] for g in gathered])
-        tmp = self.dir / gathered[0][2]
+            except Exception as e:
+                error = e
+        error, tmp_name = ranks.broadcast_from_first((_portable(error), tmp_name))
+        if error is not None:
+            raise error
+        tmp = self.dir / tmp_name
+        try:
+            self._write(ranks, tmp, final, tensors, merged_scalars, metadata_text)
+        except BaseException as e:
+            if ranks.rank == 0:  # every rank is past DCP's collective write: nothing writes here now
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, (OSError, RuntimeError)) and not isinstance(
+                    e, (CheckpointExistsError, CheckpointSaveError)):
+                first_line = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+                raise CheckpointSaveError(
+                    f"saving {final} failed ({first_line}); removed the partial save; "
+                    f"{self.dir} has {human(shutil.disk_usage(self.dir).free)} free, the "
+                    f"checkpoint needs about {human(need)}") from e
+            raise
+        if ranks.rank == 0:
+            self._remove_stale_tmp()
+        return final
 
-        with _calling_dcp():
+    def _write(self, ranks: _Ranks, tmp: Path, final: Path, tensors: dict[str, Any],
+               scalars: dict[str, Scalar], metadata_text: str) -> None:
+        """DCP's shards into `tmp`, each rank checksumming a share of the files, then rank 0
+        adds the JSON files and the manifest and commits `tmp` as `final`."""
+        with calling_dcp():
             dcp.save(
                 tensors,
                 storage_writer=FileSystemWriter(tmp, sync_files=True),
@@ -186,20 +225,82 @@ class Checkpointer:
             )
         # DCP has returned on every rank, so every shard is on disk before the commit.
         ranks.barrier()
+        error: BaseException | None = None
+        digests: dict[str, Any] = {}
+        try:
+            names = sorted(os.listdir(tmp))
+            digests = {name: digest_file(tmp / name) for name in names[ranks.rank::ranks.size]}
+        except Exception as e:
+            error = e
+        gathered = ranks.all_gather((_portable(error), digests))
+        ranks.raise_any([g[0] for g in gathered])
         outcome: BaseException | None = None
         if ranks.rank == 0:
             try:
-                layout.write_durable(tmp / layout.SCALARS_JSON, json.dumps(merged_scalars, indent=1))
-                layout.write_durable(tmp / layout.METADATA_JSON, metadata_text)
+                files = {name: d for g in gathered for name, d in g[1].items()}
+                for name, text in ((layout.SCALARS_JSON, json.dumps(scalars, indent=1)),
+                                   (layout.METADATA_JSON, metadata_text)):
+                    layout.write_durable(tmp / name, text)
+                    files[name] = digest_file(tmp / name)
+                layout.write_durable(tmp / MANIFEST_JSON, manifest_text(files))
                 layout.commit(tmp, final)
             except Exception as e:
                 outcome = e
         outcome = ranks.broadcast_from_first(_portable(outcome))
         if outcome is not None:
             raise outcome
+
+    def check_can_save(self, state: dict[str, Any], steps: list[int]) -> None:
+        """Before a run trains: the checkpoint dir is writable, holds none of `steps` yet,
+        and has room for one checkpoint of `state`. Raises CheckpointSaveError or
+        CheckpointExistsError on every rank."""
+        ranks = _Ranks(self.process_group)
+        tensors, _ = flatten_state(state)
+        gathered = ranks.all_gather(_sizes(tensors))
+        need = checkpoint_nbytes({k: n for sizes in gathered for k, n in sizes.items()})
+        error: BaseException | None = None
         if ranks.rank == 0:
-            self._remove_stale_tmp()
-        return final
+            try:
+                self._check_dir(steps, need)
+            except Exception as e:
+                error = e
+        error = ranks.broadcast_from_first(_portable(error))
+        if error is not None:
+            raise error
+
+    def _check_dir(self, steps: list[int], need: int) -> None:
+        reason = unwritable_reason(self.dir)
+        if reason:
+            raise CheckpointSaveError(f"checkpoints cannot be saved to {self.dir}: {reason}; "
+                                      f"set checkpoint.save (or logging.run_dir) to a writable "
+                                      f"directory")
+        taken = [self.dir / layout.step_dir_name(s) for s in steps
+                 if (self.dir / layout.step_dir_name(s)).exists()]
+        if taken:
+            raise CheckpointExistsError(
+                f"{taken[0]} already exists, and this run would save that step: resume from "
+                f"the newest checkpoint with checkpoint.load=auto, or move it away, or save "
+                f"elsewhere with checkpoint.save")
+        problem = space_problem(self.dir, need)
+        if problem:
+            raise CheckpointSaveError(f"{problem}; free space there (or save elsewhere with "
+                                      f"checkpoint.save)")
+
+    def recover_strays(self) -> list[str]:
+        """Adopt or set aside step dirs newer than `latest` (recovery.py); the lines to print.
+        Rank 0 acts, every rank gets the lines (or the error)."""
+        ranks = _Ranks(self.process_group)
+        lines: list[str] = []
+        error: BaseException | None = None
+        if ranks.rank == 0:
+            try:
+                lines = recover_strays(self.dir)
+            except Exception as e:
+                error = e
+        error, lines = ranks.broadcast_from_first((_portable(error), lines))
+        if error is not None:
+            raise error
+        return lines
 
     def load(self, path: str | os.PathLike, state: dict[str, Any], strict: bool = True) -> dict[str, Any]:
         """Load the checkpoint at `path` (see resolve) into `state` in place; return its metadata.
@@ -218,8 +319,8 @@ class Checkpointer:
             ckpt = resolve(path)
             tensors, scalars = flatten_state(state)
             dcp_metadata = read_dcp_metadata(ckpt)
-            stored_scalars = _read_json_object(ckpt / layout.SCALARS_JSON)
-            metadata = _read_json_object(ckpt / layout.METADATA_JSON)
+            stored_scalars = layout.read_json(ckpt, layout.SCALARS_JSON)
+            metadata = layout.read_json(ckpt, layout.METADATA_JSON)
             report = check_rank(ranks.rank, tensors, scalars, dcp_metadata, stored_scalars)
         except Exception as e:
             error = e
@@ -231,7 +332,7 @@ class Checkpointer:
             raise mismatch
 
         present = {key: t for key, t in tensors.items() if key in dcp_metadata.state_dict_metadata}
-        with _calling_dcp():
+        with calling_dcp():
             dcp.load(
                 present,
                 storage_reader=SafeFileSystemReader(ckpt),

@@ -5,6 +5,18 @@ class CheckpointNotFoundError(FileNotFoundError):
     """A path does not lead to a complete checkpoint (missing path, pointer or files)."""
 
 
+class CheckpointCorruptError(CheckpointNotFoundError):
+    """A checkpoint's files are there but not as saved (truncated, overwritten, unparsable).
+
+    A CheckpointNotFoundError, so every entry point that reports a missing checkpoint in one
+    line reports a damaged one too; the message names the file."""
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint cannot be written: its directory is unwritable, the disk lacks space for
+    it, or the write failed (the partial save is removed)."""
+
+
 class CheckpointExistsError(FileExistsError):
     """A save would overwrite an existing `step_N` checkpoint."""
 

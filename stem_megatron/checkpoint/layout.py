@@ -6,6 +6,7 @@
             __0_0.distcp ...  DCP tensor shards
             scalars.json      non-tensor leaves of the state, by dotted key
             metadata.json     the caller's metadata (config, data position, ...)
+            manifest.json     size and CRC-32 of each file above (manifest.py)
         latest                text file: "step_100"
         .tmp_step_200_ab12/   a save in progress or a crashed one: never loaded
 
@@ -13,13 +14,16 @@ A checkpoint becomes visible only by renaming its finished tmp dir, so a reader 
 either nothing or all of it; `latest` is replaced atomically after that rename.
 """
 
+import json
 import os
 import re
 import secrets
 import shutil
 from pathlib import Path
+from typing import Any
 
 from stem_megatron.checkpoint.errors import CheckpointExistsError, CheckpointNotFoundError
+from stem_megatron.checkpoint.manifest import Manifest, damaged, verify_file
 
 LATEST = "latest"
 DCP_METADATA = ".metadata"
@@ -61,10 +65,15 @@ def commit(tmp: Path, final: Path) -> None:
         raise CheckpointExistsError(f"{final} appeared while saving; refusing to overwrite it")
     os.rename(tmp, final)
     fsync_dir(final.parent)
-    pointer_tmp = final.parent / f"{TMP_PREFIX}{LATEST}_{secrets.token_hex(4)}"
-    write_durable(pointer_tmp, final.name + "\n")
-    os.replace(pointer_tmp, final.parent / LATEST)
-    fsync_dir(final.parent)
+    point_latest_at(final)
+
+
+def point_latest_at(step_dir: Path) -> None:
+    """Atomically replace `latest` in `step_dir`'s parent with a pointer to it."""
+    pointer_tmp = step_dir.parent / f"{TMP_PREFIX}{LATEST}_{secrets.token_hex(4)}"
+    write_durable(pointer_tmp, step_dir.name + "\n")
+    os.replace(pointer_tmp, step_dir.parent / LATEST)
+    fsync_dir(step_dir.parent)
 
 
 def remove_stale_tmp(checkpoints: Path) -> list[Path]:
@@ -132,8 +141,31 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
     return None
 
 
+def step_of(entry: Path) -> int | None:
+    """N for a `step_N` name, else None."""
+    m = _STEP_DIR.fullmatch(entry.name)
+    return int(m.group(1)) if m else None
+
+
+def read_json(checkpoint: Path, name: str) -> dict[str, Any]:
+    """A JSON object file of a checkpoint (metadata.json, scalars.json), checked against the
+    manifest when there is one; a damaged one is a CheckpointCorruptError naming it."""
+    path = checkpoint / name
+    verify_file(checkpoint, name)
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise damaged(path, f"is not valid JSON ({e})") from e
+    if not isinstance(value, dict):
+        raise damaged(path, f"holds a JSON {type(value).__name__}, expected an object")
+    return value
+
+
 def _require_complete(p: Path) -> Path:
     absent = [name for name in REQUIRED_FILES if not (p / name).is_file()]
     if absent:
         raise CheckpointNotFoundError(f"{p} is not a complete checkpoint: missing {', '.join(absent)}")
+    manifest = Manifest.read(p)
+    if manifest is not None:
+        manifest.check_sizes()
     return p

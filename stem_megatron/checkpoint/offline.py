@@ -26,7 +26,6 @@ scalars (`stem_optim.step`) are in `scalars`.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import shutil
@@ -42,9 +41,10 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from stem_megatron.checkpoint import layout
-from stem_megatron.checkpoint.dcp import Checkpointer
+from stem_megatron.checkpoint.dcp import Checkpointer, calling_dcp
 from stem_megatron.checkpoint.errors import CheckpointExistsError, UnsafeCheckpointError
 from stem_megatron.checkpoint.flatten import Scalar
+from stem_megatron.checkpoint.manifest import Manifest
 from stem_megatron.checkpoint.safe_io import (SafeFileSystemReader, TensorOnlyLoadPlanner,
                                               read_dcp_metadata)
 
@@ -91,8 +91,9 @@ class OfflineCheckpoint:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = layout.resolve(path)
-        self.metadata: dict[str, Any] = json.loads((self.path / layout.METADATA_JSON).read_text())
-        self.scalars: dict[str, Scalar] = json.loads((self.path / layout.SCALARS_JSON).read_text())
+        self.metadata: dict[str, Any] = layout.read_json(self.path, layout.METADATA_JSON)
+        self.scalars: dict[str, Scalar] = layout.read_json(self.path, layout.SCALARS_JSON)
+        self._manifest = Manifest.read(self.path)  # each shard file checksummed once
         stored = read_dcp_metadata(self.path).state_dict_metadata
         self._infos: dict[str, TensorInfo] = {}
         for key, entry in stored.items():
@@ -127,8 +128,8 @@ class OfflineCheckpoint:
         """The full logical tensor `key` (CPU), assembled from every rank's shard."""
         info = self.info(key)
         out = {key: torch.empty(info.shape, dtype=info.dtype)}
-        with _quiet_dcp():
-            dcp.load(out, storage_reader=SafeFileSystemReader(self.path),
+        with calling_dcp():  # a damaged shard: its CheckpointCorruptError, not DCP's wrapper
+            dcp.load(out, storage_reader=SafeFileSystemReader(self.path, self._manifest),
                      planner=TensorOnlyLoadPlanner(), no_dist=True)
         return out[key]
 

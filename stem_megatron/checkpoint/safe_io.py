@@ -13,6 +13,7 @@ them: non-tensor values live in JSON, see flatten.py).
 """
 
 import collections
+import dataclasses
 import io
 import pathlib
 import pickle
@@ -25,9 +26,11 @@ from torch.distributed.checkpoint import filesystem as dcp_filesystem
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
-from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
+from torch.futures import Future
 
 from stem_megatron.checkpoint.errors import UnsafeCheckpointError
+from stem_megatron.checkpoint.manifest import Manifest, damaged, verify_file
 
 # Everything DCP's `.metadata` pickle references for plain tensors, DTensors and
 # ShardedTensors: its metadata dataclasses/enums, torch.Size, dtypes, layouts, paths.
@@ -71,21 +74,50 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 def read_dcp_metadata(path: str | Path) -> Metadata:
-    """Read a DCP `.metadata` file with the allow-listed unpickler."""
-    with open(Path(path) / ".metadata", "rb") as f:
+    """Read a DCP `.metadata` file with the allow-listed unpickler, after checking it against
+    the checkpoint's manifest. A file that is not a pickle of DCP metadata is damaged
+    (CheckpointCorruptError); one that names a global outside the allow-list is unsafe."""
+    file = Path(path) / ".metadata"
+    verify_file(Path(path), file.name)
+    with open(file, "rb") as f:
         try:
             metadata = _MetadataUnpickler(io.BytesIO(f.read())).load()
         except UnsafeCheckpointError:
             raise
         except Exception as e:
-            raise UnsafeCheckpointError(f"unreadable DCP metadata in {path}: {e}") from e
+            raise damaged(file, f"is not readable DCP metadata ({type(e).__name__}: {e})") from e
     if not isinstance(metadata, Metadata):
-        raise UnsafeCheckpointError(f"{path}/.metadata holds a {type(metadata).__name__}, not DCP Metadata")
+        raise damaged(file, f"holds a {type(metadata).__name__}, not DCP metadata")
     return metadata
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """FileSystemReader whose `.metadata` goes through the allow-listed unpickler."""
+    """FileSystemReader whose `.metadata` goes through the allow-listed unpickler and whose
+    shard files are checked against the manifest before their first read; a shard that still
+    fails to parse (a checkpoint without a manifest) is a CheckpointCorruptError naming it.
+    Pass one `manifest` to share its record of already-verified files across readers."""
+
+    def __init__(self, path: str | Path, manifest: Manifest | None = None) -> None:
+        super().__init__(path)
+        self.manifest = manifest if manifest is not None else Manifest.read(path)
+
+    def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
+        per_file: dict[str, list[ReadItem]] = {}
+        for item in plan.items:
+            per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+        for name, items in per_file.items():
+            if self.manifest is not None:
+                self.manifest.verify(name)
+            try:
+                super().read_data(dataclasses.replace(plan, items=items), planner).wait()
+            except UnsafeCheckpointError:
+                raise
+            except (EOFError, pickle.UnpicklingError, RuntimeError, ValueError) as e:
+                raise damaged(Path(self.path) / name,
+                              f"is not readable tensor data ({type(e).__name__}: {e})") from e
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         # Only the single global `.metadata` of a collective save is supported (what we write).

@@ -10,7 +10,6 @@ The JSON part (`metadata.json`): step, data-stream position, the train losses no
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -18,7 +17,7 @@ import torch.distributed as dist
 
 from stem_megatron.checkpoint.dcp import Checkpointer, resolve
 from stem_megatron.checkpoint.errors import CheckpointMismatchError
-from stem_megatron.checkpoint.layout import METADATA_JSON
+from stem_megatron.checkpoint.layout import METADATA_JSON, read_json
 from stem_megatron.checkpoint.model_state import (CheckpointMeshes, model_state, unwrap,
                                                   wrap_optimizer_states)
 from stem_megatron.checkpoint.safe_io import read_dcp_metadata
@@ -85,11 +84,17 @@ class TrainingState:
         self.optimizer.refresh_cache()  # exact mode: the save settled every host row
         return path
 
+    def check_can_save(self, checkpointer: Checkpointer, step: int, train_iters: int) -> None:
+        """Before training from `step`: the checkpoint dir is writable, has room for a
+        checkpoint of this state, and no step this run may save (any, on a stop signal) is
+        taken already."""
+        checkpointer.check_can_save(self._state(), list(range(step + 1, train_iters + 1)))
+
     def _check_optimizer_mode(self, checkpoint: Path) -> None:
         """Lazy and exact table states look alike but mean different things (exact-mode
         moments carry every idle step's decay); resuming one as the other silently changes
         the run, so it is refused before anything is read. So is resuming a model-only one."""
-        saved = json.loads((checkpoint / METADATA_JSON).read_text())
+        saved = read_json(checkpoint, METADATA_JSON)
         if saved.get(MODEL_ONLY):
             raise ValueError(f"checkpoint {checkpoint} holds model weights only (no optimizer "
                              f"or data state): start from it with checkpoint.finetune=true")

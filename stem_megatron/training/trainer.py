@@ -108,6 +108,9 @@ class Trainer:
             self.state.load_model_weights(load)
         elif load:
             self.step = self.state.load(self.checkpointer, load)
+        # Refused now rather than after a whole run: an unwritable dir, no room, a taken step.
+        if self.step < c.train.train_iters:
+            self.state.check_can_save(self.checkpointer, self.step, c.train.train_iters)
         self.metrics = MetricsLogger(c.run_dir, enabled=parallel.is_main)
         self.metrics.truncate_after(self.step)
         if parallel.is_main:
@@ -128,7 +131,12 @@ class Trainer:
         `checkpoint.load`, unless this run has saved checkpoints of its own (requeued), which
         resume in full. A fresh start into a save dir that already holds checkpoints is
         refused: its later saves would collide with them."""
-        load, latest = self.config.checkpoint.load, self.checkpointer.latest()
+        load = self.config.checkpoint.load
+        if load == "auto" or self.config.checkpoint.finetune:  # a resume of this run's own saves
+            for line in self.checkpointer.recover_strays():
+                if self.parallel.is_main:
+                    print(line, flush=True)
+        latest = self.checkpointer.latest()
         if self.config.checkpoint.finetune:
             return (str(latest), False) if latest is not None else (load, True)
         if load == "auto":
