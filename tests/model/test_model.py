@@ -99,15 +99,19 @@ def test_table_gradient_is_row_sparse_and_equals_dense_autograd():
 
 
 def test_bf16_autocast_is_close_to_fp32():
+    """Per logit and per token, not the mean loss: bf16 rounding moves logits by about 0.004
+    and token losses by 0.001 here, while skipping every layer under autocast moves them by
+    0.4 and 0.12 yet the mean loss by only 0.008 (measured)."""
     model = build((1, 3))
     ids = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(1))
     labels = torch.roll(ids, -1, dims=1)
     with torch.no_grad():
-        fp32 = model(ids, labels).mean()
+        fp32_logits, fp32 = model(ids), model(ids, labels)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            bf16 = model(ids, labels).mean()
+            bf16_logits, bf16 = model(ids), model(ids, labels)
     assert bf16.dtype == torch.float32  # the loss is computed in fp32 from bf16 logits
-    assert abs(bf16.item() - fp32.item()) < 0.05 * fp32.item()
+    torch.testing.assert_close(bf16_logits.float(), fp32_logits, rtol=0, atol=0.02)
+    torch.testing.assert_close(bf16, fp32, rtol=0, atol=0.01)
 
 
 def test_sequence_longer_than_config_is_refused():
