@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import torch
@@ -26,7 +25,7 @@ class LoadedModel:
 def checkpoint_config(path: str) -> tuple[RunConfig, int]:
     """The resolved config and step recorded in a checkpoint's metadata.json."""
     ckpt = layout.resolve(path)
-    metadata = json.loads((ckpt / layout.METADATA_JSON).read_text())
+    metadata = layout.read_json(ckpt, layout.METADATA_JSON)
     config = config_from_dict(metadata["config"])
     return config, int(metadata["step"])
 
