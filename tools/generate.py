@@ -51,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
-    from stem_megatron.checkpoint.errors import CheckpointNotFoundError, CheckpointMismatchError
+    from stem_megatron.checkpoint.errors import (CheckpointMismatchError, CheckpointNotFoundError,
+                                                 UnsafeCheckpointError)
     from stem_megatron.checkpoint.inference import load_for_inference
     from stem_megatron.editing.entities import StrictLengthError
     from stem_megatron.editing.remap import parse_remap
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}: choose --stem-remap-rule {' or '.join(REMAP_RULES[1:])}",
               file=sys.stderr)
         return 1
-    except (CheckpointNotFoundError, CheckpointMismatchError, ValueError) as exc:
+    except (CheckpointNotFoundError, CheckpointMismatchError, UnsafeCheckpointError,
+            ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

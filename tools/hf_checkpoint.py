@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
-    from stem_megatron.checkpoint.errors import CheckpointMismatchError, CheckpointNotFoundError
+    from stem_megatron.checkpoint.errors import (CheckpointMismatchError, CheckpointNotFoundError,
+                                                 UnsafeCheckpointError)
     from stem_megatron.config import ConfigError
     from stem_megatron.hf.exporter import export_checkpoint
     from stem_megatron.hf.importer import Calibration, import_llama
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             export_checkpoint(args.checkpoint, args.out, args.tokenizer, log=log)
     except (HFFormatError, ConfigError, CheckpointNotFoundError, CheckpointMismatchError,
-            FileExistsError, ValueError) as exc:  # ValueError: also bad datasets, tokenizers
+            UnsafeCheckpointError, FileExistsError, ValueError) as exc:  # ValueError: also bad datasets, tokenizers
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -97,3 +97,22 @@ def test_tools_report_the_damaged_file(trained, tmp_path, capsys, tool, damage):
     rc = TOOLS[tool](ck, tmp_path / "out")
     _one_error_line(capsys, rc, ck, SHARD)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("entry", ["train", "generate", "hf-export"])
+def test_a_crafted_metadata_pickle_is_one_error_line(trained, tmp_path, capsys, entry):
+    ck = tmp_path / "ck"
+    shutil.copytree(trained.save_dir / "step_2", ck)
+    (ck / "manifest.json").unlink()  # a crafted checkpoint would not carry a matching one
+    (ck / ".metadata").write_bytes(b"cos\nsystem\n(S'true'\ntR.")  # pickle calling os.system
+    if entry == "train":
+        rc = train_main(as_overrides(trained.to_dict()) + [
+            f"logging.run_dir={tmp_path / 'resumed'}", f"checkpoint.load={ck}",
+            "checkpoint.save=null", "train.train_iters=3", "--sample-prompt", ""])
+    else:
+        rc = TOOLS[entry](ck, tmp_path / "out")
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert rc != 0 and "Traceback" not in err
+    assert errors == ["error: checkpoint .metadata references os.system, which is not part of DCP "
+                      "metadata; refusing to unpickle it"]
