@@ -6,13 +6,12 @@ This module is copied as is into every exported STEM model directory and named b
     AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)
 
 builds the model without stem_megatron installed. It may therefore import only torch and
-transformers, and it must work with every transformers our requirements admit (4.45.2 to
-5.x; tests/hf/test_hf_generate.py runs under both ends, see `make test-hf-min`). So it
-uses only the parts of transformers whose interface stayed put over that range: the config,
-the pretrained-model base, RMSNorm, the SwiGLU MLP, RoPE (including llama3 scaling read from
-config.json) and a KV cache's `update` / `get_seq_length`. Attention is written here; the
-cache arrives as `past_key_values` (transformers 4.x) or `cache` (5.x), and is returned under
-the name the installed version's `generate` reads back.
+transformers, and it works with transformers 4.45.2 to 5.x (stem_megatron tests both ends).
+So it uses only the parts of transformers whose interface stayed put over that range: the
+config, the pretrained-model base, RMSNorm, the SwiGLU MLP, RoPE (including llama3 scaling
+read from config.json), a KV cache's `update` / `get_seq_length`, and Llama's preparation
+of generate()'s inputs. Attention is written here. The cache arrives as `past_key_values`
+(transformers 4.x) or `cache` (5.x) and is returned under the name generate() reads back.
 
 The model is Llama, except that in the layers listed by `config.stem_layers` the FFN
 up-projection is a per-layer table row picked by the token id at that position (STEM,

@@ -57,8 +57,7 @@ def test_each_cached_step_scores_as_the_full_recomputation(models, text):
 
 
 def test_left_padded_batch_generates_as_each_prompt_alone(models):
-    """A batch pads shorter prompts on the left (as lm_eval does): the padding is masked and
-    positions count from each prompt's first token."""
+    """A batch pads shorter prompts on the left (as lm_eval does): the padding is masked."""
     ours, theirs = models
     prompts = [ours.tokenizer.encode(text) for text in PROMPTS]
     width = max(map(len, prompts))
