@@ -71,3 +71,25 @@ def tiny_config(small_corpus, tmp_path):
         return tiny_run_config(small_corpus, tmp_path / "run", *overrides)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def trained_stem_run(small_corpus, tmp_path_factory) -> Path:
+    """The run dir of a 3-layer STEM model (tables in layers 1 and 2) trained for 150 steps
+    (about 5 s). Trained this far, its greedy continuations vary from token to token, so a
+    wrong position, context window or STEM lookup id changes the generated text; a model a
+    few steps from init repeats one token and hides all of those."""
+    from stem_megatron.parallel.state import ParallelState
+    from stem_megatron.training.trainer import Trainer
+
+    config = tiny_run_config(
+        small_corpus, tmp_path_factory.mktemp("trained_stem") / "run", "model.num_layers=3",
+        "stem.layers=[1,2]", "train.train_iters=150", "train.global_batch_size=8",
+        "train.eval_interval=0", "optim.lr=0.01", "optim.min_lr=0.01", "stem.optimizer.lr=0.03",
+        "logging.log_interval=50")
+    parallel = ParallelState.initialize()
+    try:
+        Trainer(config, parallel).run()
+    finally:
+        parallel.destroy()
+    return Path(config.run_dir)

@@ -137,9 +137,11 @@ def test_bad_input_is_refused_with_the_fix(trained, tiny_config, tmp_path, capsy
     assert not out.exists() and list(exists.iterdir()) == []
 
 
-def test_remapped_lookups_equal_the_swapped_checkpoint(trained, tmp_path, capsys):
+def test_remapped_lookups_equal_the_swapped_checkpoint(trained_stem_run, tmp_path, capsys):
     """The paper's on-the-fly edit: same text, redirected STEM rows. Checked against the
-    reference model on the edited weights, and generation against the edited checkpoint."""
+    reference model on the edited weights, and generation against the edited checkpoint, on
+    a model trained far enough that its greedy text varies (so the edit shows in it)."""
+    trained = trained_stem_run
     out = tmp_path / "edited"
     assert run_tool(capsys, "--checkpoint", trained, "--output", out, "--swap", f"{A}={B}")[0] == 0
     parallel = ParallelState.initialize()
@@ -148,20 +150,23 @@ def test_remapped_lookups_equal_the_swapped_checkpoint(trained, tmp_path, capsys
         tok, spec = original.tokenizer, original.model.spec
         remap = parse_remap(tok, [f"{A}={B}", f"{B}={A}"])
         prompt = tok.encode(f"To be {A} king {B} queen")
-        assert remap(prompt) != prompt
-        model_state = {k[len("model."):]: t for k, t in OfflineCheckpoint(out).tensors()
-                       if k.startswith("model.")}
-        reference = ReferenceGPT(spec.model, spec.stem_layers, model_state)
+        first = next(i for i, (a, b) in enumerate(zip(prompt, remap(prompt))) if a != b)
+        reference = ReferenceGPT(spec.model, spec.stem_layers, {
+            k: t for k, t in edited.model.state_dict().items() if isinstance(t, torch.Tensor)})
         ids = torch.tensor([prompt])
         with torch.no_grad():
             redirected = original.model(ids, stem_ids=torch.tensor([remap(prompt)]))
             plain = original.model(ids)
             expected = reference.logits(ids)
         torch.testing.assert_close(redirected, expected, rtol=1e-5, atol=1e-5)
-        assert not torch.allclose(plain, expected, rtol=1e-5, atol=1e-5)  # the edit matters
-        kwargs = dict(max_new_tokens=12, vocab_size=spec.vocab_size, seq_length=spec.model.seq_length)
-        assert (generate_ids(original.model, prompt, stem_ids=remap, **kwargs)
-                == generate_ids(edited.model, prompt, **kwargs))
+        # Causal: the scores before the first redirected token stay, every later one moves.
+        torch.testing.assert_close(redirected[:, :first], plain[:, :first], rtol=0, atol=1e-6)
+        assert (redirected - plain)[0, first:].abs().amax(-1).min() > 1e-3
+        kwargs = dict(max_new_tokens=24, vocab_size=spec.vocab_size, seq_length=spec.model.seq_length)
+        remapped = generate_ids(original.model, prompt, stem_ids=remap, **kwargs)
+        assert remapped == generate_ids(edited.model, prompt, **kwargs)
+        assert remapped != generate_ids(original.model, prompt, **kwargs)  # the edit shows
+        assert len(set(remapped[len(prompt):])) >= 8  # varied text, not one repeated token
     finally:
         parallel.destroy()
     # The same through the command line.
