@@ -203,9 +203,9 @@ class Checkpointer:
                 shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, (OSError, RuntimeError)) and not isinstance(
                     e, (CheckpointExistsError, CheckpointSaveError)):
-                first_line = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]  # one line
                 raise CheckpointSaveError(
-                    f"saving {final} failed ({first_line}); removed the partial save; "
+                    f"saving {final} failed ({reason}); removed the partial save; "
                     f"{self.dir} has {human(shutil.disk_usage(self.dir).free)} free, the "
                     f"checkpoint needs about {human(need)}") from e
             raise
