@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 from stem_megatron.checkpoint.inference import load_for_inference
 from stem_megatron.checkpoint.offline import OfflineCheckpoint
@@ -77,7 +78,18 @@ def test_stem_statistics_and_dense_comparison(stem_run, dense_run, tmp_path, cap
     assert set(report["dense_token_spread"]) == {"1"}
     dense_spread = report["dense_token_spread"]["1"]
     assert -1 <= dense_spread["p5"] <= dense_spread["p50"] <= dense_spread["p95"] <= 1
-    assert plot_path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert_plot_draws_each_series(plot_path, panels=1, series=3)
+
+
+def assert_plot_draws_each_series(path, panels: int, series: int) -> None:
+    """A PNG of `panels` side by side (4.5 x 3.5 in at 100 dpi) with a line in each of the
+    first `series` matplotlib colours (C0, C1, ...): a blank or partial figure fails."""
+    image = Image.open(path).convert("RGB")
+    assert image.size == (450 * panels, 350)
+    pixels = torch.tensor(list(image.getdata()), dtype=torch.float32)
+    for colour in ("#1f77b4", "#ff7f0e", "#2ca02c")[:series]:
+        rgb = torch.tensor([int(colour[i:i + 2], 16) for i in (1, 3, 5)], dtype=torch.float32)
+        assert ((pixels - rgb).abs().max(dim=1).values < 40).sum() > 100, colour
 
 
 def test_up_projection_outputs_are_w_up_times_ffn_input(dense_run):
