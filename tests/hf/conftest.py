@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import tiny_run_config
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before huggingface_hub is imported
 import transformers  # noqa: E402
 
@@ -27,27 +25,19 @@ class StemExport:
 
 
 @pytest.fixture(scope="session")
-def trained_stem_export(small_corpus, tmp_path_factory) -> StemExport:
-    """A 3-layer STEM model (tables in layers 1 and 2) trained for 150 steps (about 5 s), and
-    its export. Trained this far, its greedy continuations vary from token to token, so STEM
-    rows looked up with a wrong id (the previous token's, or 0) change the scores; a model a
-    few steps from init repeats one token and hides that."""
+def trained_stem_export(trained_stem_run, tmp_path_factory) -> StemExport:
+    """The export of `trained_stem_run` (tests/conftest.py: 150 steps, greedy text that varies
+    from token to token, so STEM rows looked up with a wrong id change the scores)."""
     from stem_megatron.hf.exporter import export_checkpoint
     from stem_megatron.parallel.state import ParallelState
-    from stem_megatron.training.trainer import Trainer
 
-    root = tmp_path_factory.mktemp("stem_export")
-    config = tiny_run_config(
-        small_corpus, root / "run", "model.num_layers=3", "stem.layers=[1,2]",
-        "train.train_iters=150", "train.global_batch_size=8", "train.eval_interval=0",
-        "optim.lr=0.01", "optim.min_lr=0.01", "stem.optimizer.lr=0.03", "logging.log_interval=50")
+    out = tmp_path_factory.mktemp("stem_export") / "hf"
     parallel = ParallelState.initialize()
     try:
-        Trainer(config, parallel).run()
-        export_checkpoint(str(config.run_dir), root / "hf", log=lambda _: None)
+        export_checkpoint(str(trained_stem_run), out, log=lambda _: None)
     finally:
         parallel.destroy()
-    return StemExport(run=Path(config.run_dir), hf_dir=root / "hf")
+    return StemExport(run=trained_stem_run, hf_dir=out)
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
