@@ -15,6 +15,7 @@ from stem_megatron.data.tokenizer import load_tokenizer
 from stem_megatron.train import main as train_main
 from stem_megatron.training.trainer import Trainer
 from tests.config_overrides import as_overrides
+from tests.training.test_metrics import read_tb
 
 REQUIRED_TAGS = {"loss/train", "optim/lr", "optim/grad_norm", "throughput/tokens_per_s",
                  "throughput/flops_per_token", "stem/unique_rows", "params/total",
@@ -43,7 +44,11 @@ def test_training_writes_metrics_checkpoints_and_config(tiny_config, parallel):
     assert rows[6]["loss/train"] < rows[1]["loss/train"]  # it learns
     assert rows[1]["params/active"] < rows[1]["params/total"]
     assert result.val_loss == pytest.approx(rows[6]["loss/val"])
-    assert any((run / "tb").iterdir())
+    # TensorBoard holds what metrics.jsonl holds: every tag at every step, same value.
+    board = {(tag, step): value for tag, points in read_tb(run / "tb").items()
+             for step, value in points}
+    assert board == pytest.approx({(tag, step): value for step, row in rows.items()
+                                   for tag, value in row.items() if tag != "step"}, rel=1e-6)
     recorded = yaml.safe_load((run / "config.yaml").read_text())  # defaults spelled out
     assert recorded["model"]["vocab_size"] == load_tokenizer(config.data.tokenizer).vocab_size
     assert recorded["stem"]["layers"] == config.stem_layers()
