@@ -44,8 +44,9 @@ def test_failing_run_exits_non_zero(scope, tmp_path, run_overrides):
 
 
 def test_world_that_does_not_fit_the_layout_is_one_line_per_rank(scope, tmp_path, run_overrides):
+    # 3 layers split into PP=3 stages (a layout the config accepts), but not over 2 ranks.
     code, out = scope.run([TORCHRUN_SH, "2", CONFIG, "parallel.pipeline_model_parallel_size=3",
-                           *train_command(tmp_path / "run", run_overrides)],
+                           *train_command(tmp_path / "run", [*run_overrides, "model.num_layers=3"])],
                           "torchrun", timeout=60)
     assert code != 0
     assert "error: world size 2 is not divisible by tensor_model_parallel_size (1) x " \

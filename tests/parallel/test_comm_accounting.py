@@ -49,10 +49,15 @@ def _all_to_all_worker() -> dict[str, float]:
     try:
         world = dist.group.WORLD
         meter = CommMeter(dp_group=world, dp_size=dist.get_world_size())
-        with meter.counting():
-            dist.all_to_all_single(torch.empty(4), torch.arange(4.0))  # 16 bytes
-            dist.all_to_all([torch.empty(3), torch.empty(3)], [torch.ones(3), torch.ones(3)],
-                            world)  # 24 bytes
+        try:
+            with meter.counting():
+                dist.all_to_all_single(torch.empty(4), torch.arange(4.0))  # 16 bytes
+                dist.all_to_all([torch.empty(3), torch.empty(3)], [torch.ones(3), torch.ones(3)],
+                                world)  # 24 bytes
+        except RuntimeError as exc:  # gloo before torch 2.7 has no list all-to-all
+            if "does not support alltoall" not in str(exc):
+                raise
+            return {"unsupported": str(exc)}
         return meter.take()
     finally:
         dist.destroy_process_group()
@@ -61,6 +66,8 @@ def _all_to_all_worker() -> dict[str, float]:
 def test_meter_counts_all_to_all():
     """The assertion of `checked_comm` can fail: an all-to-all anywhere would be counted."""
     for comm in run_local_workers(2, _all_to_all_worker):
+        if "unsupported" in comm:
+            pytest.skip(f"this torch's gloo cannot run the call: {comm['unsupported']}")
         assert comm["comm/all_to_all_bytes"] == 16 + 24
         # The group passed positionally is recognised; the call without one is `other`.
         assert (comm["comm/dp_stem_bytes"], comm["comm/other_bytes"]) == (24, 16)
