@@ -64,7 +64,7 @@ def test_demo_pipeline_at_toy_size(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_learns_facts_and_the_edits_move_them(tmp_path):
-    """Large enough to learn some facts (4 of 16, 9 min on a loaded 2-core machine): swapped
+    """Large enough to learn some facts (4 of 16; 95 s on 2 CPU cores): swapped
     single-token rows move answers, on the fly exactly as in the weights, and leave every
     other probe as it was."""
     learned = ["--countries", "16", "--steps", "120", "--repeats", "4", "--works", "0",
