@@ -89,7 +89,10 @@ def trained_stem_run(small_corpus, tmp_path_factory) -> Path:
         "logging.log_interval=50")
     parallel = ParallelState.initialize()
     try:
-        Trainer(config, parallel).run()
+        result = Trainer(config, parallel).run()
     finally:
         parallel.destroy()
+    # A SIGTERM (e.g. from `timeout`) makes the trainer save and return early: say so rather
+    # than hand the tests a less trained model.
+    assert result.stopped_by is None, f"trained_stem_run stopped by {result.stopped_by}"
     return Path(config.run_dir)
