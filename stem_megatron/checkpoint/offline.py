@@ -26,6 +26,7 @@ scalars (`stem_optim.step`) are in `scalars`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import secrets
 import shutil
@@ -83,6 +84,14 @@ def _quiet_dcp() -> Iterator[None]:
         yield
 
 
+def _load_in_this_process(state: dict, **kwargs) -> None:
+    """dcp.load without collectives, even inside a process group (a reshard worker)."""
+    if "no_dist" in inspect.signature(dcp.load).parameters:
+        dcp.load(state, no_dist=True, **kwargs)
+    else:  # torch < 2.7: only the older entry point takes no_dist
+        dcp.load_state_dict(state, no_dist=True, **kwargs)
+
+
 class OfflineCheckpoint:
     """A complete checkpoint opened for reading by one process (read-only: never modified).
 
@@ -129,8 +138,9 @@ class OfflineCheckpoint:
         info = self.info(key)
         out = {key: torch.empty(info.shape, dtype=info.dtype)}
         with calling_dcp():  # a damaged shard: its CheckpointCorruptError, not DCP's wrapper
-            dcp.load(out, storage_reader=SafeFileSystemReader(self.path, self._manifest),
-                     planner=TensorOnlyLoadPlanner(), no_dist=True)
+            _load_in_this_process(
+                out, storage_reader=SafeFileSystemReader(self.path, self._manifest),
+                planner=TensorOnlyLoadPlanner())
         return out[key]
 
     def tensors(self, keys: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
