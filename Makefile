@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 RUN_ID := $(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: install lock data train train-dense edit-demo test test-slow test-slurm test-latest \
-	test-lowest clean-venv
+	test-lowest mutants clean-venv
 
 # The venv holds the exact set CI tests: constraints.txt, written by `make lock`. torch is
 # installed only when none is importable, as TORCH_INSTALL (our CPU machines' wheel; an unpinned
@@ -65,6 +65,10 @@ test-latest:
 test-lowest:
 	tools/dev/venv.sh .venv-lowest lowest
 	.venv-lowest/bin/python -m pytest -q
+
+# Break the code one place at a time (tools/dev/mutants.yaml); the guarding tests must fail.
+mutants: $(STAMP)
+	$(PY) tools/dev/mutants.py
 
 clean-venv:
 	rm -rf $(VENV) .venv-lock .venv-latest .venv-lowest
