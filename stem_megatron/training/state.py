@@ -87,8 +87,15 @@ class TrainingState:
     def check_can_save(self, checkpointer: Checkpointer, step: int, train_iters: int) -> None:
         """Before training from `step`: the checkpoint dir is writable, has room for a
         checkpoint of this state, and no step this run may save (any, on a stop signal) is
-        taken already."""
-        checkpointer.check_can_save(self._state(), list(range(step + 1, train_iters + 1)))
+        taken already. Leaves the optimizer as it found it: the state it sizes fills in
+        AdamW's initial moments, which a fresh (e.g. finetuning) optimizer must not have yet."""
+        dense = self.optimizer.dense
+        fresh = [p for p in self.optimizer.dense_params if not dense.state.get(p)]
+        try:
+            checkpointer.check_can_save(self._state(), list(range(step + 1, train_iters + 1)))
+        finally:
+            for param in fresh:
+                dense.state.pop(param, None)
 
     def _check_optimizer_mode(self, checkpoint: Path) -> None:
         """Lazy and exact table states look alike but mean different things (exact-mode
