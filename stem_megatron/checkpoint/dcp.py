@@ -23,7 +23,7 @@ import os
 import pickle
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,19 @@ class _Ranks:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier(group=self.group)
+
+    def on_first(self, action: Callable[[], Any]) -> Any:
+        """`action()` on rank 0 alone; every rank returns its result, or raises its error."""
+        result, error = None, None
+        if self.rank == 0:
+            try:
+                result = action()
+            except Exception as e:
+                error = e
+        error, result = self.broadcast_from_first((_portable(error), result))
+        if error is not None:
+            raise error
+        return result
 
     def raise_any(self, errors: list[BaseException | None]) -> None:
         """Raise on every rank if any rank failed, so none is left waiting in a collective."""
@@ -179,23 +192,18 @@ class Checkpointer:
         merged_scalars = _merge_scalars([g[1] for g in gathered])
         need = checkpoint_nbytes({k: n for g in gathered for k, n in g[2].items()},
                                  len(metadata_text))
-        tmp_name: str | None = None
-        if ranks.rank == 0:
-            try:
-                if final.exists():
-                    raise CheckpointExistsError(f"checkpoint {final} already exists; refusing to overwrite it")
-                self.dir.mkdir(parents=True, exist_ok=True)
-                problem = space_problem(self.dir, need)
-                if problem:
-                    raise CheckpointSaveError(f"not saving {final.name}: {problem}; free space "
-                                              f"there (or save elsewhere with checkpoint.save)")
-                tmp_name = layout.tmp_dir_name(step)
-            except Exception as e:
-                error = e
-        error, tmp_name = ranks.broadcast_from_first((_portable(error), tmp_name))
-        if error is not None:
-            raise error
-        tmp = self.dir / tmp_name
+
+        def claim_tmp_dir() -> str:
+            if final.exists():
+                raise CheckpointExistsError(f"checkpoint {final} already exists; refusing to overwrite it")
+            self.dir.mkdir(parents=True, exist_ok=True)
+            problem = space_problem(self.dir, need)
+            if problem:
+                raise CheckpointSaveError(f"not saving {final.name}: {problem}; free space "
+                                          f"there (or save elsewhere with checkpoint.save)")
+            return layout.tmp_dir_name(step)
+
+        tmp = self.dir / ranks.on_first(claim_tmp_dir)
         try:
             self._write(ranks, tmp, final, tensors, merged_scalars, metadata_text)
         except BaseException as e:
@@ -234,21 +242,17 @@ class Checkpointer:
             error = e
         gathered = ranks.all_gather((_portable(error), digests))
         ranks.raise_any([g[0] for g in gathered])
-        outcome: BaseException | None = None
-        if ranks.rank == 0:
-            try:
-                files = {name: d for g in gathered for name, d in g[1].items()}
-                for name, text in ((layout.SCALARS_JSON, json.dumps(scalars, indent=1)),
-                                   (layout.METADATA_JSON, metadata_text)):
-                    layout.write_durable(tmp / name, text)
-                    files[name] = digest_file(tmp / name)
-                layout.write_durable(tmp / MANIFEST_JSON, manifest_text(files))
-                layout.commit(tmp, final)
-            except Exception as e:
-                outcome = e
-        outcome = ranks.broadcast_from_first(_portable(outcome))
-        if outcome is not None:
-            raise outcome
+
+        def add_json_files_and_commit() -> None:
+            files = {name: d for g in gathered for name, d in g[1].items()}
+            for name, text in ((layout.SCALARS_JSON, json.dumps(scalars, indent=1)),
+                               (layout.METADATA_JSON, metadata_text)):
+                layout.write_durable(tmp / name, text)
+                files[name] = digest_file(tmp / name)
+            layout.write_durable(tmp / MANIFEST_JSON, manifest_text(files))
+            layout.commit(tmp, final)
+
+        ranks.on_first(add_json_files_and_commit)
 
     def check_can_save(self, state: dict[str, Any], steps: list[int]) -> None:
         """Before a run trains: the checkpoint dir is writable, holds none of `steps` yet,
@@ -258,15 +262,7 @@ class Checkpointer:
         tensors, _ = flatten_state(state)
         gathered = ranks.all_gather(_sizes(tensors))
         need = checkpoint_nbytes({k: n for sizes in gathered for k, n in sizes.items()})
-        error: BaseException | None = None
-        if ranks.rank == 0:
-            try:
-                self._check_dir(steps, need)
-            except Exception as e:
-                error = e
-        error = ranks.broadcast_from_first(_portable(error))
-        if error is not None:
-            raise error
+        ranks.on_first(lambda: self._check_dir(steps, need))
 
     def _check_dir(self, steps: list[int], need: int) -> None:
         reason = unwritable_reason(self.dir)
@@ -289,18 +285,7 @@ class Checkpointer:
     def recover_strays(self) -> list[str]:
         """Adopt or set aside step dirs newer than `latest` (recovery.py); the lines to print.
         Rank 0 acts, every rank gets the lines (or the error)."""
-        ranks = _Ranks(self.process_group)
-        lines: list[str] = []
-        error: BaseException | None = None
-        if ranks.rank == 0:
-            try:
-                lines = recover_strays(self.dir)
-            except Exception as e:
-                error = e
-        error, lines = ranks.broadcast_from_first((_portable(error), lines))
-        if error is not None:
-            raise error
-        return lines
+        return _Ranks(self.process_group).on_first(lambda: recover_strays(self.dir))
 
     def load(self, path: str | os.PathLike, state: dict[str, Any], strict: bool = True) -> dict[str, Any]:
         """Load the checkpoint at `path` (see resolve) into `state` in place; return its metadata.
