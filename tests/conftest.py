@@ -73,25 +73,38 @@ def tiny_config(small_corpus, tmp_path):
     return make
 
 
+def train_in_process(config: RunConfig):
+    """Train `config` to its end in this process (a world of one); returns the run's result."""
+    from stem_megatron.parallel.state import ParallelState
+    from stem_megatron.training.trainer import Trainer
+
+    parallel = ParallelState.initialize()
+    try:
+        return Trainer(config, parallel).run()
+    finally:
+        parallel.destroy()
+
+
+@pytest.fixture
+def trained_run(tiny_config) -> Path:
+    """The run dir of a 2-step tiny STEM run (no validation)."""
+    config = tiny_config("train.train_iters=2", "optim.lr_warmup_iters=0", "train.eval_interval=0")
+    train_in_process(config)
+    return config.run_dir
+
+
 @pytest.fixture(scope="session")
 def trained_stem_run(small_corpus, tmp_path_factory) -> Path:
     """The run dir of a 3-layer STEM model (tables in layers 1 and 2) trained for 150 steps
     (about 5 s). Trained this far, its greedy continuations vary from token to token, so a
     wrong position, context window or STEM lookup id changes the generated text; a model a
     few steps from init repeats one token and hides all of those."""
-    from stem_megatron.parallel.state import ParallelState
-    from stem_megatron.training.trainer import Trainer
-
     config = tiny_run_config(
         small_corpus, tmp_path_factory.mktemp("trained_stem") / "run", "model.num_layers=3",
         "stem.layers=[1,2]", "train.train_iters=150", "train.global_batch_size=8",
         "train.eval_interval=0", "optim.lr=0.01", "optim.min_lr=0.01", "stem.optimizer.lr=0.03",
         "logging.log_interval=50")
-    parallel = ParallelState.initialize()
-    try:
-        result = Trainer(config, parallel).run()
-    finally:
-        parallel.destroy()
+    result = train_in_process(config)
     # A SIGTERM (e.g. from `timeout`) makes the trainer save and return early: say so rather
     # than hand the tests a less trained model.
     assert result.stopped_by is None, f"trained_stem_run stopped by {result.stopped_by}"

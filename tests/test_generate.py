@@ -12,19 +12,7 @@ from stem_megatron.generation import generate_ids, generate_text
 from stem_megatron.model.reference import ReferenceGPT
 from stem_megatron.model.transformer import ModelSpec, StemGPTModel
 from stem_megatron.parallel.state import ParallelState
-from stem_megatron.training.trainer import Trainer
 from tools import generate
-
-
-@pytest.fixture
-def trained_run(tiny_config):
-    config = tiny_config("train.train_iters=2", "optim.lr_warmup_iters=0", "train.eval_interval=0")
-    parallel = ParallelState.initialize()
-    try:
-        Trainer(config, parallel).run()
-    finally:
-        parallel.destroy()
-    return config.run_dir
 
 
 def run_generate(capsys, *args: str) -> tuple[int, str, str]:

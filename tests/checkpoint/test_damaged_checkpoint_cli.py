@@ -14,9 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stem_megatron.parallel.state import ParallelState
 from stem_megatron.train import main as train_main
-from stem_megatron.training.trainer import Trainer
 from tests.config_overrides import as_overrides
 from tools import convert_checkpoint, edit_knowledge, generate, hf_checkpoint, inspect_checkpoint
 
@@ -25,16 +23,12 @@ SHARD = "__0_0.distcp"
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, small_corpus):
-    from tests.conftest import tiny_run_config
+    from tests.conftest import tiny_run_config, train_in_process
 
     config = tiny_run_config(small_corpus, tmp_path_factory.mktemp("run") / "run",
                              "train.train_iters=2", "optim.lr_warmup_iters=0",
                              "train.eval_interval=0")
-    parallel = ParallelState.initialize()
-    try:
-        Trainer(config, parallel).run()
-    finally:
-        parallel.destroy()
+    train_in_process(config)
     return config
 
 

@@ -18,17 +18,14 @@ from stem_megatron.generation import generate_ids
 from stem_megatron.model.reference import ReferenceGPT
 from stem_megatron.parallel.state import ParallelState
 from stem_megatron.training.trainer import Trainer
+from tests.conftest import train_in_process
 from tools import edit_knowledge, generate
 
 A, B = "the", "and"  # single tokens (after a space) in the small corpus's 512-token BPE
 
 
 def train(config):
-    parallel = ParallelState.initialize()
-    try:
-        Trainer(config, parallel).run()
-    finally:
-        parallel.destroy()
+    train_in_process(config)
     return config.run_dir
 
 

@@ -7,22 +7,9 @@ import pytest
 
 from stem_megatron.config import ConfigError, load_config
 from stem_megatron.parallel.dry_run import dry_run
-from stem_megatron.parallel.state import ParallelState
 from stem_megatron.train import main as train_main
-from stem_megatron.training.trainer import Trainer
 from tests.config_overrides import as_overrides
 from tools import generate
-
-
-@pytest.fixture
-def trained_run(tiny_config):
-    config = tiny_config("train.train_iters=2", "optim.lr_warmup_iters=0", "train.eval_interval=0")
-    parallel = ParallelState.initialize()
-    try:
-        Trainer(config, parallel).run()
-    finally:
-        parallel.destroy()
-    return config.run_dir
 
 
 def test_a_diverged_run_ends_with_one_error_line(tiny_config, capsys):
