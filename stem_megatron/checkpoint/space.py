@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from stem_megatron.writable import nearest_existing
+
 # DCP stores each tensor as its own small zip record (headers, alignment); a few KiB per
 # tensor covers it, plus the JSON files and .metadata.
 _PER_TENSOR_OVERHEAD = 4096
@@ -41,9 +43,7 @@ def human(nbytes: int) -> str:
 def free_bytes(directory: Path) -> int:
     """Free space for an unprivileged writer on the disk holding `directory` (or its
     nearest existing parent)."""
-    while not directory.exists() and directory != directory.parent:
-        directory = directory.parent
-    return shutil.disk_usage(directory).free
+    return shutil.disk_usage(nearest_existing(directory)).free
 
 
 def space_problem(directory: Path, need: int) -> str | None:
