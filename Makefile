@@ -1,5 +1,5 @@
 # Two commands on a fresh machine:  `make train` (the main job)  and  `make test`.
-PYTHON ?= python3
+BASE_PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -10,10 +10,10 @@ RUN_ID := $(shell date +%Y%m%d-%H%M%S)
 
 # The venv holds the exact set CI tests: constraints.txt, written by `make lock`. torch is
 # installed only when none is importable, as TORCH_INSTALL (our CPU machines' wheel; an unpinned
-# torch would pull a multi-GB CUDA build). A torch already in $(PYTHON)'s site-packages (a GPU
+# torch would pull a multi-GB CUDA build). A torch already in $(BASE_PYTHON)'s site-packages (a GPU
 # cluster's own build) is used as it is: the venv then sees it.
 TORCH_INSTALL ?= torch==2.13.0
-export PYTHON TORCH_INSTALL
+export BASE_PYTHON TORCH_INSTALL
 $(STAMP): requirements.txt requirements-dev.txt constraints.txt
 	tools/dev/venv.sh $(VENV) locked
 	touch $(STAMP)

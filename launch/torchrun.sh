@@ -44,6 +44,9 @@ if [[ -z $python ]]; then
     if [[ -x $root/.venv/bin/python ]]; then python=$root/.venv/bin/python
     else python=$(command -v python || command -v python3) || usage "no python on PATH"; fi
 fi
+"$python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)" \
+    || usage "interpreter '$python' cannot import torch: set PYTHON to one that can" \
+             "(e.g. PYTHON=$root/.venv/bin/python after 'make install')"
 # The package is not installed into the venv: make it importable from any directory.
 export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
 

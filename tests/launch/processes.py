@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -51,7 +52,9 @@ class ProcessScope:
         self.started: list[subprocess.Popen] = []
 
     def env(self, **extra: str) -> dict[str, str]:
-        return {**os.environ, TAG: self.tag, **extra}
+        # PYTHON: the launchers run workers under the interpreter running the tests, not one a
+        # caller's environment names (make exports its own variables to the tests).
+        return {**os.environ, TAG: self.tag, "PYTHON": sys.executable, **extra}
 
     def start(self, cmd: list[str], name: str, env: dict[str, str] | None = None,
               **kwargs) -> subprocess.Popen:

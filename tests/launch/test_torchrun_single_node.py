@@ -3,6 +3,8 @@ bad arguments or a failing run give a usage message or a non-zero exit code."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from tests.launch.conftest import (CONFIG, TORCHRUN_SH, assert_trained_like_reference,
@@ -33,6 +35,18 @@ def test_multi_node_without_endpoint_is_refused(scope):
     code, out = scope.run([TORCHRUN_SH, "1", CONFIG], "usage", timeout=10,
                           env=scope.env(NNODES="2"))
     assert code == 2 and "NNODES=2 needs RDZV_ENDPOINT" in out
+
+
+def test_interpreter_without_torch_is_refused(scope, tmp_path):
+    # The Makefile once exported its own PYTHON (the system python3) into the tests, and the
+    # launcher ran the workers under it: a traceback about torch, not a message.
+    no_torch = tmp_path / "python"
+    no_torch.write_text(f"#!/bin/sh\nexec {sys.executable} -I -S \"$@\"\n")
+    no_torch.chmod(0o755)
+    code, out = scope.run([TORCHRUN_SH, "1", CONFIG], "usage", timeout=10,
+                          env=scope.env(PYTHON=str(no_torch)))
+    assert code == 2
+    assert f"interpreter '{no_torch}' cannot import torch: set PYTHON" in out, out
 
 
 def test_failing_run_exits_non_zero(scope, tmp_path, run_overrides):

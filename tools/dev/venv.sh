@@ -10,7 +10,7 @@ set -euo pipefail
 usage() { echo "usage: $0 VENV_DIR locked|latest|lowest" >&2; exit 2; }
 [ $# -eq 2 ] || usage
 venv=$1 set=$2
-python=${PYTHON:-python3}
+python=${BASE_PYTHON:-python3}
 torch_install=${TORCH_INSTALL:-torch==2.13.0}
 cd "$(dirname "$0")/../.."
 requirements=(-r requirements.txt -r requirements-dev.txt)
