@@ -59,6 +59,11 @@ class ModelConfig:
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02
+    # Activation recomputation, as Megatron-LM's flags: "full" (whole layers, chosen by
+    # recompute_method and recompute_num_layers) or "selective" (the attention core); None: off.
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None  # full only: "uniform" | "block"
+    recompute_num_layers: int | None = None  # full only: layers per group (uniform) or per stage (block)
 
 
 @dataclass
@@ -99,6 +104,12 @@ class ParallelConfig:
     pipeline_layers: list[int] | None = None
     # Model chunks per pipeline rank for the interleaved 1F1B schedule; None: no interleaving
     virtual_pipeline_model_parallel_size: int | None = None
+    # Megatron's sequence parallelism (TP > 1): norms and residuals hold seq/TP tokens per rank.
+    sequence_parallel: bool = False
+    # megatron-core DDP (dense parameters; STEM tables stay row-sparse, outside its buffers)
+    overlap_grad_reduce: bool = False  # all-reduce/reduce-scatter buckets during the backward
+    ddp_bucket_size: int | None = None  # elements per bucket; None: megatron-core's default
+    grad_reduce_in_fp32: bool = False  # bf16 runs: accumulate and reduce dense grads in fp32
 
 
 @dataclass
@@ -113,6 +124,12 @@ class OptimConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0  # global norm over dense parameters and STEM tables; 0 disables
+    # megatron-core's DistributedOptimizer: fp32 main params and Adam moments sharded over DP
+    use_distributed_optimizer: bool = False
+    # Dense optimizer state and step on the host (megatron-core's names; needs the
+    # distributed optimizer); the fraction of the state offloaded.
+    optimizer_cpu_offload: bool = False
+    optimizer_offload_fraction: float = 1.0
 
 
 @dataclass
@@ -133,7 +150,9 @@ class TrainConfig:
     seed: int = 1234
     eval_interval: int = 50
     eval_iters: int = 10  # global batches per evaluation
-    bf16: bool = False  # bf16 autocast; parameters and optimizer states stay fp32
+    # Megatron's --bf16: bf16 dense parameters and activations, fp32 main parameters and
+    # gradients in the optimizer. STEM tables keep fp32 rows.
+    bf16: bool = False
 
 
 @dataclass
@@ -339,111 +358,10 @@ def config_from_dict(tree: dict[str, Any], overrides: list[str] | tuple[str, ...
         _apply_override(tree, override)
     config = _build(RunConfig, _merge(_dataclass_tree(RunConfig), tree), "")
     config.data = data_from_repo_root(config.data)  # the bundled corpus from any directory
+    from stem_megatron.config_validation import validate  # it imports this module
+
     validate(config)
     return config
-
-
-def validate(config: RunConfig) -> None:
-    """Checks that need several fields at once; each message names the numbers involved."""
-    m, t, o, so = config.model, config.train, config.optim, config.stem.optimizer
-
-    def require(ok: bool, message: str) -> None:
-        if not ok:
-            raise ConfigError(message)
-
-    def bound(key: str, value: Any, ok: bool, allowed: str) -> None:
-        require(ok, f"{key} must be {allowed}, got {value}")
-
-    for key in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                "num_query_groups", "seq_length", "make_vocab_size_divisible_by", "rope_theta",
-                "norm_epsilon", "init_method_std"):
-        require(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
-    require(m.hidden_size % m.num_attention_heads == 0,
-            f"model.hidden_size ({m.hidden_size}) must be divisible by "
-            f"model.num_attention_heads ({m.num_attention_heads})")
-    require(m.num_attention_heads % m.num_query_groups == 0,
-            f"model.num_attention_heads ({m.num_attention_heads}) must be divisible by "
-            f"model.num_query_groups ({m.num_query_groups})")
-    require(m.vocab_size is None or m.vocab_size > 0, f"model.vocab_size must be positive")
-    validate_rope_scaling(m.rope_scaling, require)
-    layers = config.stem.layers or []
-    bad = [i for i in layers if not 0 <= i < m.num_layers]
-    require(not bad, f"stem.layers {bad} out of range: the model has layers 0..{m.num_layers - 1}")
-    require(len(set(layers)) == len(layers), f"stem.layers has duplicates: {layers}")
-    require(config.stem.dp_layout in ("replicated", "vocab_sharded"),
-            f"stem.dp_layout must be 'replicated' or 'vocab_sharded', got "
-            f"'{config.stem.dp_layout}'")
-    require(config.stem.storage in STORAGE_TIERS,
-            f"stem.storage must be one of {', '.join(repr(t) for t in STORAGE_TIERS)}, got "
-            f"'{config.stem.storage}'")
-    require(config.stem.cache_rows >= 0,
-            f"stem.cache_rows must be >= 0, got {config.stem.cache_rows}")
-    require(config.stem.cache_rows == 0 or config.stem.storage != "device",
-            "stem.cache_rows caches rows of host-resident tables: it needs stem.storage=host "
-            "or mmap")
-    require(so.mode in ("lazy", "exact"),
-            f"stem.optimizer.mode must be 'lazy' or 'exact', got '{so.mode}'")
-    bound("stem.optimizer.lr", so.lr, so.lr is None or so.lr >= 0,
-          ">= 0 (0 freezes the tables; unset: optim.lr)")
-    bound("stem.optimizer.weight_decay", so.weight_decay, so.weight_decay >= 0, ">= 0")
-    for key in ("micro_batch_size", "global_batch_size", "train_iters", "eval_iters"):
-        require(getattr(t, key) > 0, f"train.{key} must be positive, got {getattr(t, key)}")
-    require(t.global_batch_size % t.micro_batch_size == 0,
-            f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-            f"train.micro_batch_size ({t.micro_batch_size})")
-    require(t.eval_interval >= 0, "train.eval_interval must be >= 0 (0: only at the end)")
-    bound("train.seed", t.seed, 0 <= t.seed < 2**32, "in [0, 2**32)")  # numpy's seed range
-    bound("optim.lr", o.lr, o.lr > 0, "positive")
-    bound("optim.weight_decay", o.weight_decay, o.weight_decay >= 0, ">= 0")
-    for key in ("adam_beta1", "adam_beta2"):
-        bound(f"optim.{key}", getattr(o, key), 0 <= getattr(o, key) < 1, "in [0, 1)")
-    bound("optim.adam_eps", o.adam_eps, o.adam_eps > 0, "positive")
-    bound("optim.lr_decay_iters", o.lr_decay_iters,
-          o.lr_decay_iters is None or o.lr_decay_iters > 0, "positive (unset: train.train_iters)")
-    require(o.lr_decay_style in ("cosine", "linear", "constant"),
-            f"optim.lr_decay_style must be cosine, linear or constant, got '{o.lr_decay_style}'")
-    require(0 <= o.min_lr <= o.lr, f"optim.min_lr ({o.min_lr}) must be in [0, optim.lr ({o.lr})]")
-    decay_iters = o.lr_decay_iters if o.lr_decay_iters is not None else t.train_iters
-    require(0 <= o.lr_warmup_iters <= decay_iters,
-            f"optim.lr_warmup_iters ({o.lr_warmup_iters}) must be in [0, optim.lr_decay_iters "
-            f"(or train.train_iters when unset) = {decay_iters}]")
-    require(o.clip_grad >= 0, f"optim.clip_grad must be >= 0, got {o.clip_grad}")
-    require(config.checkpoint.save_interval >= 0, "checkpoint.save_interval must be >= 0")
-    require(not config.checkpoint.finetune or config.checkpoint.load not in (None, "auto"),
-            "checkpoint.finetune=true needs checkpoint.load to name the checkpoint whose model "
-            "weights the run starts from")
-    require(config.logging.log_interval > 0, "logging.log_interval must be positive")
-    for key in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
-        value = getattr(config.parallel, key)
-        require(value >= 1, f"parallel.{key} must be >= 1, got {value}")
-    vp = config.parallel.virtual_pipeline_model_parallel_size
-    bound("parallel.virtual_pipeline_model_parallel_size", vp, vp is None or vp >= 1,
-          ">= 1 (unset: no interleaving)")
-    # The layer split per (virtual) pipeline stage: megatron would only assert on it later.
-    from stem_megatron.parallel.chunk_stages import chunk_stages  # it imports this module
-
-    chunk_stages(config)
-
-
-def validate_rope_scaling(r: RopeScalingConfig, require) -> None:
-    """`require(ok, message)` raises: ConfigError here, HFFormatError for an HF import."""
-    require(r.type in ROPE_SCALING_TYPES,
-            f"model.rope_scaling.type must be one of "
-            f"{', '.join(repr(t) for t in ROPE_SCALING_TYPES)}, got '{r.type}'")
-    fields = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    if r.type == "none":  # a value set without the type is most likely a forgotten type
-        stray = [f"model.rope_scaling.{k}" for k in fields if getattr(r, k) is not None]
-        require(not stray, f"{', '.join(stray)} given but model.rope_scaling.type is 'none': "
-                           f"set model.rope_scaling.type=llama3 or remove them")
-        return
-    for key in fields:
-        value = getattr(r, key)
-        require(value is not None, f"model.rope_scaling.{key} must be set for "
-                                   f"model.rope_scaling.type={r.type}")
-        require(value > 0, f"model.rope_scaling.{key} must be positive, got {value}")
-    require(r.high_freq_factor > r.low_freq_factor,
-            f"model.rope_scaling.high_freq_factor ({r.high_freq_factor}) must be greater than "
-            f"model.rope_scaling.low_freq_factor ({r.low_freq_factor})")
 
 
 def save_config(config: RunConfig, path: Path) -> None:

@@ -12,7 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from stem_megatron.config import ModelConfig, RopeScalingConfig, validate_rope_scaling
+from stem_megatron.config import ModelConfig, RopeScalingConfig
+from stem_megatron.config_validation import validate_rope_scaling
 
 LLAMA_ARCHITECTURE = "LlamaForCausalLM"
 STEM_ARCHITECTURE = "StemLlamaForCausalLM"
