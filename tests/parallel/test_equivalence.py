@@ -142,6 +142,12 @@ LAYOUTS = {
     # Virtual stage v of pipeline rank r holds layer v * pp + r.
     "pp2-interleaved": (PP2 + VP2, [], Grid(pp=2, stages=(((0,), (2,)), ((1,), (3,))))),
     "tp2xpp2": (TP2 + PP2, [], Grid(tp=2, pp=2)),
+    # PP x DP: the schedules run every micro-batch but the last without grad sync, so the
+    # dense grads must still be averaged over DP when the last backward (not forward) ends.
+    "pp2xdp2": (PP2, [], Grid(pp=2, dp=2)),
+    "pp2xdp2-interleaved-vocab-sharded": (
+        PP2 + VP2 + VOCAB_SHARDED, [],
+        Grid(pp=2, dp=2, dp_layout="vocab_sharded", stages=(((0,), (2,)), ((1,), (3,))))),
     "tp2-tied": (TP2, TIED, Grid(tp=2)),
     # Tied across stages: the last stage's copy of the embedding must equal the first's
     # bitwise (merged_params) and both the single process's.
