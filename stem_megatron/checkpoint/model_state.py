@@ -48,18 +48,27 @@ class CheckpointMeshes:
         return cls(DeviceMesh.from_group(dist.group.WORLD, device.type))
 
 
+def tp_block(like: torch.Tensor) -> tuple[tuple[int, ...], int | None]:
+    """The shape this rank's piece of parameter `like` takes in its checkpoint view, and the
+    dimension of that view split over the tensor-parallel ranks (None: not split)."""
+    shape, shard = tuple(like.shape), get_tp_shard(like)
+    if shard is None:
+        return shape, None
+    dim = shard.dim
+    if shard.chunks > 1:
+        shape = (*shape[:dim], shard.chunks, shape[dim] // shard.chunks, *shape[dim + 1:])
+        dim += 1
+    return shape, dim
+
+
 def checkpoint_view(tensor: torch.Tensor, like: torch.Tensor, meshes: CheckpointMeshes) -> torch.Tensor:
     """`tensor` (this rank's piece of a parameter `like`, or of an optimizer state shaped like
     it) as a piece of its full logical tensor. Shares storage, so DCP loads into it in place."""
-    local = tensor.detach()
-    shard, rows = get_tp_shard(like), get_row_block(like)
-    if shard is None:
-        return local
-    dim = shard.dim
-    if shard.chunks > 1:
-        shape = list(local.shape)
-        local = local.view(*shape[:dim], shard.chunks, shape[dim] // shard.chunks, *shape[dim + 1:])
-        dim += 1
+    shape, dim = tp_block(like)
+    rows = get_row_block(like)
+    if dim is None:
+        return tensor.detach()
+    local = tensor.detach().view(shape)
     if rows is None:
         return DTensor.from_local(local, meshes.tp, [Shard(dim)], run_check=False)
     tp_size = meshes.tp.size()

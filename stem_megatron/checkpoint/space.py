@@ -18,10 +18,11 @@ _FIXED_OVERHEAD = 1 << 20
 def tensor_nbytes(tensor: torch.Tensor) -> int:
     """Bytes of the whole logical tensor a checkpoint stores for this (possibly sharded) leaf."""
     if hasattr(tensor, "metadata") and hasattr(tensor, "local_shards"):  # ShardedTensor
+        metadata = tensor.metadata()  # it answers no tensor methods (element_size) itself
         numel = 1
-        for size in tensor.metadata().size:
+        for size in metadata.size:
             numel *= size
-        return numel * tensor.element_size()
+        return numel * metadata.tensor_properties.dtype.itemsize
     return tensor.numel() * tensor.element_size()  # a DTensor's numel is its global one
 
 
