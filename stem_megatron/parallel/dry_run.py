@@ -33,6 +33,8 @@ import torch.distributed as dist
 from stem_megatron.atomic_file import write_text_atomically
 from stem_megatron.config import ConfigError, RunConfig
 from stem_megatron.model.accounting import ModelCounts, count_model
+from stem_megatron.model.activation_memory import ActivationSetup
+from stem_megatron.model.dense_memory import DenseSetup
 from stem_megatron.model.memory import (RankMemory, ShardParams, count_shard,
                                         estimate_rank_memory)
 from stem_megatron.model.sharding import RowBlock
@@ -168,7 +170,7 @@ def _rank_params(config: RunConfig, vocab: int, stages: list[PipelineStage], tp_
 def dry_run(config: RunConfig, world_size: int | None = None) -> DryRunReport:
     """Validate the layout and build every distinct rank's shard on meta.
     `world_size` None: one model replica (TP x PP ranks)."""
-    p, t, s = config.parallel, config.train, config.stem
+    p, o, t, s = config.parallel, config.optim, config.train, config.stem
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
     if world_size is not None and world_size < 1:  # 0 is not "unset": say so, plan nothing
         raise ConfigError(f"world size must be >= 1, got {world_size}")
@@ -184,6 +186,13 @@ def dry_run(config: RunConfig, world_size: int | None = None) -> DryRunReport:
                         exact=s.optimizer.mode == "exact", cache_rows=s.cache_rows,
                         ids_per_microbatch=t.micro_batch_size * config.model.seq_length,
                         num_microbatches=num_microbatches)
+    dense = DenseSetup(bf16=t.bf16, dp_size=dp, distributed_optimizer=o.use_distributed_optimizer,
+                       grad_reduce_in_fp32=p.grad_reduce_in_fp32,
+                       overlap_grad_reduce=p.overlap_grad_reduce, bucket_size=p.ddp_bucket_size,
+                       offload_fraction=o.optimizer_offload_fraction
+                       if o.optimizer_cpu_offload else 0.0)
+    activations = ActivationSetup(tp_size=tp, sequence_parallel=p.sequence_parallel,
+                                  micro_batch_size=t.micro_batch_size, bf16=t.bf16)
     dp_groups = dp_ranks_by_block(vocab, dp) if sharded else [tuple(range(dp))]
     ranks = []
     with _one_process_world():
@@ -194,10 +203,10 @@ def dry_run(config: RunConfig, world_size: int | None = None) -> DryRunReport:
                                          (dp_ranks[0], dp) if sharded else None)
                     memory = estimate_rank_memory(
                         shard, config.model, chunk_layers=tuple(len(c.layers) for c in stages),
-                        post_process=stages[-1].post_process, padded_vocab=padded, tp_size=tp,
-                        pp_rank=pp_rank, pp_size=pp, vp_size=vp, dp_size=dp,
-                        micro_batch_size=t.micro_batch_size,
-                        num_microbatches=num_microbatches, bf16=t.bf16, tables=tables)
+                        post_process=stages[-1].post_process, padded_vocab=padded,
+                        pp_rank=pp_rank, pp_size=pp, vp_size=vp,
+                        num_microbatches=num_microbatches, dense=dense,
+                        activations=activations, tables=tables)
                     ranks.append(RankShard(
                         pp_rank, tp_rank, dp_ranks, tuple(c.layers for c in stages),
                         tuple(i for c in stages for i in c.layers if i in stem_layers),

@@ -48,6 +48,7 @@ def _rows(report: DryRunReport, config: RunConfig) -> list[Row | str]:
     interleaved = report.vp_size > 1
     off_device = s.storage != "device"
     counters = " + int64 step/row" if s.optimizer.mode == "exact" else ""
+    full_recompute = config.model.recompute_granularity == "full"
 
     def t(r: RankShard):
         return r.memory.tables
@@ -65,13 +66,7 @@ def _rows(report: DryRunReport, config: RunConfig) -> list[Row | str]:
         rows.append(("table rows held (of each table)",
                      lambda r: str(r.params.table_shapes[0][0]) if r.params.table_shapes
                      else "-"))
-    rows += [
-        "on the device",
-        ("dense weights (fp32)", lambda r: _gib(r.memory.dense_weights)),
-        ("dense grads (fp32" + (", + DDP buckets)" if dp > 1 else ")"),
-         lambda r: _gib(r.memory.dense_grads)),
-        ("dense AdamW state (2 x fp32)", lambda r: _gib(r.memory.dense_optimizer)),
-    ]
+    rows += ["on the device"] + _dense_rows(config, dp)
     resident = [("STEM tables (fp32)", lambda r: _gib(t(r).weights)),
                 (f"STEM AdamW state (2 x fp32{counters})",
                  lambda r: _gib(t(r).optimizer + t(r).step_counters))]
@@ -90,18 +85,23 @@ def _rows(report: DryRunReport, config: RunConfig) -> list[Row | str]:
          lambda r: _gib(r.memory.activations_per_pass)),
         ("chunk passes in flight (interleaved)" if interleaved
          else "micro-batches in flight (1F1B)", lambda r: str(r.memory.passes_in_flight)),
-        ("activations in flight", lambda r: _gib(r.memory.activations)),
+        ("head" + (" or recomputed region" if full_recompute else "") + " (once)",
+         lambda r: _gib(r.memory.activations_once)),
+        ("activations at the peak", lambda r: _gib(r.memory.activations)),
         ("device total", lambda r: _gib(r.memory.device_total)),
     ]
-    if not off_device:
+    if not off_device and not config.optim.optimizer_cpu_offload:
         return rows
     rows.append("in host RAM")
+    if config.optim.optimizer_cpu_offload:
+        rows.append(_offload_row(config))
     if s.storage == "host":
         rows += resident
-    elif counters:
+    elif counters and off_device:
         rows.append(("STEM step counters (int64/row)", lambda r: _gib(t(r).step_counters)))
-    rows += [("STEM staging buffers (host side)", lambda r: _gib(t(r).staging_host)),
-             ("row grads copied for the update", lambda r: _gib(t(r).update_copy_host))]
+    if off_device:
+        rows += [("STEM staging buffers (host side)", lambda r: _gib(t(r).staging_host)),
+                 ("row grads copied for the update", lambda r: _gib(t(r).update_copy_host))]
     if s.cache_rows:
         rows.append(("hot-row cache id map", lambda r: _gib(t(r).cache_host)))
     rows.append(("host total", lambda r: _gib(r.memory.host_total)))
@@ -111,6 +111,38 @@ def _rows(report: DryRunReport, config: RunConfig) -> list[Row | str]:
                  ("STEM AdamW state (2 x fp32)", lambda r: _gib(t(r).optimizer)),
                  ("mmap total", lambda r: _gib(r.memory.mmap_total))]
     return rows
+
+
+def _dense_rows(config: RunConfig, dp: int) -> list[Row]:
+    """Dense parameters in megatron-core's DDP buffers and optimizer (model/dense_memory.py)."""
+    o, bf16 = config.optim, config.train.bf16
+    dtype = "bf16" if bf16 else "fp32"
+    grads = "fp32" if config.parallel.grad_reduce_in_fp32 or not bf16 else "bf16"
+    shard = ", 1/DP shard" if o.use_distributed_optimizer and dp > 1 else ""
+    offloaded = (f", {1 - o.optimizer_offload_fraction:g} of it" if o.optimizer_cpu_offload
+                 else "")
+
+    def d(r: RankShard):
+        return r.memory.dense
+
+    rows: list[Row] = [
+        (f"dense weights ({dtype}" + (", DDP param buffer)" if o.use_distributed_optimizer
+                                      else ")"), lambda r: _gib(d(r).weights)),
+        (f"dense grads (DDP grad buffer, {grads})", lambda r: _gib(d(r).grads))]
+    if bf16:
+        rows.append((f"fp32 main params{shard}", lambda r: _gib(d(r).main_params)))
+    if bf16 and grads == "bf16":
+        rows.append((f"fp32 grad copies{shard}{offloaded} (in the step only)",
+                     lambda r: _gib(d(r).main_grads)))
+    rows.append((f"dense Adam moments (2 x fp32{shard}{offloaded})",
+                 lambda r: _gib(d(r).optimizer)))
+    return rows
+
+
+def _offload_row(config: RunConfig) -> Row:
+    fraction = config.optim.optimizer_offload_fraction
+    return (f"dense optimizer offload ({fraction:g}: fp32 param, grad, 2 moments)",
+            lambda r: _gib(r.memory.dense.host))
 
 
 def _table(report: DryRunReport, config: RunConfig) -> list[str]:
@@ -135,8 +167,11 @@ def _table(report: DryRunReport, config: RunConfig) -> list[str]:
 
 def _notes(report: DryRunReport, config: RunConfig) -> list[str]:
     pp, vp = report.layout.pp_size, report.vp_size
-    notes = ["Activations: Korthikanti et al. 2022 (arXiv 2205.05198) adapted to SwiGLU/GQA, "
-             "fused attention, no recomputation (stem_megatron/model/memory.py)."]
+    notes = ["Activations: Korthikanti et al. 2022 (arXiv 2205.05198) adapted to SwiGLU, GQA, "
+             "fused attention and torch's fused RMSNorm (CUDA), with sequence parallelism and "
+             "recomputation as configured; calibrated on CPU against the tensors autograd "
+             "keeps (stem_megatron/model/activation_memory.py). Dense: megatron-core's DDP "
+             "buffers and optimizer, padding included (stem_megatron/model/dense_memory.py)."]
     if vp > 1:
         notes.append(f"Interleaved 1F1B: pipeline rank r holds megatron-core's 2(pp-r-1) + "
                      f"(v-1)pp warmup chunk passes plus one; on rank 0 that is "
@@ -161,6 +196,22 @@ def _notes(report: DryRunReport, config: RunConfig) -> list[str]:
     return notes
 
 
+def _precision(config: RunConfig) -> str:
+    """The run's precision, optimizer, SP and recomputation, by Megatron's names."""
+    m, p, o = config.model, config.parallel, config.optim
+    parts = ["bf16 (fp32 main params)" if config.train.bf16 else "fp32"]
+    if o.use_distributed_optimizer:
+        parts.append("distributed optimizer" + (
+            f" offloading {o.optimizer_offload_fraction:g}" if o.optimizer_cpu_offload else ""))
+    if p.sequence_parallel:
+        parts.append("sequence parallel")
+    if m.recompute_granularity == "full":
+        parts.append(f"full recompute ({m.recompute_method}, {m.recompute_num_layers})")
+    elif m.recompute_granularity == "selective":
+        parts.append("selective recompute")
+    return ", ".join(parts)
+
+
 def format_report(report: DryRunReport, config: RunConfig) -> str:
     lay, c, t, s = report.layout, report.counts, config.train, config.stem
     dense_sum, table_sum = report.replica_sums()
@@ -175,7 +226,7 @@ def format_report(report: DryRunReport, config: RunConfig) -> str:
         f"DP {lay.dp_size}{interleave}; vocab {report.vocab_size} (embedding/head padded to "
         f"{report.padded_vocab_size}); micro-batch {t.micro_batch_size} x seq "
         f"{config.model.seq_length}, {report.num_microbatches} micro-batches per step, "
-        f"{'bf16 autocast' if t.bf16 else 'fp32'}",
+        f"{_precision(config)}",
         f"model: {_n(c.total_params)} total / {_n(c.active_params)} active parameters, "
         f"{tables}; {c.flops_per_token / 1e9:.2f} GFLOPs/token",
     ]

@@ -145,9 +145,10 @@ def test_estimate_memory_tool_writes_json(tmp_path):
     rank = data["ranks"][0]["memory_bytes"]
     tables = rank["tables"]
     assert tables["storage"] == "device"
-    assert rank["device_total"] == (rank["dense_weights"] + rank["dense_grads"]
-                                    + rank["dense_optimizer"] + tables["weights"]
+    dense = rank["dense"]
+    assert rank["device_total"] == (dense["weights"] + dense["grads"] + dense["main_params"]
+                                    + dense["optimizer"] + tables["weights"]
                                     + tables["optimizer"] + tables["step_counters"]
                                     + tables["row_grads"] + tables["grad_transient"]
-                                    + rank["activations"])
+                                    + max(rank["activations"], dense["main_grads"]))
     assert rank["host_total"] == rank["mmap_total"] == 0

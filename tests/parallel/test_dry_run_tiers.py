@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from stem_megatron.config import load_config
-from stem_megatron.model.memory import count_shard, layer_activation_bytes
+from stem_megatron.model.activation_memory import ActivationSetup, chunk_activations
+from stem_megatron.model.memory import count_shard
 from stem_megatron.model.sharding import RowBlock
 from stem_megatron.parallel.dry_run import build_rank_shard, dry_run, run_dry_run
 from stem_megatron.parallel.local_workers import run_local_workers
@@ -58,7 +59,7 @@ def test_vocab_sharded_ranks_hold_their_row_block():
         assert mem.weights == TABLES * rows * WIDTH * 4
         assert mem.weights * V == full.weights * rows  # exactly the block's share
         assert mem.optimizer * V == full.optimizer * rows
-        assert rank.memory.dense_total == replicated.ranks[0].memory.dense_total
+        assert rank.memory.dense == replicated.ranks[0].memory.dense
         if rank.tp_rank == 0:
             total_weights += mem.weights * len(rank.dp_ranks)
     assert total_weights == full.weights  # the blocks cover every row once
@@ -149,11 +150,13 @@ def test_interleaved_rank_params_are_its_chunks():
     assert dense + tables == report.counts.total_params
     # Interleaved 1F1B: rank 0 holds 2(pp-1) + (vp-1)pp + 1 = 5 chunk passes of 8 layers,
     # L (1 + (pp-1)/(pp vp)) = 40 layers' worth; the last rank 3 passes plus its head once.
-    per_layer = layer_activation_bytes(config.model, 4, 1, 2)
+    chunk = chunk_activations(config.model, 8, ActivationSetup(
+        tp_size=4, sequence_parallel=config.parallel.sequence_parallel, micro_batch_size=1,
+        bf16=True)).stored
     first, last = report.ranks[0].memory, report.ranks[-1].memory
     assert (first.passes_in_flight, last.passes_in_flight) == (5, 3)
-    assert first.activations == int(5 * 8 * per_layer)
-    assert last.activations > int(3 * 8 * per_layer)
+    assert first.activations == 5 * chunk + first.activations_once
+    assert last.activations > 3 * chunk
 
 
 def _real_chunks(overrides: list[str]) -> dict:
