@@ -152,3 +152,15 @@ def test_estimate_memory_tool_writes_json(tmp_path):
                                     + tables["row_grads"] + tables["grad_transient"]
                                     + max(rank["activations"], dense["main_grads"]))
     assert rank["host_total"] == rank["mmap_total"] == 0
+
+
+@pytest.mark.parametrize("name,world_size", [("stem_1b", 64), ("stem_7b", 64),
+                                             ("stem_30b", 128)])
+def test_large_configs_run_as_megatron_users_do_and_fit_80gb(name, world_size):
+    """bf16 with fp32 main params, the distributed optimizer, SP wherever TP > 1, and every
+    rank within an 80 GB GPU by the dry run (recomputation would be added where it did not)."""
+    c = config(name)
+    assert c.train.bf16 and c.optim.use_distributed_optimizer
+    assert c.parallel.sequence_parallel == (c.parallel.tensor_model_parallel_size > 1)
+    report = dry_run(c, world_size)
+    assert max(r.memory.device_total for r in report.ranks) < 80e9
