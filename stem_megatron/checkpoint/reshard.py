@@ -77,6 +77,7 @@ def _convert_rank(source: str, tmp: str, build_dict: dict, config_dict: dict, vo
     from stem_megatron.parallel.state import ParallelState
     from stem_megatron.training.model_chunks import build_model_chunks
     from stem_megatron.training.optimizer import TrainingOptimizer
+    from stem_megatron.parallel.data_parallel import wrap_data_parallel
     from stem_megatron.training.state import TrainingState
 
     class CarryingState(TrainingState):
@@ -95,8 +96,9 @@ def _convert_rank(source: str, tmp: str, build_dict: dict, config_dict: dict, vo
         with tqdm(total=3, desc="reshard", unit="phase", disable=parallel.rank != 0) as bar:
             bar.set_postfix_str("build")
             chunks = build_model_chunks(build, parallel, vocab)
-            state = CarryingState(chunks, TrainingOptimizer(chunks, build, parallel),
-                                  _DataPosition(), parallel)
+            optimizer = TrainingOptimizer(wrap_data_parallel(chunks, build), chunks, build,
+                                          parallel)
+            state = CarryingState(chunks, optimizer, _DataPosition(), parallel)
             bar.update()
             bar.set_postfix_str("load")
             step = state.load(Checkpointer(Path(source).parent), source)

@@ -60,6 +60,12 @@ def get_row_block(param: torch.Tensor) -> RowBlock | None:
 
 def set_tp_shard(param: torch.nn.Parameter, shard: TPShard | None) -> None:
     param.tp_shard = shard
+    # megatron-core's grad norm and clipping read its own TP attributes (a parameter without
+    # them counts once per TP group); its layers set them only when they initialise weights,
+    # and ours are initialised from full tensors instead.
+    param.tensor_model_parallel = shard is not None
+    param.partition_dim = shard.dim if shard is not None else -1
+    param.partition_stride = 1
 
 
 def get_tp_shard(param: torch.Tensor) -> TPShard | None:
@@ -70,6 +76,7 @@ def mark_tied_copy(param: torch.nn.Parameter) -> None:
     """`param` is the last pipeline stage's copy of the tied embedding: kept equal to the
     first stage's by summing their gradients, and counted once (there) in norms."""
     param.tied_copy = True
+    param.shared = True  # megatron-core's norm and clipping count a `shared` parameter once
 
 
 def is_tied_copy(param: torch.Tensor) -> bool:

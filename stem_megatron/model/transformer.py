@@ -69,6 +69,7 @@ class ModelSpec:
     post_process: bool = True  # holds the final norm, the head and the loss
     # (dp_rank, dp_size) when STEM tables are vocab-sharded over data-parallel ranks
     vocab_shard: tuple[int, int] | None = None
+    bf16: bool = False  # dense parameters and activations in bf16 (cast after initialisation)
 
     @property
     def table_rows(self) -> RowBlock | None:
@@ -98,8 +99,9 @@ def megatron_config(spec: ModelSpec) -> TransformerConfig:
         pipeline_model_parallel_size=spec.pp_size,
         virtual_pipeline_model_parallel_size=spec.vp_size,
         use_cpu_initialization=True, perform_initialization=False,
-        gradient_accumulation_fusion=False, params_dtype=torch.float32,
-        pipeline_dtype=torch.float32,  # activations sent between pipeline stages
+        gradient_accumulation_fusion=False, params_dtype=torch.float32, bf16=spec.bf16,
+        # activations sent between pipeline stages
+        pipeline_dtype=torch.bfloat16 if spec.bf16 else torch.float32,
         # Unbatched p2p: with two pipeline ranks a batched exchange sends activations and
         # gradients to the same peer on one group, and gloo pairs them by order, swapping
         # them (interleaved 1F1B trains on wrong tensors); the unbatched path sends one
@@ -232,6 +234,22 @@ class StemGPTModel(torch.nn.Module):
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.input_tensor: torch.Tensor | None = None
+
+    # What megatron-core's finalize_model_grads reads to sum the tied embedding's gradients
+    # over the first and last pipeline stages.
+    @property
+    def pre_process(self) -> bool:
+        return self.spec.pre_process
+
+    @property
+    def share_embeddings_and_output_weights(self) -> bool:
+        return self.tied
+
+    def shared_embedding_or_output_weight(self) -> torch.nn.Parameter | None:
+        """The tied embedding (or this last stage's copy of it); None on middle stages."""
+        if not self.tied or not hasattr(self, "embedding"):
+            return None
+        return self.embedding.word_embeddings.weight
 
     def set_input_tensor(self, input_tensor) -> None:
         """Pipeline stages after the first receive their hidden states here (megatron API)."""

@@ -1,12 +1,12 @@
 """Bytes moved by collectives, by kind and by purpose (tp, pp, dp-dense, dp-stem, other).
 
 While counting, the meter wraps torch.distributed's collective and point-to-point functions
-(megatron-core, our STEM code and DDP's comm hook all call them through the module, so every
-call is seen) and adds each call's payload to a counter: the bytes of the tensor(s) this rank
+(megatron-core, its DDP and our STEM code all call them through the module, so every call is
+seen) and adds each call's payload to a counter: the bytes of the tensor(s) this rank
 hands to a collective, and the bytes it sends point-to-point (receives are the peer's sends). Purpose comes from the process group: the tensor-parallel group is `tp`,
-point-to-point traffic is `pp`, the data-parallel group is `dp-stem` (our table collectives)
-unless DDP's hook marks its buckets `dp-dense`; anything else (loss and grad-norm reductions)
-is `other`. The wrappers exist only inside `counting()`; nothing else in torch changes.
+point-to-point traffic and the tied embedding's gradient sum over the first and last stages
+are `pp`, the data-parallel group is `dp-stem` (our table collectives) unless the DDP buckets'
+syncs mark theirs `dp-dense`; anything else (loss and grad-norm reductions) is `other`. The wrappers exist only inside `counting()`; nothing else in torch changes.
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ def _payload_bytes(name: str, args, kwargs) -> int:
 
 
 class CommMeter:
-    def __init__(self, tp_group=None, dp_group=None, dp_size: int = 1):
+    def __init__(self, tp_group=None, dp_group=None, dp_size: int = 1, embedding_group=None):
         self.tp_group, self.dp_group, self.dp_size = tp_group, dp_group, dp_size
+        self.embedding_group = embedding_group
         self._purpose: str | None = None
         self.bytes_by_purpose: dict[str, int] = defaultdict(int)
         self.bytes_by_kind: dict[str, int] = defaultdict(int)
@@ -79,6 +80,8 @@ class CommMeter:
             return "pp"
         if group is not None and group is self.tp_group:
             return "tp"
+        if group is not None and group is self.embedding_group:
+            return "pp"
         if group is not None and group is self.dp_group and self.dp_size > 1:
             return "dp-stem"
         return "other"
@@ -100,14 +103,16 @@ class CommMeter:
 
         return wrapper
 
-    def ddp_comm_hook(self, process_group, bucket):
-        """DDP's default all-reduce, counted as `dp-dense` (register with
-        `ddp.register_comm_hook(group, meter.ddp_comm_hook)`). Unannotated on purpose: DDP
-        checks annotations by identity, and this module's are strings."""
-        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    def attributed(self, purpose: str, fn):
+        """`fn` with the collectives it issues counted as `purpose` (megatron-core DDP's bucket
+        syncs are `dp-dense`: they share the data-parallel group with our table collectives)."""
 
-        with self.purpose("dp-dense"):
-            return allreduce_hook(process_group, bucket)
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            with self.purpose(purpose):
+                return fn(*args, **kwargs)
+
+        return wrapper
 
     def take(self) -> dict[str, float]:
         """Metrics for the bytes counted since the last call, then reset. Every purpose and

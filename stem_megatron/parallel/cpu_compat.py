@@ -1,11 +1,14 @@
 """Make megatron-core run on CPU/gloo, applied only when CUDA is absent.
 
 megatron-core hard-codes a few CUDA calls: `torch.cuda.current_device()` as an allocation
-device (p2p communication, some TP mappings), `torch.zeros(..., device="cuda")` in the pipeline
-schedules, `torch.cuda.synchronize()`, and autocast decorators bound to the CUDA device (so a
-CPU bf16 autocast reaches the backward of its linear layers with mixed dtypes). Each patch
-below maps one of these to its CPU equivalent inside the megatron modules only; nothing global
-in torch changes. The list of patched call sites was read off one version of megatron-core, so
+device (p2p communication, some TP mappings, DDP's grad buffers, the distributed optimizer),
+`torch.zeros(..., device="cuda")` in the pipeline schedules and the optimizers,
+`torch.cuda.synchronize()`, autocast decorators bound to the CUDA device (so a CPU bf16
+autocast reaches the backward of its linear layers with mixed dtypes), and dtype checks
+against the strings `param.type()` returns for CUDA tensors ('torch.cuda.FloatTensor') in the
+optimizers' constructors. Each patch below maps one of these to its CPU equivalent inside the
+megatron modules only; nothing global in torch changes outside those constructors' calls.
+The list of patched call sites was read off one version of megatron-core, so
 `apply()` refuses any other version instead of silently running half-patched.
 """
 
@@ -25,6 +28,20 @@ _PATCHED_MODULES = (
     "megatron.core.pipeline_parallel.p2p_communication",
     "megatron.core.tensor_parallel.mappings",
     "megatron.core.tensor_parallel.utils",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.clip_grads",
+    # sequence parallelism: the all-gather buffer and the linears' reduce-scatter outputs
+    "megatron.core.utils",
+    "megatron.core.tensor_parallel.layers",
+)
+# Callables that compare `tensor.type()` with CUDA type names: (module, attribute path).
+_CUDA_TYPE_CHECKS = (
+    ("megatron.core.optimizer.optimizer", "Float16OptimizerWithFloat16Params.__init__"),
+    ("megatron.core.optimizer.distrib_optimizer", "DistributedOptimizer.__init__"),
+    ("megatron.core.optimizer.clip_grads", "clip_grad_by_total_norm_fp32"),
 )
 # autograd Functions whose forward/backward carry CUDA-only custom_fwd/custom_bwd decorators.
 _AUTOCAST_FUNCTIONS = (
@@ -76,6 +93,32 @@ class _CpuTorch(types.ModuleType):
         return getattr(torch, name)
 
 
+_TENSOR_TYPE = torch.Tensor.type
+
+
+def _cuda_type_name(tensor: torch.Tensor, *args, **kwargs):
+    """`Tensor.type()` as a CUDA tensor of the same dtype answers it ('torch.cuda.FloatTensor')."""
+    name = _TENSOR_TYPE(tensor, *args, **kwargs)
+    if args or kwargs or tensor.device.type != "cpu":
+        return name
+    return name.replace("torch.", "torch.cuda.", 1)
+
+
+def _with_cuda_type_names(fn):
+    """`fn` with CPU tensors reporting CUDA type names while it runs (megatron's dtype
+    checks accept only those). Single-threaded constructors and a clip: nothing else runs."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        torch.Tensor.type = _cuda_type_name
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.Tensor.type = _TENSOR_TYPE
+
+    return wrapper
+
+
 _applied = False
 
 
@@ -111,5 +154,19 @@ def apply() -> bool:
             torch.amp.custom_fwd(fn_class.forward.__wrapped__, device_type="cpu"))
         fn_class.backward = staticmethod(
             torch.amp.custom_bwd(fn_class.backward.__wrapped__, device_type="cpu"))
+    for module_name, path in _CUDA_TYPE_CHECKS:
+        owner = importlib.import_module(module_name)
+        *outer, name = path.split(".")
+        for part in outer:
+            owner = getattr(owner, part)
+        setattr(owner, name, _with_cuda_type_names(getattr(owner, name)))
+    _cpu_rng_states(importlib.import_module("megatron.core.tensor_parallel.random"))
     _applied = True
     return True
+
+
+def _cpu_rng_states(random) -> None:
+    """Recomputation (megatron's CheckpointFunction) saves and restores the CPU generator and
+    the CUDA one; without CUDA the CPU generator is the only one, so the CUDA half is empty."""
+    random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
+    random._set_cuda_rng_state = lambda *args, **kwargs: None

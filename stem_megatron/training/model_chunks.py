@@ -16,6 +16,7 @@ from stem_megatron.parallel.layout import validate_layout
 from stem_megatron.parallel.pipeline_stages import PipelineStage
 from stem_megatron.parallel.state import ParallelState
 from stem_megatron.stem.storage import MmapFiles, check_host_fits, host_table_bytes
+from stem_megatron.stem.table import is_stem_table
 
 
 def build_model_chunks(config: RunConfig, parallel: ParallelState,
@@ -42,7 +43,8 @@ def build_model_chunks(config: RunConfig, parallel: ParallelState,
                          stem_layers=tuple(config.stem_layers()), tp_size=parallel.tp_size,
                          tp_rank=parallel.tp_rank, pp_size=pp, vp_size=vp if vp > 1 else None,
                          layers=stage.layers, vocab_shard=vocab_shard,
-                         pre_process=stage.pre_process, post_process=stage.post_process)
+                         pre_process=stage.pre_process, post_process=stage.post_process,
+                         bf16=config.train.bf16)
         chunk = StemGPTModel(spec)  # on the CPU: off-device tables never visit the device
         for table in chunk.stem_tables().values():
             table.dp_group = parallel.dp_group  # vocab-sharded lookups gather over it
@@ -50,8 +52,18 @@ def build_model_chunks(config: RunConfig, parallel: ParallelState,
                 table.move_to_host(parallel.device, files)
         chunk = chunk.to(parallel.device)
         chunk.init_parameters(config.train.seed)  # in place, wherever each tensor lives
+        if config.train.bf16:
+            _cast_dense_parameters(chunk, torch.bfloat16)
         chunks.append(chunk)
     return chunks
+
+
+def _cast_dense_parameters(chunk: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Megatron's bf16: dense weights (initialised in fp32) in `dtype`; the optimizer keeps
+    fp32 main copies. STEM tables keep fp32 rows: each row's update is its own."""
+    for param in chunk.parameters():
+        if not is_stem_table(param):
+            param.data = param.data.to(dtype)
 
 
 def table_files(config: RunConfig) -> MmapFiles | None:

@@ -1,7 +1,11 @@
-"""The optimizers of a run: fused AdamW for dense parameters, row-sparse AdamW for STEM tables.
+"""The optimizers of a run: megatron-core's for dense parameters, row-sparse AdamW for STEM tables.
 
-One LR schedule drives both: each group's LR is its base LR times `schedule.factor(step)`.
-Global-norm clipping covers the dense gradients and the tables' row gradients together.
+Dense: `get_megatron_optimizer` over the DDP-wrapped chunks, as Megatron-LM builds it: AdamW on
+the parameters themselves (fp32), on fp32 main copies of bf16 parameters (`train.bf16`), or on
+fp32 main shards split over DP (`optim.use_distributed_optimizer`), optionally on the host
+(`optim.optimizer_cpu_offload`). One LR schedule drives both: each group's LR is its base LR
+times `schedule.factor(step)`. Global-norm clipping covers the dense gradients and the tables'
+row gradients together, so megatron's own clipping is off and its step is run in its parts.
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ import time
 
 import torch
 import torch.distributed as dist
+from megatron.core.optimizer import OptimizerConfig, clip_grads, get_megatron_optimizer
 
 from stem_megatron.config import RunConfig
-from stem_megatron.model.sharding import get_tp_shard, is_tied_copy
+from stem_megatron.parallel.data_parallel import tables_hidden
 from stem_megatron.parallel.state import ParallelState
 from stem_megatron.stem.cache import HotRowCache
 from stem_megatron.stem.sparse_adam import SparseRowAdamW
@@ -25,38 +30,35 @@ from stem_megatron.training.model_chunks import named_modules, named_parameters,
 from stem_megatron.training.table_update import OverlappedTableUpdate
 
 
-TIED_EMBEDDING = "embedding.word_embeddings.weight"
-
-
-def _no_weight_decay(name: str, param: torch.Tensor) -> bool:
-    # Megatron's rule: no decay for norms and biases (1-D parameters).
-    return param.ndim == 1 or name.endswith(".bias")
+def dense_optimizer_config(config: RunConfig) -> OptimizerConfig:
+    """megatron-core's optimizer settings from ours (Megatron's names on both sides). Its
+    clipping is off: ours clips over dense and table gradients together. Weight decay follows
+    megatron's rule: none for biases and 1-D parameters (norms)."""
+    o, bf16 = config.optim, config.train.bf16
+    return OptimizerConfig(
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=0.0,
+        bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        use_distributed_optimizer=o.use_distributed_optimizer,
+        optimizer_cpu_offload=o.optimizer_cpu_offload,
+        optimizer_offload_fraction=o.optimizer_offload_fraction)
 
 
 class TrainingOptimizer:
-    def __init__(self, chunks: list[torch.nn.Module], config: RunConfig, parallel: ParallelState):
+    def __init__(self, wrapped_chunks: list[torch.nn.Module], chunks: list[torch.nn.Module],
+                 config: RunConfig, parallel: ParallelState):
+        """`wrapped_chunks`: `chunks` in megatron-core's DDP (parallel/data_parallel.py)."""
         o = config.optim
         self.parallel = parallel
         self.clip_grad = o.clip_grad
         self.tables: dict[str, StemTable] = {
             name: mod for name, mod in named_modules(chunks) if isinstance(mod, StemTable)}
         table_params = {id(t.weight) for t in self.tables.values()}
-        decay, no_decay = [], []
-        for name, param in named_parameters(chunks):
-            if id(param) in table_params or not param.requires_grad:
-                continue
-            (no_decay if _no_weight_decay(name, param) else decay).append(param)
-        self.dense_params = decay + no_decay
-        # Tied embedding under PP: the first stage's weight and the last stage's copy.
-        tied_across_stages = (parallel.pp_size > 1
-                              and not config.model.untie_embeddings_and_output_weights)
-        tied = dict(named_parameters(chunks)).get(TIED_EMBEDDING) if tied_across_stages else None
-        self.tied_embedding = [tied] if tied is not None else []
-        self.base_lr = o.lr
-        self.dense = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.weight_decay},
-             {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, fused=True)
+        self.dense_params = [p for _, p in named_parameters(chunks)
+                             if id(p) not in table_params and p.requires_grad]
+        self.base_lr, self.weight_decay = o.lr, o.weight_decay
+        with tables_hidden(chunks):
+            self.dense = get_megatron_optimizer(dense_optimizer_config(config), wrapped_chunks)
         s = config.stem.optimizer
         self.table_lr = s.lr if s.lr is not None else o.lr
         files = table_files(config)  # the mmap tier maps the moments beside the tables
@@ -94,6 +96,11 @@ class TrainingOptimizer:
             yield
         finally:
             self._updated_early = self.overlap.finish()
+
+    @property
+    def dense_parts(self) -> list:
+        """megatron-core's optimizers behind `dense` (a ChainedOptimizer holds several)."""
+        return getattr(self.dense, "chained_optimizers", [self.dense])
 
     def zero_grad(self) -> None:
         self.dense.zero_grad(set_to_none=True)
@@ -148,54 +155,43 @@ class TrainingOptimizer:
             sync_replicated_row_grads(table.grad_accumulator, self.parallel.dp_group,
                                       table.weight.shape[1], self.parallel.device)
 
-    def sync_tied_embedding_grads(self) -> None:
-        """Sum the tied embedding's gradients over the first stage (from the lookup) and the
-        last (from the head), after the data-parallel reduction: both then take the same step."""
-        for param in self.tied_embedding:
-            dist.all_reduce(param.grad, group=self.parallel.embedding_group)
-
     def grad_norm(self) -> float:
-        """L2 norm over every dense gradient and every table's combined row gradient, over the
-        whole model: TP-sharded gradients summed across ranks, TP-duplicated ones and the tied
-        embedding's copy counted once."""
-        counted = [p for p in self.dense_params if p.grad is not None and not is_tied_copy(p)]
-        sharded = [p.grad for p in counted if get_tp_shard(p)]
-        duplicated = [p.grad for p in counted if not get_tp_shard(p)]
-        device = self.parallel.device
-        squared = torch.zeros((), dtype=torch.float32, device=device)
-        if sharded:
-            squared += torch.nn.utils.get_total_norm(sharded).float() ** 2
-        if duplicated and self.parallel.tp_rank == 0:
-            squared += torch.nn.utils.get_total_norm(duplicated).float() ** 2
-        tables = torch.zeros((), dtype=torch.float32, device=device)
+        """L2 norm over every dense gradient (megatron-core's norm of the main gradients: TP
+        duplicates and the tied embedding's copy counted once, over the whole model) and every
+        table's combined row gradient."""
+        dense = float(self.dense.get_grad_norm() or 0.0)
+        tables = torch.zeros((), dtype=torch.float32, device=self.parallel.device)
         for table in self.tables.values():  # column slices: sharded like the gate
             if not table.grad_accumulator.is_empty:
                 tables += table.grad_accumulator.squared_norm().float()
         if self.vocab_sharded:  # each DP rank holds the gradient of its own rows
             dist.all_reduce(tables, group=self.parallel.dp_group)
-        squared += tables
         if self.parallel.tp_size * self.parallel.pp_size > 1:
-            dist.all_reduce(squared, group=self.parallel.model_parallel_group)
-        return math.sqrt(squared.item())
+            dist.all_reduce(tables, group=self.parallel.model_parallel_group)
+        return math.sqrt(dense ** 2 + tables.item())
 
     def step(self, lr_factor: float) -> dict[str, float]:
         """Sync table rows over DP, clip, then update dense parameters and touched table rows.
         Returns metrics."""
         self.sync_table_grads()
         unique_rows = self.unique_rows()
+        self.dense.prepare_grads()  # main gradients from the DDP buffers (no loss scaling)
         norm = self.grad_norm()
         if not math.isfinite(norm):
             raise FloatingPointError(f"gradient norm is {norm}: training diverged "
                                      f"(lower optim.lr or check the data)")
         if self.clip_grad > 0 and norm > self.clip_grad:
-            scale = self.clip_grad / (norm + 1e-6)
-            torch.nn.utils.clip_grads_with_norm_(self.dense_params, self.clip_grad,
-                                                 torch.tensor(norm))
+            for part in self.dense_parts:
+                clip_grads.clip_grad_by_total_norm_fp32(part.get_parameters(), self.clip_grad,
+                                                        norm)
             for table in self.tables.values():
-                table.grad_accumulator.scale_(scale)
+                table.grad_accumulator.scale_(self.clip_grad / (norm + 1e-6))
+        # What megatron's OptimizerParamScheduler sets: its groups carry multipliers (no
+        # weight decay for biases and norms: wd_mult 0), the torch optimizer reads the products.
         for group in self.dense.param_groups:
-            group["lr"] = self.base_lr * lr_factor
-        self.dense.step()
+            group["lr"] = self.base_lr * lr_factor * group.get("lr_mult", 1.0)
+            group["weight_decay"] = self.weight_decay * group.get("wd_mult", 1.0)
+        self.dense.step_with_ready_grads()
         grads = {name: t.grad_accumulator.reduce() for name, t in self.tables.items()
                  if not t.grad_accumulator.is_empty}
         # Host tables: the sparse optimizer moves the row gradients (ids and rows) to host.

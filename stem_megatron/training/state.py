@@ -70,7 +70,8 @@ class TrainingState:
         tables = {name: t.weight for name, t in self.optimizer.tables.items()}
         return {
             "model": model_state(params.items(), self.meshes),
-            "optim": wrap_optimizer_states(adamw_states(self.optimizer.dense, dense_params),
+            "optim": wrap_optimizer_states(adamw_states(self.optimizer.dense_parts[0].optimizer,
+                                                        dense_params),
                                            dense_params, self.meshes),
             "stem_optim": {"step": sparse["step"],
                            "tables": wrap_optimizer_states(sparse["tables"], tables, self.meshes)},
@@ -89,7 +90,7 @@ class TrainingState:
         checkpoint of this state, and no step this run may save (any, on a stop signal) is
         taken already. Leaves the optimizer as it found it: the state it sizes fills in
         AdamW's initial moments, which a fresh (e.g. finetuning) optimizer must not have yet."""
-        dense = self.optimizer.dense
+        dense = self.optimizer.dense_parts[0].optimizer
         fresh = [p for p in self.optimizer.dense_params if not dense.state.get(p)]
         try:
             checkpointer.check_can_save(self._state(), list(range(step + 1, train_iters + 1)))

@@ -1,9 +1,10 @@
 """The training loop: one object that builds a run's components and steps them.
 
 Each optimizer step runs the step's micro-batches through megatron-core's forward-backward
-schedule (no pipelining, 1F1B or interleaved, as the layout says), synchronises table rows
-over data-parallel replicas, clips the global norm over dense and table gradients, updates
-dense parameters with fused AdamW and the touched table rows with the row-sparse AdamW,
+schedule (no pipelining, 1F1B or interleaved, as the layout says) over the chunks in
+megatron-core's DDP, synchronises table rows over data-parallel replicas, clips the global norm
+over dense and table gradients, updates dense parameters with megatron-core's optimizer and
+the touched table rows with the row-sparse AdamW,
 logs (with the bytes each step moved), evaluates and checkpoints.
 """
 
@@ -29,7 +30,7 @@ from stem_megatron.data.tokenizer import load_tokenizer
 from stem_megatron.model.accounting import count_model
 from stem_megatron.model.transformer import StemGPTModel
 from stem_megatron.parallel.comm_meter import CommMeter
-from stem_megatron.parallel.data_parallel import wrap_data_parallel
+from stem_megatron.parallel.data_parallel import wrap_data_parallel, zero_grad_buffers
 from stem_megatron.parallel.state import ParallelState
 from stem_megatron.stem.cache import HotRowCache, hot_ids, token_counts
 from stem_megatron.stem.prefetch import RowPrefetcher, RowRequest
@@ -77,12 +78,12 @@ class Trainer:
         torch.manual_seed(c.train.seed)
         self.stem_layers = tuple(c.stem_layers())
         self.chunks = build_model_chunks(c, parallel, self.vocab_size)
-        self.optimizer = TrainingOptimizer(self.chunks, c, parallel)
+        self.comm = CommMeter(parallel.tp_group, parallel.dp_group, parallel.dp_size,
+                              parallel.embedding_group if parallel.pp_size > 1 else None)
+        # What the schedule runs: the chunks in megatron-core's DDP.
+        self.wrapped_chunks = wrap_data_parallel(self.chunks, c, self.comm)
+        self.optimizer = TrainingOptimizer(self.wrapped_chunks, self.chunks, c, parallel)
         self.prefetcher = self._host_table_prefetcher(train_data.tokens)
-        # What the schedule runs: DDP over the data-parallel group when DP > 1.
-        self.comm = CommMeter(parallel.tp_group, parallel.dp_group, parallel.dp_size)
-        self.wrapped_chunks = wrap_data_parallel(self.chunks, parallel.dp_group, parallel.dp_size,
-                                                 self.comm.ddp_comm_hook)
         self.schedule = LRSchedule.from_megatron(
             lr=c.optim.lr, min_lr=c.optim.min_lr, lr_warmup_iters=c.optim.lr_warmup_iters,
             train_iters=c.train.train_iters, lr_decay_iters=c.optim.lr_decay_iters,
@@ -193,16 +194,10 @@ class Trainer:
         return RowRequest(plan.owned(self.parallel.dp_rank, block).cpu(), ids.numel(), plan)
 
     # -- one step ----------------------------------------------------------------------
-    def _autocast(self):
-        if not self.config.train.bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(self.parallel.device.type, dtype=torch.bfloat16)
-
     def _forward_step(self, data_iterator: Iterator[torch.Tensor], model: StemGPTModel):
         # Every pipeline stage reads the micro-batch: each STEM layer needs the token ids.
         tokens = next(data_iterator).to(self.parallel.device)
-        with self._autocast():
-            losses = model(_inputs(tokens), labels=tokens[:, 1:])
+        losses = model(_inputs(tokens), labels=tokens[:, 1:])
         return losses, _loss_func
 
     def _run_schedule(self, batches: list[torch.Tensor], forward_only: bool) -> float:
@@ -234,6 +229,7 @@ class Trainer:
         return torch.cat([b[:, :-1].reshape(-1) for b in batches])
 
     def train_step(self) -> dict[str, float]:
+        zero_grad_buffers(self.wrapped_chunks)
         self.optimizer.zero_grad()
         batches = [next(self.train_stream) for _ in range(self.num_microbatches)]
         metrics = {"stem/bytes_h2d": 0.0, "stem/prefetch_stall_ms": 0.0}
@@ -242,9 +238,9 @@ class Trainer:
             lr_factor = self.schedule.factor(self.step)
             with self.optimizer.overlapping_table_updates(lr_factor, len(batches)), \
                     self._prefetching(batches, metrics):
+                # The schedule ends with megatron-core's finalize_model_grads: DP reduction,
+                # the tied embedding over PP, norm weights over TP under SP.
                 metrics["loss/train"] = self._run_schedule(batches, forward_only=False)
-            with self.comm.purpose("pp"):
-                self.optimizer.sync_tied_embedding_grads()
             metrics.update(self.optimizer.step(lr_factor))
         metrics["stem/bytes_h2d"] += metrics["stem/cache_refresh_bytes"]
         metrics.update(self.comm.take())  # bytes this step moved, by purpose and kind

@@ -43,7 +43,7 @@ def test_finetune_takes_weights_only_and_a_requeue_resumes_in_full(tiny_config, 
     assert loaded.keys() == trained.keys()
     for name in trained:  # the seed differs, so only a load can make these equal
         assert torch.equal(loaded[name], trained[name]), name
-    assert not trainer.optimizer.dense.state  # fresh AdamW
+    assert not trainer.optimizer.dense_parts[0].optimizer.state  # fresh AdamW
     assert trainer.optimizer.sparse.step_count == 0
     fresh = Trainer(tiny_config(*overrides[2:]), parallel)  # same data seed, no load
     assert trainer.train_stream.state_dict() == fresh.train_stream.state_dict()

@@ -116,10 +116,23 @@ def test_clipping_scales_dense_and_table_updates_and_tables_use_their_own_lr_and
         assert idle.any() and torch.equal(after[name][idle], raw.before[name][idle])
 
 
-def test_dense_parameters_use_fused_adamw(tiny_config, parallel):
-    """The devices this project computes on (CPU, CUDA) both have torch's fused AdamW."""
-    trainer = Trainer(tiny_config(), parallel)
-    assert parallel.device.type in ("cpu", "cuda")
-    dense = trainer.optimizer.dense
-    assert isinstance(dense, torch.optim.AdamW)
-    assert dense.param_groups and all(group["fused"] for group in dense.param_groups)
+def test_dense_optimizer_is_megatron_cores_of_the_configured_kind(tiny_config, parallel):
+    """fp32: AdamW on the parameters; bf16: on fp32 main copies of bf16 parameters (tables
+    stay fp32, outside); distributed: fp32 main shards. No table in any of them."""
+    from megatron.core.optimizer import DistributedOptimizer, FP32Optimizer
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    cases = [((), FP32Optimizer, torch.float32),
+             (("train.bf16=true",), Float16OptimizerWithFloat16Params, torch.bfloat16),
+             (("optim.use_distributed_optimizer=true",), DistributedOptimizer, torch.float32)]
+    for overrides, kind, dense_dtype in cases:
+        trainer = Trainer(tiny_config(*overrides), parallel)
+        (dense,) = trainer.optimizer.dense_parts
+        assert isinstance(dense, kind), overrides
+        stepped = [p for group in dense.optimizer.param_groups for p in group["params"]]
+        assert stepped and all(p.dtype == torch.float32 for p in stepped), overrides
+        tables = {id(t.weight) for t in trainer.optimizer.tables.values()}
+        assert tables and not tables & {id(p) for p in stepped}
+        for name, param in trainer.chunks[0].named_parameters():
+            expected = torch.float32 if id(param) in tables else dense_dtype
+            assert param.dtype == expected, (overrides, name)
