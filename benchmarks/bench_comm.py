@@ -1,7 +1,12 @@
-"""Bytes per training step of STEM vs the dense baseline under TP=2, and of the STEM table
-sync under DP=2 vs what a dense table-gradient all-reduce would move (V x d_ff/TP x 4 bytes
+"""Bytes per training step of STEM vs the dense baseline under TP=2, with and without
+sequence parallelism (SP), and of the STEM table sync under DP=2 vs what a dense table-gradient all-reduce would move (V x d_ff/TP x 4 bytes
 per table). Real gloo processes on this machine; the counts come from the trainer's comm/*
 metrics (stem_megatron/parallel/comm_meter.py), measured on the last of a few steps.
+
+The meter counts payload: the tensor each rank hands to a collective. Under SP an all-reduce
+of S bytes becomes a reduce-scatter (payload S) and an all-gather (payload S/TP), which move
+the same bytes on a ring; so the TP figures are also given as ring traffic per rank
+(all-reduce 2(n-1)/n x payload, reduce-scatter (n-1)/n x payload, all-gather (n-1) x payload).
 
 The data is the bundled corpus prepared under the repository root (`make data`), or any
 prepared dataset given with --override data.tokenizer=... data.train_data=...
@@ -40,9 +45,13 @@ BUNDLED_DATA = [f"data.tokenizer={ROOT / _DEFAULTS.tokenizer}",
                 f"data.train_data={ROOT / _DEFAULTS.train_data}",
                 f"data.valid_data={ROOT / _DEFAULTS.valid_data}"]
 TP2 = ["parallel.tensor_model_parallel_size=2"]
+SP = ["parallel.sequence_parallel=true"]
+DENSE = ["stem.enabled=false"]
 RUNS = {  # name -> (processes, overrides)
     "tp2_stem": (2, TP2),
-    "tp2_dense": (2, TP2 + ["stem.enabled=false"]),
+    "tp2_dense": (2, TP2 + DENSE),
+    "tp2_sp_stem": (2, TP2 + SP),
+    "tp2_sp_dense": (2, TP2 + SP + DENSE),
     "dp2_replicated": (2, ["stem.dp_layout=replicated"]),
     "dp2_vocab_sharded": (2, ["stem.dp_layout=vocab_sharded"]),
 }
@@ -70,15 +79,38 @@ def measure(world: int, overrides: list[str], steps: int) -> dict:
             "dense_params": first["counts"]["dense_params"], "table_params": tables}
 
 
+def ring_bytes(run: dict, world: int = 2) -> float:
+    """Bytes one rank sends on a ring for the counted collectives (all in the TP group in the
+    TP=2 runs, apart from a few scalar reductions)."""
+    n = world
+    return (run["comm/all_reduce_bytes"] * 2 * (n - 1) / n
+            + run["comm/reduce_scatter_bytes"] * (n - 1) / n
+            + run["comm/all_gather_bytes"] * (n - 1))
+
+
 def report(rows: dict[str, dict]) -> dict[str, float]:
-    """Print the two comparisons; returns the summary figures."""
-    tp_stem, tp_dense = rows["tp2_stem"]["comm/tp_bytes"], rows["tp2_dense"]["comm/tp_bytes"]
+    """Print the comparisons; returns the summary figures."""
     print("TP=2, bytes per step on one rank (tensor-parallel collectives)")
-    print(f"  STEM  {tp_stem:>14,.0f}")
-    print(f"  dense {tp_dense:>14,.0f}")
-    print(f"  STEM / dense = {tp_stem / tp_dense:.3f}  (STEM adds {tp_stem - tp_dense:,.0f} bytes)")
-    summary = {"tp2_stem_over_dense": tp_stem / tp_dense,
-               "tp2_stem_added_bytes": tp_stem - tp_dense}
+    print(f"  {'run':<14}{'payload':>14}{'all-reduce':>14}{'reduce-scat.':>14}"
+          f"{'all-gather':>14}{'ring traffic':>14}")
+    summary = {}
+    for sp in ("", "_sp"):
+        stem, dense = rows[f"tp2{sp}_stem"], rows[f"tp2{sp}_dense"]
+        for name in (f"tp2{sp}_stem", f"tp2{sp}_dense"):
+            r = rows[name]
+            summary[f"{name}_ring_bytes"] = ring_bytes(r)
+            print(f"  {name:<14}{r['comm/tp_bytes']:>14,.0f}{r['comm/all_reduce_bytes']:>14,.0f}"
+                  f"{r['comm/reduce_scatter_bytes']:>14,.0f}{r['comm/all_gather_bytes']:>14,.0f}"
+                  f"{summary[f'{name}_ring_bytes']:>14,.0f}")
+        summary[f"tp2{sp}_stem_over_dense"] = stem["comm/tp_bytes"] / dense["comm/tp_bytes"]
+        summary[f"tp2{sp}_stem_added_bytes"] = stem["comm/tp_bytes"] - dense["comm/tp_bytes"]
+    summary["tp2_sp_over_no_sp_ring"] = (summary["tp2_sp_stem_ring_bytes"]
+                                         / summary["tp2_stem_ring_bytes"])
+    print(f"  STEM adds {summary['tp2_stem_added_bytes']:,.0f} bytes without SP, "
+          f"{summary['tp2_sp_stem_added_bytes']:,.0f} with SP; SP / no SP ring traffic = "
+          f"{summary['tp2_sp_over_no_sp_ring']:.3f} (SP all-gathers each column-parallel "
+          f"input again in the backward for the weight gradient, as megatron-core does, "
+          f"instead of keeping the gathered input)")
     print("\nDP=2, STEM table sync bytes per step on one rank vs a dense table-gradient sync")
     print(f"  {'layout':<20}{'unique rows':>12}{'table sync':>14}{'dense sync':>14}{'ratio':>9}"
           f"{'dp-dense':>14}")

@@ -21,6 +21,15 @@ as the embedding, for the head; the trainer keeps the two equal (sums their grad
 N is the global layer number on every pipeline stage. Every STEM layer needs the token ids,
 so `forward` takes `input_ids` on every stage, not only the first.
 
+Sequence parallelism (`spec.sequence_parallel`, Megatron's): the embedding reduce-scatters
+its output over the sequence, so norms and residuals hold s/TP tokens per TP rank; the
+column-parallel linears (qkv, fc1, the head) all-gather their input and the row-parallel ones
+reduce-scatter their output, so RoPE, attention, the gate and the STEM lookup see the whole
+sequence; pipeline stages exchange [s/TP, b, h]. The STEM lookup stays local: every rank has
+all the ids and reads its d_ff/TP columns for the gathered sequence.
+
+Activation recomputation: model/recompute.py (Megatron's `recompute_*` settings).
+
 `tp_group` (optional) is the TP group handed to megatron's layers; None: megatron-core's
 default group. megatron sizes each shard from the group's size() and rank() when it is built,
 which is how the dry run builds any rank's shard on the meta device in one process.
@@ -40,6 +49,7 @@ from megatron.core.tensor_parallel import (ColumnParallelLinear, VocabParallelEm
                                            vocab_parallel_cross_entropy)
 
 from stem_megatron.config import ModelConfig, RopeScalingConfig
+from stem_megatron.model.recompute import checkpointed, run_layers
 from stem_megatron.model.rope import inverse_frequencies
 from stem_megatron.model.sharding import (RowBlock, TPGroup, TPShard, full_shape,
                                           get_row_block, get_tp_shard, local_slice,
@@ -69,6 +79,7 @@ class ModelSpec:
     post_process: bool = True  # holds the final norm, the head and the loss
     # (dp_rank, dp_size) when STEM tables are vocab-sharded over data-parallel ranks
     vocab_shard: tuple[int, int] | None = None
+    sequence_parallel: bool = False  # Megatron's SP over the TP ranks (parallel.sequence_parallel)
     bf16: bool = False  # dense parameters and activations in bf16 (cast after initialisation)
 
     @property
@@ -107,6 +118,9 @@ def megatron_config(spec: ModelSpec) -> TransformerConfig:
         # them (interleaved 1F1B trains on wrong tensors); the unbatched path sends one
         # direction on a second group.
         batch_p2p_comm=False,
+        sequence_parallel=spec.sequence_parallel,
+        recompute_granularity=m.recompute_granularity, recompute_method=m.recompute_method,
+        recompute_num_layers=m.recompute_num_layers,
         cuda_graph_scope=[])  # megatron-core 0.16 warns on its own default ("full")
 
 
@@ -126,9 +140,10 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class SelfAttention(torch.nn.Module):
-    def __init__(self, m: ModelConfig, config: ModelParallelConfig, tp_size: int,
+    def __init__(self, m: ModelConfig, config: TransformerConfig, tp_size: int,
                  tp_group: TPGroup | None = None):
         super().__init__()
+        self.config = config
         self.head_dim = m.hidden_size // m.num_attention_heads
         self.heads_per_group = m.num_attention_heads // m.num_query_groups
         self.local_groups = m.num_query_groups // tp_size
@@ -138,15 +153,24 @@ class SelfAttention(torch.nn.Module):
                                       tp_group)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        s, b, _ = x.shape
-        qkv = self.linear_qkv(x)[0].view(s, b, self.local_groups, self.heads_per_group + 2,
-                                         self.head_dim)
+        qkv = self.linear_qkv(x)[0]  # the whole sequence (gathered here under SP)
+        if (self.config.recompute_granularity == "selective" and self.training
+                and torch.is_grad_enabled()):
+            out = checkpointed(self.core, self.config, qkv, cos, sin)
+        else:
+            out = self.core(qkv, cos, sin)
+        return self.linear_proj(out)[0]  # reduce-scattered over the sequence under SP
+
+    def core(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE and attention: what selective recomputation recomputes from qkv [s, b, .]."""
+        s, b, _ = qkv.shape
+        qkv = qkv.view(s, b, self.local_groups, self.heads_per_group + 2, self.head_dim)
         q = qkv[:, :, :, :self.heads_per_group].reshape(s, b, -1, self.head_dim)
         k, v = qkv[:, :, :, self.heads_per_group], qkv[:, :, :, self.heads_per_group + 1]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        return self.linear_proj(out.permute(2, 0, 1, 3).reshape(s, b, -1))[0]
+        return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 
 class TransformerLayer(torch.nn.Module):
@@ -177,14 +201,19 @@ class GlobalLayers(torch.nn.ModuleDict):
 
 
 class TransformerBlock(torch.nn.Module):
-    def __init__(self, spec: ModelSpec, config: ModelParallelConfig,
+    def __init__(self, spec: ModelSpec, config: TransformerConfig,
                  tp_group: TPGroup | None = None):
         super().__init__()
+        self.config = config
         self.layers = GlobalLayers(
             {str(i): TransformerLayer(spec, i, config, tp_group) for i in spec.local_layers})
         if spec.post_process:
             self.final_layernorm = torch.nn.RMSNorm(spec.model.hidden_size,
                                                     eps=spec.model.norm_epsilon)
+
+    def forward(self, x, token_ids, cos, sin):
+        """The layers, with full recomputation where the config asks for it (recompute.py)."""
+        return run_layers(list(self.layers), self.config, self.training, x, token_ids, cos, sin)
 
 
 class StemGPTModel(torch.nn.Module):
@@ -208,7 +237,9 @@ class StemGPTModel(torch.nn.Module):
             self.embedding = torch.nn.Module()
             self.embedding.word_embeddings = VocabParallelEmbedding(
                 spec.padded_vocab_size, m.hidden_size, init_method=lambda w: None,
-                config=self.config, tp_group=tp_group)
+                config=self.config, tp_group=tp_group,
+                # SP: [b, s] ids -> [s/TP, b, h], one reduce-scatter instead of an all-reduce
+                reduce_scatter_embeddings=spec.sequence_parallel)
             set_tp_shard(self.embedding.word_embeddings.weight, TPShard(dim=0))
         elif spec.post_process and self.tied:
             # The last of several pipeline stages holds a copy of the tied embedding for the
@@ -222,6 +253,12 @@ class StemGPTModel(torch.nn.Module):
             set_tp_shard(copy, TPShard(dim=0))
             mark_tied_copy(copy)
         self.decoder = TransformerBlock(spec, self.config, tp_group)
+        if spec.sequence_parallel:
+            # Each TP rank's norms see its s/TP tokens: megatron-core's finalize_model_grads
+            # sums these weights' gradients over the TP group.
+            for module in self.modules():
+                if isinstance(module, torch.nn.RMSNorm):
+                    module.weight.sequence_parallel = True
         if spec.post_process:
             self.output_layer = ColumnParallelLinear(
                 m.hidden_size, spec.padded_vocab_size, config=self.config,
@@ -271,20 +308,22 @@ class StemGPTModel(torch.nn.Module):
         if s > self.rope_cos.shape[0]:
             raise ValueError(f"sequence of {s} tokens is longer than model.seq_length "
                              f"({self.rope_cos.shape[0]})")
-        if self.spec.pre_process:
-            x = self.embedding.word_embeddings(input_ids).transpose(0, 1).contiguous()
-        else:
+        if not self.spec.pre_process:
             x = self.input_tensor
-        # [s, b], the layout of the hidden states
+        elif self.spec.sequence_parallel:
+            x = self.embedding.word_embeddings(input_ids)  # [s/TP, b, h] already
+        else:
+            x = self.embedding.word_embeddings(input_ids).transpose(0, 1).contiguous()
+        # [s, b]: every TP rank has all ids (STEM reads its columns for the gathered sequence)
         token_ids = (input_ids if stem_ids is None else stem_ids).transpose(0, 1)
         cos, sin = self.rope_cos[:s], self.rope_sin[:s]
-        for layer in self.decoder.layers:
-            x = layer(x, token_ids, cos, sin)
+        x = self.decoder(x, token_ids, cos, sin)
         if not self.spec.post_process:
             return x
         x = self.decoder.final_layernorm(x)
         weight = self.embedding.word_embeddings.weight if self.tied else None
-        logits = self.output_layer(x, weight=weight)[0]  # [s, b, padded_vocab/TP]
+        # [s, b, padded_vocab/TP]; under SP the head all-gathers the sequence first
+        logits = self.output_layer(x, weight=weight)[0]
         if labels is None:
             return logits.transpose(0, 1)
         # vocab_parallel_cross_entropy overwrites its input; the logits are not reused.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 from collections import defaultdict
 
 import torch.distributed as dist
@@ -25,6 +26,13 @@ _KINDS = {
     "isend": "p2p", "irecv": "p2p", "send": "p2p", "recv": "p2p",
 }
 PURPOSES = ("tp", "pp", "dp-dense", "dp-stem", "other")
+# megatron-core modules that bind the gather/scatter functions at import under their own
+# names (sequence parallelism, DDP buckets): counted as the torch function they alias.
+_ALIASING_MODULES = ("megatron.core.tensor_parallel.mappings",
+                     "megatron.core.tensor_parallel.layers",
+                     "megatron.core.distributed.param_and_grad_buffer")
+_ALIASES = {"dist_all_gather_func": "all_gather_into_tensor",
+            "dist_reduce_scatter_func": "reduce_scatter_tensor"}
 # Position of the `group` argument of the collectives that take one.
 _GROUP_ARG = {"all_reduce": 2, "broadcast": 2, "all_gather": 2, "all_gather_into_tensor": 2,
               "reduce_scatter_tensor": 3, "all_to_all": 2, "all_to_all_single": 4}
@@ -58,11 +66,18 @@ class CommMeter:
         originals = {name: getattr(dist, name) for name in _KINDS}
         for name, original in originals.items():
             setattr(dist, name, self._counting(name, original))
+        aliases = [(module, alias, getattr(module, alias), name)
+                   for module in map(importlib.import_module, _ALIASING_MODULES)
+                   for alias, name in _ALIASES.items() if hasattr(module, alias)]
+        for module, alias, original, name in aliases:
+            setattr(module, alias, self._counting(name, original))
         try:
             yield self
         finally:
             for name, original in originals.items():
                 setattr(dist, name, original)
+            for module, alias, original, _ in aliases:
+                setattr(module, alias, original)
 
     @contextlib.contextmanager
     def purpose(self, purpose: str):

@@ -8,7 +8,10 @@ row-sparse one collected by `RowGradAccumulator` and applied by the sparse optim
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -54,6 +57,7 @@ class StemTable(torch.nn.Module):
         self.compute_device: torch.device | None = None  # set by move_to_host
         self.prefetcher: RowPrefetcher | None = None
         self.prefetch_key = ""
+        self.replay: StagedReplay | None = None  # set while a recomputed region runs
 
     @property
     def on_host(self) -> bool:
@@ -84,7 +88,11 @@ class StemTable(torch.nn.Module):
         if not self.on_host:
             return self._lookup(token_ids, None)
         if self.prefetcher is not None and self.prefetcher.active:
+            if self.replay is not None and self in self.replay:  # a recompute: no second slot
+                return self._lookup(token_ids, self.replay.pop(self))
             with self.prefetcher.staged(self.prefetch_key, token_ids.numel()) as staged:
+                if self.replay is not None:
+                    self.replay.keep(self, staged)
                 return self._lookup(token_ids, staged)
         if self.row_block is None:  # a lookup outside a prefetched step (e.g. generation)
             return self._lookup(token_ids, stage_now(self.weight.detach(), token_ids,
@@ -105,6 +113,39 @@ class StemTable(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"vocab_size={self.vocab_size}, local_shape={tuple(self.weight.shape)}"
+
+
+class StagedReplay:
+    """The staged rows of the host-table lookups of one recomputed region (model/recompute.py).
+
+    The region's forward runs twice, without autograd and again in the backward, but the
+    prefetcher stages one slot per table and micro-batch, and a slot is reused as soon as its
+    lookup returns. So the first run keeps a copy of each table's staged rows (its unique
+    rows, at most one per token) and the recompute looks up from that copy instead of taking
+    the next micro-batch's slot. Row gradients come from the recompute's backward only (the
+    first run records no graph), so each table still adds once per micro-batch."""
+
+    def __init__(self) -> None:
+        self._rows: dict[int, StagedRows] = {}
+
+    def __contains__(self, table: StemTable) -> bool:
+        return id(table) in self._rows
+
+    def keep(self, table: StemTable, staged: StagedRows) -> None:
+        self._rows[id(table)] = dataclasses.replace(staged, rows=staged.rows.clone())
+
+    def pop(self, table: StemTable) -> StagedRows:
+        return self._rows.pop(id(table))
+
+    @contextlib.contextmanager
+    def attached(self, tables: list[StemTable]) -> Iterator[None]:
+        for table in tables:
+            table.replay = self
+        try:
+            yield
+        finally:
+            for table in tables:
+                table.replay = None
 
 
 def is_stem_table(param: torch.Tensor) -> bool:

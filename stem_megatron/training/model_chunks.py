@@ -44,7 +44,8 @@ def build_model_chunks(config: RunConfig, parallel: ParallelState,
                          tp_rank=parallel.tp_rank, pp_size=pp, vp_size=vp if vp > 1 else None,
                          layers=stage.layers, vocab_shard=vocab_shard,
                          pre_process=stage.pre_process, post_process=stage.post_process,
-                         bf16=config.train.bf16)
+                         bf16=config.train.bf16,
+                         sequence_parallel=config.parallel.sequence_parallel)
         chunk = StemGPTModel(spec)  # on the CPU: off-device tables never visit the device
         for table in chunk.stem_tables().values():
             table.dp_group = parallel.dp_group  # vocab-sharded lookups gather over it

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from statistics import median
 
 import pytest
 
@@ -103,12 +104,20 @@ def test_comm_benchmark(tmp_path: Path, small_corpus: dict[str, Path]) -> None:
     tiny = [*small_data(small_corpus), *TINY_MODEL, "model.make_vocab_size_divisible_by=64",
             "stem.layers=[1]"]
     out, stdout = run_script("bench_comm.py", tmp_path, "--steps", "1", "--override", *tiny,
-                             timeout=300, env={**os.environ, "TMPDIR": str(scratch)})
+                             timeout=600, env={**os.environ, "TMPDIR": str(scratch)})
     (run_dir,) = [line.split()[2] for line in stdout.splitlines() if line.startswith("run dir:")]
     assert Path(run_dir).parent == scratch and not Path(run_dir).exists()
     runs, s = out["runs"], out["summary"]
     assert runs["tp2_stem"]["comm/tp_bytes"] == runs["tp2_dense"]["comm/tp_bytes"] > 0
     assert s["tp2_stem_added_bytes"] == 0 and s["tp2_stem_over_dense"] == 1
+    # Sequence parallelism: reduce-scatters and all-gathers instead of all-reduces; STEM
+    # still adds nothing.
+    assert runs["tp2_sp_stem"]["comm/tp_bytes"] == runs["tp2_sp_dense"]["comm/tp_bytes"] > 0
+    assert s["tp2_sp_stem_added_bytes"] == 0
+    assert runs["tp2_stem"]["comm/reduce_scatter_bytes"] == 0
+    assert runs["tp2_sp_stem"]["comm/reduce_scatter_bytes"] > 0
+    assert s["tp2_sp_over_no_sp_ring"] == pytest.approx(
+        s["tp2_sp_stem_ring_bytes"] / s["tp2_stem_ring_bytes"])
     for layout in ("dp2_replicated", "dp2_vocab_sharded"):
         # One table of the 512-token vocabulary (a multiple of 64) x d_ff 64, fp32.
         assert s[f"{layout}_dense_table_sync_bytes"] == 4 * 512 * 64
@@ -118,3 +127,60 @@ def test_comm_benchmark(tmp_path: Path, small_corpus: dict[str, Path]) -> None:
             s[f"{layout}_table_sync_bytes"] / s[f"{layout}_dense_table_sync_bytes"])
         assert 0 < runs[layout]["unique_rows"] < 512
     assert s["all_to_all_bytes"] == 0
+
+
+def test_dense_optimizer_benchmark(tmp_path: Path) -> None:
+    # --no-deepspeed: its first use JIT-builds an op for minutes; its absence is reported.
+    out = run("bench_dense_optimizer.py", tmp_path, "--sizes", "32:1", "--repeats", "2",
+              "--warmup", "1", "--rounds", "2", "--threads", "1", "--no-deepspeed")
+    assert out["deepspeed_status"].startswith("skipped") and out["deepspeed_op_load_s"] is None
+    (r,) = out["results"]
+    # One decoder layer of width 32: qkv 64x32, proj 32x32, fc1 192x32, fc2 32x96, two norms.
+    assert (r["tensors"], r["params"]) == (6, 2048 + 1024 + 6144 + 3072 + 64)
+    kernels = r["kernels"]
+    assert set(kernels) == {"torch_fused", "torch_fused_per_tensor", "torch_foreach", "torch_for_loop"}
+    base = kernels["torch_fused"]
+    assert out["threads"] == 1 and out["rounds"] == 2
+    for row in kernels.values():
+        for key in ("step_ms", "step_cpu_ms", "offload_step_ms", "offload_step_cpu_ms"):
+            assert row[key] > 0
+            assert row[f"{key}_vs_torch_fused"] == pytest.approx(row[key] / base[key])
+    # Every kernel computes the same AdamW from the same start: fp32 rounding apart.
+    assert "max_abs_diff_vs_torch_fused" not in base
+    assert all(kernels[k]["max_abs_diff_vs_torch_fused"] < 1e-6 for k in kernels if k != "torch_fused")
+
+
+def run_memory_features(tmp_path: Path, small_corpus: dict[str, Path], *variants: str) -> tuple[dict, str]:
+    tiny = [*small_data(small_corpus), *TINY_MODEL, "model.make_vocab_size_divisible_by=64",
+            "stem.layers=[1]"]
+    out, stdout = run_script("bench_memory_features.py", tmp_path, "--models", "tiny", "--steps",
+                             "3", "--variants", *variants, "--override", *tiny, timeout=1800)
+    return out["results"]["tiny"], stdout
+
+
+def test_memory_features_benchmark(tmp_path: Path, small_corpus: dict[str, Path]) -> None:
+    rows, stdout = run_memory_features(tmp_path, small_corpus, "dp2")
+    assert list(rows) == ["baseline", "dp2"]  # the baseline always runs, first
+    for name, processes in (("baseline", 1), ("dp2", 2)):
+        r = rows[name]
+        assert r["status"] == "ok" and r["processes"] == processes
+        assert len(r["step_s"]) == 3 and r["median_step_s"] == pytest.approx(median(r["step_s"][1:]))
+        # Each rank is a trainer (~400 MiB here), not the torchrun agent (~220 MiB).
+        assert len(r["rank_peak_rss_mib"]) == processes and min(r["rank_peak_rss_mib"]) > 300
+        assert r["peak_rss_mib"] == max(r["rank_peak_rss_mib"])
+    r, base = rows["dp2"], rows["baseline"]  # dp2 is compared with the one-process baseline
+    for key in ("vs_off", "vs_baseline"):
+        assert r[f"step_time_{key}"] == pytest.approx(r["median_step_s"] / base["median_step_s"])
+        assert r[f"peak_rss_{key}"] == pytest.approx(r["peak_rss_mib"] / base["peak_rss_mib"])
+    assert "| tiny | dp2 | 2 |" in stdout
+
+
+@pytest.mark.slow  # eleven short torchrun launches: several minutes on 2 shared cores
+def test_memory_features_benchmark_covers_every_feature(tmp_path: Path,
+                                                        small_corpus: dict[str, Path]) -> None:
+    rows, _ = run_memory_features(tmp_path, small_corpus, "all")
+    assert {name: r["status"] for name, r in rows.items()} == {name: "ok" for name in rows}
+    assert len(rows) == 11
+    for name, r in rows.items():
+        if name != "baseline":  # each feature against the same layout without it
+            assert r["step_time_vs_off"] > 0 and r["peak_rss_vs_off"] > 0

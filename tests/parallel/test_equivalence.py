@@ -148,6 +148,13 @@ LAYOUTS = {
     "pp2xdp2-interleaved-vocab-sharded": (
         PP2 + VP2 + VOCAB_SHARDED, [],
         Grid(pp=2, dp=2, dp_layout="vocab_sharded", stages=(((0,), (2,)), ((1,), (3,))))),
+    # Recomputed layers (full, one per region) whose host tables read prefetched rows: each
+    # region takes one staged slot per table and micro-batch, with interleaved 1F1B running
+    # several micro-batches' forwards before their (recomputing) backwards.
+    "pp2-interleaved-recompute-host": (
+        PP2 + VP2 + ["model.recompute_granularity=full", "model.recompute_method=uniform",
+                     "model.recompute_num_layers=1"], ["stem.storage=host"],
+        Grid(pp=2, stages=(((0,), (2,)), ((1,), (3,))))),
     "tp2-tied": (TP2, TIED, Grid(tp=2)),
     # Tied across stages: the last stage's copy of the embedding must equal the first's
     # bitwise (merged_params) and both the single process's.
