@@ -16,14 +16,14 @@ it: it replaces their storage, it is not a copy); a tied embedding (`shared_embe
 bucket of its own.
 
 The optimizer (optimizer/optimizer.py, distrib_optimizer.py) keeps, for each element it
-steps: Adam's exp_avg and exp_avg_sq (fp32); under bf16 an fp32 main parameter, and an fp32
-copy of a bf16 gradient (`main_grad.float()`; none when the gradient is already fp32). Without
+steps: Adam's exp_avg and exp_avg_sq (fp32); under bf16 an fp32 main parameter, and during the
+step an fp32 copy of a bf16 gradient (`main_grad.float()`; none when it is already fp32). Without
 the distributed optimizer every DP rank steps all of its elements; with it, its 1/DP shard of
 each buffer. `optim.optimizer_cpu_offload` (HybridDeviceOptimizer) steps
 `optimizer_offload_fraction` of those elements on the host: there they have a pinned fp32
 copy of the main parameter and of its gradient and their moments; the device keeps its fp32
-main shard (the host result is copied back into it) and loses the moments and gradient copies
-of the offloaded part.
+main shard (the host result is copied back into it) and the fp32 gradient copies (made before
+the host copy), and loses the moments of the offloaded part.
 """
 
 from __future__ import annotations
@@ -124,4 +124,4 @@ def dense_memory(chunks: Sequence[tuple[Sequence[int], Sequence[bool]]], pp_rank
     return DenseMemory(
         weights=buffered * s.param_bytes, grads=buffered * s.grad_bytes,
         main_params=stepped * FP32 if s.bf16 else 0, optimizer=on_device * 2 * FP32,
-        main_grads=on_device * grad_copy, host=on_host * (FP32 + FP32 + 2 * FP32))
+        main_grads=stepped * grad_copy, host=on_host * (FP32 + FP32 + 2 * FP32))

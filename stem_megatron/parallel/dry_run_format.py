@@ -132,7 +132,7 @@ def _dense_rows(config: RunConfig, dp: int) -> list[Row]:
     if bf16:
         rows.append((f"fp32 main params{shard}", lambda r: _gib(d(r).main_params)))
     if bf16 and grads == "bf16":
-        rows.append((f"fp32 grad copies{shard}{offloaded} (in the step only)",
+        rows.append((f"fp32 grad copies{shard} (in the step only)",
                      lambda r: _gib(d(r).main_grads)))
     rows.append((f"dense Adam moments (2 x fp32{shard}{offloaded})",
                  lambda r: _gib(d(r).optimizer)))
