@@ -81,8 +81,8 @@ def _convert_rank(source: str, tmp: str, build_dict: dict, config_dict: dict, vo
     from stem_megatron.training.state import TrainingState
 
     class CarryingState(TrainingState):
-        def _state(self) -> dict:
-            state = super()._state()
+        def _state(self, *args, **kwargs) -> dict:
+            state = super()._state(*args, **kwargs)
             if self.parallel.rank == 0:
                 state["rng"].update(carried_rng)
             return state

@@ -1,9 +1,11 @@
 """What a checkpoint holds for a training run, and how it is put back.
 
 The DCP part, every tensor in its layout-independent view (checkpoint/model_state.py): model
-parameters by megatron-core name, the dense AdamW state per parameter name, the table
-optimizer state, and each rank's RNG state. Optimizer hyperparameters are not saved (they come
-from the config), which keeps every key meaning the same thing under any TP/PP/DP layout.
+parameters by megatron-core name (dense ones as the fp32 values the optimizer steps), the dense
+Adam state per parameter name, whichever megatron-core optimizer holds it
+(dense_optimizer_state.py), the table optimizer state, and each rank's RNG state. Optimizer
+hyperparameters are not saved (they come from the config), which keeps every key meaning the
+same thing under any TP/PP/DP layout.
 The JSON part (`metadata.json`): step, data-stream position, the train losses not yet logged
 (training/metrics.py LossWindow) and the resolved config.
 """
@@ -24,6 +26,7 @@ from stem_megatron.checkpoint.safe_io import read_dcp_metadata
 from stem_megatron.config import RunConfig
 from stem_megatron.data.sampler import PackedSampleStream
 from stem_megatron.parallel.state import ParallelState
+from stem_megatron.training.dense_optimizer_state import DenseOptimizerState
 from stem_megatron.training.metrics import LossWindow
 from stem_megatron.training.model_chunks import named_parameters
 from stem_megatron.training.optimizer import TrainingOptimizer
@@ -31,24 +34,6 @@ from stem_megatron.training.optimizer import TrainingOptimizer
 # metadata.json key of a checkpoint that holds model weights only (tools/hf_checkpoint.py
 # import): it can start a run with checkpoint.finetune=true, not resume one.
 MODEL_ONLY = "model_only"
-
-
-def adamw_states(optimizer: torch.optim.AdamW,
-                 params: dict[str, torch.nn.Parameter]) -> dict[str, dict[str, torch.Tensor]]:
-    """The live AdamW state of each parameter, by name. A parameter without state yet (a
-    fresh optimizer about to be loaded into) gets AdamW's initial state, as its first step
-    would create it, so a checkpoint can be loaded into it in place."""
-    fused = any(group.get("fused") for group in optimizer.param_groups)
-    states = {}
-    for name, param in params.items():
-        state = optimizer.state[param]
-        if not state:
-            step_device = param.device if fused else torch.device("cpu")
-            state["step"] = torch.zeros((), dtype=torch.float32, device=step_device)
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-        states[name] = state
-    return states
 
 
 class TrainingState:
@@ -62,17 +47,24 @@ class TrainingState:
     def _rng_key(self) -> str:
         return f"torch_rank{self.parallel.rank}"  # per-rank keys: DCP must not dedupe them
 
-    def _state(self) -> dict:
-        params = dict(named_parameters(self.chunks))
+    def _dense(self) -> DenseOptimizerState:
         dense_ids = {id(p) for p in self.optimizer.dense_params}
-        dense_params = {name: p for name, p in params.items() if id(p) in dense_ids}
+        params = {name: p for name, p in named_parameters(self.chunks) if id(p) in dense_ids}
+        return DenseOptimizerState(self.optimizer.dense, params, self.meshes)
+
+    def _model(self, dense: DenseOptimizerState, saving: bool) -> dict[str, torch.Tensor]:
+        """`model.*`: the dense parameters' fp32 values (DenseOptimizerState.model_views),
+        the tables and any other parameter as they are."""
+        others = ((name, p) for name, p in named_parameters(self.chunks)
+                  if name not in dense.params)
+        return {**model_state(others, self.meshes), **dense.model_views(saving)}
+
+    def _state(self, dense: DenseOptimizerState, saving: bool) -> dict:
         sparse = self.optimizer.sparse.state_dict()  # settles exact-mode debts first
         tables = {name: t.weight for name, t in self.optimizer.tables.items()}
         return {
-            "model": model_state(params.items(), self.meshes),
-            "optim": wrap_optimizer_states(adamw_states(self.optimizer.dense_parts[0].optimizer,
-                                                        dense_params),
-                                           dense_params, self.meshes),
+            "model": self._model(dense, saving),
+            "optim": dense.optimizer_views(saving),
             "stem_optim": {"step": sparse["step"],
                            "tables": wrap_optimizer_states(sparse["tables"], tables, self.meshes)},
             "rng": {self._rng_key(): torch.get_rng_state()},
@@ -81,7 +73,7 @@ class TrainingState:
     def save(self, checkpointer: Checkpointer, step: int, config: RunConfig) -> Path:
         metadata = {"step": step, "data": self.train_stream.state_dict(),
                     "loss_window": self.loss_window.state_dict(), "config": config.to_dict()}
-        path = checkpointer.save(step, self._state(), metadata)
+        path = checkpointer.save(step, self._state(self._dense(), saving=True), metadata)
         self.optimizer.refresh_cache()  # exact mode: the save settled every host row
         return path
 
@@ -89,14 +81,13 @@ class TrainingState:
         """Before training from `step`: the checkpoint dir is writable, has room for a
         checkpoint of this state, and no step this run may save (any, on a stop signal) is
         taken already. Leaves the optimizer as it found it: the state it sizes fills in
-        AdamW's initial moments, which a fresh (e.g. finetuning) optimizer must not have yet."""
-        dense = self.optimizer.dense_parts[0].optimizer
-        fresh = [p for p in self.optimizer.dense_params if not dense.state.get(p)]
+        Adam's initial moments, which a fresh (e.g. finetuning) optimizer must not have yet."""
+        dense = self._dense()
         try:
-            checkpointer.check_can_save(self._state(), list(range(step + 1, train_iters + 1)))
+            checkpointer.check_can_save(self._state(dense, saving=True),
+                                        list(range(step + 1, train_iters + 1)))
         finally:
-            for param in fresh:
-                dense.state.pop(param, None)
+            dense.forget_created()
 
     def _check_optimizer_mode(self, checkpoint: Path) -> None:
         """Lazy and exact table states look alike but mean different things (exact-mode
@@ -117,11 +108,13 @@ class TrainingState:
         from another world size has other ranks' RNG states: every rank reads all of them
         (so the load stays strict) and takes its own if there is one."""
         self._check_optimizer_mode(resolve(path))
-        state = self._state()
+        dense = self._dense()
+        state = self._state(dense, saving=False)
         stored = read_dcp_metadata(resolve(path)).state_dict_metadata
         state["rng"] = {key.split(".", 1)[1]: torch.empty(tuple(meta.size), dtype=torch.uint8)
                         for key, meta in stored.items() if key.startswith("rng.")}
-        metadata = checkpointer.load(path, state)  # model and AdamW states load in place
+        metadata = checkpointer.load(path, state)  # model and Adam states load in place
+        dense.loaded()
         self.optimizer.sparse.load_state_dict(unwrap(state["stem_optim"]))
         self.optimizer.refresh_cache()  # the host rows were replaced
         if self._rng_key() in state["rng"]:
@@ -148,6 +141,8 @@ class TrainingState:
                 f"checkpoint {resolve(path)} lacks model parameters this run has "
                 f"({len(missing)}): {', '.join(missing[:10])}; the model config (stem.layers, "
                 f"model.*) must match the checkpoint's", missing=missing)
+        dense = self._dense()
         Checkpointer(resolve(path).parent).load(
-            path, {"model": model_state(params.items(), self.meshes)}, strict=False)
+            path, {"model": self._model(dense, saving=False)}, strict=False)
+        dense.loaded()
         self.optimizer.refresh_cache()  # host tables: cached rows were replaced
