@@ -23,7 +23,9 @@ token of a layer, e bytes per activation (2 under train.bf16, else 4), t = TP, �
                                                                  4 e f / t
 plus, under bf16, the four cos/sin casts of RoPE ([s, head_dim], per micro-batch). The last
 stage adds the final norm (N / σ), the head's input (e h / σ) and the fp32 softmax that
-vocab_parallel_cross_entropy keeps (4 V / t). Token ids (int64) are not counted.
+vocab_parallel_cross_entropy keeps (4 V / t), and while the loss runs, the bf16 logits or their
+gradient beside it (2 V / t, bf16 only; not saved, so not in the calibration). Token ids
+(int64) are not counted.
 
 Recomputation (megatron-core's CheckpointFunction keeps a region's inputs): full keeps the
 residual input, e h / σ, of each uniform group or block-recomputed layer, and in the backward
@@ -99,6 +101,13 @@ def head_bytes(m: ModelConfig, padded_vocab: int, s: ActivationSetup) -> float:
     per_token = ((s.norm_bytes(m.hidden_size) + s.e * m.hidden_size) / s.sp
                  + FP32 * padded_vocab / s.tp_size)
     return per_token * m.seq_length * s.micro_batch_size
+
+
+def head_transient_bytes(padded_vocab: int, m: ModelConfig, s: ActivationSetup) -> float:
+    """Not saved, but beside the softmax while the loss runs forward and backward: the bf16
+    logits (and their gradient) next to their fp32 copy; none in fp32 (the loss works in
+    place on the head's own output)."""
+    return 2 * padded_vocab / s.tp_size * m.seq_length * s.micro_batch_size if s.bf16 else 0
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ import torch
 
 from stem_megatron.config import ModelConfig
 from stem_megatron.model.activation_memory import (ActivationSetup, chunk_activations,
-                                                   chunk_passes_in_flight, head_bytes)
+                                                   chunk_passes_in_flight, head_bytes,
+                                                   head_transient_bytes)
 from stem_megatron.model.dense_memory import DenseMemory, DenseSetup, dense_memory
 from stem_megatron.model.sharding import get_tp_shard, is_tied_copy
 from stem_megatron.model.table_memory import TableMemory, TableSetup, table_memory
@@ -95,7 +96,8 @@ def estimate_rank_memory(shard: ShardParams, m: ModelConfig, *, chunk_layers: tu
     holds the head (in its last chunk)."""
     chunk = max((chunk_activations(m, n, activations) for n in chunk_layers),
                 key=lambda c: c.stored + c.rebuilt)
-    head = int(head_bytes(m, padded_vocab, activations)) if post_process else 0
+    head = int(head_bytes(m, padded_vocab, activations)
+               + head_transient_bytes(padded_vocab, m, activations)) if post_process else 0
     in_flight = chunk_passes_in_flight(pp_rank, pp_size, vp_size, num_microbatches)
     # At a rank's peak, the end of its last warmup forward, every pass in flight holds its
     # stored activations (counted at the largest chunk's: an upper bound when layers split
