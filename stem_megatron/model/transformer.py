@@ -308,6 +308,9 @@ class StemGPTModel(torch.nn.Module):
         if s > self.rope_cos.shape[0]:
             raise ValueError(f"sequence of {s} tokens is longer than model.seq_length "
                              f"({self.rope_cos.shape[0]})")
+        if self.spec.sequence_parallel and s % self.spec.tp_size:
+            raise ValueError(f"sequence parallelism splits the {s} tokens of a sequence over "
+                             f"{self.spec.tp_size} tensor-parallel ranks: it must divide them")
         if not self.spec.pre_process:
             x = self.input_tensor
         elif self.spec.sequence_parallel:

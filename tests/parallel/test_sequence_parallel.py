@@ -69,6 +69,9 @@ def _loss_and_grads(tp: int, sequence_parallel: bool, recompute: str | None,
         ids, rows = table.grad_accumulator.reduce()
         rows = _full(rows, TPShard(dim=1), group)
         grads[name] = rows.new_zeros(VOCAB, rows.shape[1]).index_copy_(0, ids, rows)
+    if sequence_parallel:  # refused before any collective: one rank cannot hang the others
+        with pytest.raises(ValueError, match="must divide them"):
+            model(tokens[:, :SEQ - 1])
     marked = sorted(n for n, p in model.named_parameters() if getattr(p, "sequence_parallel", 0))
     return {"loss": loss.detach(), "grads": grads, "layer_tokens": seen, "marked": marked,
             "comm": tp_bytes}
