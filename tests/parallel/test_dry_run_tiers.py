@@ -25,6 +25,7 @@ TINY = ["model.num_layers=8", "model.hidden_size=32", "model.ffn_hidden_size=64"
         "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=16",
         "model.vocab_size=1001", "model.make_vocab_size_divisible_by=8",
         "stem.layers=[1,2,5,6]", "parallel.tensor_model_parallel_size=1",
+        "parallel.sequence_parallel=false",
         "parallel.pipeline_model_parallel_size=2",
         "parallel.virtual_pipeline_model_parallel_size=2", "stem.dp_layout=vocab_sharded",
         "train.micro_batch_size=1", "train.global_batch_size=4", "train.bf16=false"]
