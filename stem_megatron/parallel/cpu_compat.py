@@ -36,6 +36,8 @@ _PATCHED_MODULES = (
     # sequence parallelism: the all-gather buffer and the linears' reduce-scatter outputs
     "megatron.core.utils",
     "megatron.core.tensor_parallel.layers",
+    # optimizer offload: CUDA streams and pinned host buffers
+    "megatron.core.optimizer.cpu_offloading.hybrid_optimizer",
 )
 # Callables that compare `tensor.type()` with CUDA type names: (module, attribute path).
 _CUDA_TYPE_CHECKS = (
@@ -50,12 +52,26 @@ _AUTOCAST_FUNCTIONS = (
 )
 
 
+class _CpuStream(torch.cpu.Stream):
+    """torch's CPU stream stand-in, whose `record_event` returns an event to wait on."""
+
+    def record_event(self, event: torch.cpu.Event | None = None) -> torch.cpu.Event:
+        return event if event is not None else torch.cpu.Event()
+
+
 class _CpuCuda:
     """Stands in for `torch.cuda` inside megatron modules on a machine without CUDA."""
+
+    Stream = _CpuStream
+    stream = staticmethod(torch.cpu.stream)
 
     @staticmethod
     def current_device() -> torch.device:
         return torch.device("cpu")
+
+    @staticmethod
+    def current_stream(*_args, **_kwargs) -> _CpuStream:
+        return _CpuStream()
 
     @staticmethod
     def synchronize(*_args, **_kwargs) -> None:
@@ -69,6 +85,7 @@ def _cpu_device(kwargs: dict) -> dict:
     device = kwargs.get("device")
     if device == "cuda" or (isinstance(device, torch.device) and device.type == "cuda"):
         kwargs["device"] = "cpu"
+    kwargs.pop("pin_memory", None)  # pinning needs an accelerator; without one it raises
     return kwargs
 
 
@@ -161,6 +178,9 @@ def apply() -> bool:
             owner = getattr(owner, part)
         setattr(owner, name, _with_cuda_type_names(getattr(owner, name)))
     _cpu_rng_states(importlib.import_module("megatron.core.tensor_parallel.random"))
+    hybrid = importlib.import_module("megatron.core.optimizer.cpu_offloading.hybrid_optimizer")
+    split = hybrid.HybridDeviceOptimizer._get_sub_optimizer_param_groups
+    hybrid.HybridDeviceOptimizer._get_sub_optimizer_param_groups = _host_copies(split)
     _applied = True
     return True
 
@@ -170,3 +190,24 @@ def _cpu_rng_states(random) -> None:
     the CUDA one; without CUDA the CPU generator is the only one, so the CUDA half is empty."""
     random._get_cuda_rng_state = lambda *args, **kwargs: torch.empty(0, dtype=torch.uint8)
     random._set_cuda_rng_state = lambda *args, **kwargs: None
+
+
+def _host_copies(split):
+    """Optimizer offload (HybridDeviceOptimizer) offloads the CUDA parameters only, so without
+    CUDA it offloads none and then finds no device parameter for its host ones. Give each
+    parameter the host copy an offloaded CUDA parameter gets (its fp32 copy when it has one):
+    the same gradient copy-in, host step and copy-back then run, between two host tensors."""
+
+    @functools.wraps(split)
+    def wrapper(self, offload_fraction):
+        host_groups, device_groups, to_host, to_device, to_fp32 = split(self, offload_fraction)
+        of_fp32 = {id(copy): param for param, copy in to_fp32.items()}
+        for group in host_groups:
+            for i, inner in enumerate(group["params"]):
+                param = of_fp32.get(id(inner), inner)
+                if inner is param:
+                    inner = group["params"][i] = param.detach().clone()
+                to_host[param], to_device[inner] = inner, param
+        return host_groups, device_groups, to_host, to_device, to_fp32
+
+    return wrapper

@@ -64,3 +64,57 @@ def test_megatron_linear_backward_under_cpu_bf16_autocast():
         assert x.grad.shape == x.shape and layer.weight.grad.dtype == torch.float32
     finally:
         parallel.destroy()
+
+
+def _bf16_distributed_optimizer_steps(offload: bool, steps: int = 3):
+    """A bf16 two-layer MLP in megatron-core's DDP, stepped by its distributed optimizer with
+    or without optimizer offload: the parameters after `steps` steps, and the optimizer."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.transformer import TransformerConfig
+
+    torch.manual_seed(0)
+    config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=1, bf16=True,
+                               params_dtype=torch.bfloat16, use_cpu_initialization=True)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 1)).to(torch.bfloat16)
+    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
+        use_distributed_optimizer=True), model)
+    optimizer = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=1e-2, bf16=True, params_dtype=torch.bfloat16, clip_grad=0.0,
+        use_distributed_optimizer=True, optimizer_cpu_offload=offload,
+        optimizer_offload_fraction=1.0), [ddp])
+    x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    for _ in range(steps):
+        ddp.zero_grad_buffer()
+        optimizer.zero_grad()
+        ddp(x).float().pow(2).mean().backward()
+        ddp.finish_grad_sync()
+        optimizer.step()
+    return [p.detach().clone() for p in model.parameters()], optimizer
+
+
+def test_optimizer_offload_steps_host_copies_as_on_cuda():
+    """megatron-core's HybridDeviceOptimizer (optim.optimizer_cpu_offload) hard-codes CUDA
+    streams and offloads only CUDA tensors. Patched, it steps a separate host copy of every
+    main parameter, copying gradients in and values back, and matches no offload bitwise."""
+    from megatron.core.optimizer.cpu_offloading import HybridDeviceOptimizer
+
+    from stem_megatron.parallel.state import ParallelState
+
+    parallel = ParallelState.initialize()
+    try:
+        initial = [p.detach().clone() for p in _bf16_distributed_optimizer_steps(False, 0)[0]]
+        plain, _ = _bf16_distributed_optimizer_steps(False)
+        offloaded, optimizer = _bf16_distributed_optimizer_steps(True)
+    finally:
+        parallel.destroy()
+    hybrid = getattr(optimizer, "chained_optimizers", [optimizer])[0].optimizer
+    assert isinstance(hybrid, HybridDeviceOptimizer) and hybrid.gpu_optimizer is None
+    copies = hybrid.cpu_copys_map_gpu_param  # host copy -> the fp32 main parameter it steps
+    assert len(copies) == 4  # two weights, two biases
+    for host, main in copies.items():
+        assert host is not main and host.dtype == main.dtype == torch.float32
+        assert torch.equal(host, main)  # copied back after the step
+    assert not any(torch.equal(a, b) for a, b in zip(plain, initial))
+    assert all(torch.equal(a, b) for a, b in zip(plain, offloaded))
