@@ -123,6 +123,11 @@ def _validate_memory_features(config: RunConfig, require) -> None:
     require(not o.optimizer_cpu_offload or o.use_distributed_optimizer,
             "optim.optimizer_cpu_offload needs optim.use_distributed_optimizer=true "
             "(megatron-core offloads the distributed optimizer's shards)")
+    # megatron-core 0.16.1's HybridDeviceOptimizer refuses the fp32 shards (views of the
+    # parameters: "can't optimize a non-leaf Tensor"); bf16 runs hand it fp32 main copies.
+    require(not o.optimizer_cpu_offload or config.train.bf16,
+            "optim.optimizer_cpu_offload needs train.bf16=true (megatron-core offloads the "
+            "fp32 main copies of bf16 parameters)")
     require(0 < o.optimizer_offload_fraction <= 1,
             f"optim.optimizer_offload_fraction must be in (0, 1], got "
             f"{o.optimizer_offload_fraction}")

@@ -83,6 +83,15 @@ def test_ranges_are_checked_at_load_naming_the_key(override, message):
         load_config(ROOT / "configs/tiny.yaml", [override])
 
 
+def test_optimizer_offload_needs_bf16():
+    """Without bf16, megatron-core's offload refused the distributed optimizer's fp32 shards
+    once the model was built, with "error: can't optimize a non-leaf Tensor"."""
+    offload = ["optim.use_distributed_optimizer=true", "optim.optimizer_cpu_offload=true"]
+    with pytest.raises(ConfigError, match="optim.optimizer_cpu_offload needs train.bf16=true"):
+        load_config(ROOT / "configs/tiny.yaml", offload)
+    assert load_config(ROOT / "configs/tiny.yaml", [*offload, "train.bf16=true"]).train.bf16
+
+
 def test_a_yaml_error_in_an_override_is_one_line():
     with pytest.raises(ConfigError) as info:
         load_config(None, ["stem.layers=[1,3"])
