@@ -36,12 +36,14 @@ from stem_megatron.model.sharding import is_tied_copy
 @dataclass(frozen=True)
 class _Held:
     """What the optimizer holds of one parameter on this rank: `main`, the fp32 values it
-    steps, is elements [start, start + main.numel()) of the flattened parameter."""
+    steps, is elements [start, start + main.numel()) of the flattened parameter; `adam` keeps
+    their state under `key` (main itself, or the copy an offloading optimizer steps)."""
 
     param: torch.nn.Parameter
     main: torch.Tensor
     start: int
-    adam: torch.optim.Optimizer  # the Adam keeping main's state
+    adam: torch.optim.Optimizer
+    key: torch.Tensor
     group: dict
 
     @property
@@ -79,6 +81,18 @@ def _param_and_main(part: MegatronOptimizer) -> Iterator[tuple[torch.nn.Paramete
                         f"{type(part).__name__}")
 
 
+def _state_holders(adam: torch.optim.Optimizer) -> dict[int, tuple]:
+    """By id of each tensor `adam` steps: (the optimizer keeping its state, the tensor that
+    state is keyed by, its param group). HybridDeviceOptimizer (optim.optimizer_cpu_offload)
+    hands a host or fp32 copy of each tensor to one of its sub-optimizers, which keep the
+    state; it collects their states into its own only after each step."""
+    if not isinstance(adam, HybridDeviceOptimizer):
+        return {id(p): (adam, p, g) for g in adam.param_groups for p in g["params"]}
+    inner = {id(copy): main for main, copy in adam.param_to_inner_param.items()}
+    return {id(inner[id(p)]): (sub, p, g) for sub in adam.sub_optimizers
+            for g in sub.param_groups for p in g["params"]}
+
+
 def _per_param_step(adam: torch.optim.Optimizer) -> bool:
     """torch's Adam counts steps per parameter state; TE's and apex's FusedAdam per group."""
     return isinstance(adam, (torch.optim.Adam, torch.optim.AdamW))
@@ -98,16 +112,10 @@ class DenseOptimizerState:
         for part in self.parts:
             if getattr(part, "is_stub_optimizer", False):
                 continue
-            if isinstance(part.optimizer, HybridDeviceOptimizer):
-                # Its sub-optimizers keep their own state and fp32 copies, synced into it only
-                # after a step: in-place views would miss them.
-                raise NotImplementedError(
-                    "checkpoints of optim.optimizer_cpu_offload=true runs are not supported "
-                    "yet: train without it")
-            groups = {id(p): g for g in part.optimizer.param_groups for p in g["params"]}
+            holders = _state_holders(part.optimizer)
             for param, main, start in _param_and_main(part):
-                self.held[names[id(param)]] = _Held(param, main, start, part.optimizer,
-                                                    groups[id(main)])
+                adam, key, group = holders[id(main)]
+                self.held[names[id(param)]] = _Held(param, main, start, adam, key, group)
         self._created: list[_Held] = []  # states made by optimizer_views for a fresh optimizer
         self._group_steps: list[tuple[dict, torch.Tensor]] = []
 
@@ -141,7 +149,7 @@ class DenseOptimizerState:
         for name, held in self.held.items():
             if saving and is_tied_copy(held.param):
                 continue
-            state = held.adam.state[held.main]
+            state = held.adam.state[held.key]
             if not state:
                 self._create_state(held, state)
             views[name] = {"step": self._step(held, state),
@@ -153,9 +161,9 @@ class DenseOptimizerState:
         if _per_param_step(held.adam):
             on_device = held.group.get("fused") or held.group.get("capturable")
             state["step"] = torch.zeros((), dtype=torch.float32,
-                                        device=held.main.device if on_device else "cpu")
-        state["exp_avg"] = torch.zeros_like(held.main, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(held.main, memory_format=torch.preserve_format)
+                                        device=held.key.device if on_device else "cpu")
+        state["exp_avg"] = torch.zeros_like(held.key, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(held.key, memory_format=torch.preserve_format)
         self._created.append(held)
 
     def _step(self, held: _Held, state: dict) -> torch.Tensor:
@@ -168,18 +176,24 @@ class DenseOptimizerState:
     def forget_created(self) -> None:
         """Drop the initial states `optimizer_views` created: a fresh optimizer stays fresh."""
         for held in self._created:
-            held.adam.state.pop(held.main, None)
+            held.adam.state.pop(held.key, None)
         self._created = []
 
     def loaded(self) -> None:
         """After a checkpoint was loaded into the views: group step counts back into a fused
-        Adam, and bf16 parameters rounded from their loaded main values (under the distributed
-        optimizer each rank rounds its range, then the ranges are all-gathered over DP)."""
+        Adam, an offloading optimizer's copies of the main values refreshed, and bf16
+        parameters rounded from their loaded main values (under the distributed optimizer each
+        rank rounds its range, then the ranges are all-gathered over DP)."""
         for group, step in self._group_steps:
             group["step"] = int(step.item())
         for part in self.parts:
             if getattr(part, "is_stub_optimizer", False):
                 continue
+            if isinstance(part.optimizer, HybridDeviceOptimizer):  # its copies of the mains
+                for main, copy in part.optimizer.param_to_inner_param.items():
+                    if copy is not main:
+                        copy.data.copy_(main.data)
+                part.optimizer._sync_sub_optimizers_state_to_hdo()
             if isinstance(part, MixedPrecisionOptimizer):
                 part._copy_main_params_to_model_params()
             if isinstance(part, DistributedOptimizer):

@@ -247,3 +247,15 @@ def test_tools_read_a_distributed_optimizer_checkpoint(bf16_distributed, paralle
     for key in src.keys():
         if not key.startswith((table_key(1), OPTIM_PREFIX.format(layer=1))):
             assert torch.equal(edited.read(key), src.read(key)), key
+
+
+@pytest.mark.slow
+def test_offloaded_optimizer_checkpoint_resumes_exactly(tmp_path, base):
+    """optim.optimizer_cpu_offload: the state lives in the host sub-optimizers (in place,
+    loaded into theirs), and the resume is bitwise the uninterrupted run."""
+    offload = BF16 + DIST_OPT + ["optim.optimizer_cpu_offload=true"]
+    saved, reference = _save_and_go_on(tmp_path, base, 2, offload)
+    resumed = _resume(tmp_path, base, "resumed", 2, offload)
+    assert resumed["losses"] == reference["losses"]
+    for name, value in resumed["params"].items():
+        assert torch.equal(value, reference["params"][name]), name
