@@ -3,8 +3,9 @@ sequence parallelism and Megatron's activation recomputation (model/recompute.py
 
 Korthikanti et al., "Reducing Activation Recomputation in Large Transformer Models" (arXiv
 2205.05198, Sec. 4) count s*b*h*(34 + 5*a*s/h) bytes per GPT layer (fp16, LayerNorm, GeLU MLP
-of 4h, dropout); tensor parallelism divides all but the 10 bytes of the norms, dropouts and
-the first linears' inputs by t, sequence parallelism divides those too: sbh(34/t + 5as/(ht)).
+of 4h, dropout); tensor parallelism divides it to sbh(10 + 24/t + 5as/(ht)), the 10 being the
+parts along the whole sequence on every rank, which sequence parallelism divides too:
+sbh(34/t + 5as/(ht)).
 Full recomputation leaves 2sbh (the layer's input) per layer and selective recomputation drops
 the 5as/h attention scores. The same accounting for this model (model/transformer.py), per
 token of a layer, e bytes per activation (2 under train.bf16, else 4), t = TP, σ = t under SP
