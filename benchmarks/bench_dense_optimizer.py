@@ -16,8 +16,9 @@ gated FFN, fc2, two norm weights) with `layers` layers of width `hidden`:
 - torch_foreach: AdamW(foreach=True); torch_for_loop: AdamW(foreach=False);
 - deepspeed: DeepSpeedCPUAdam(adamw_mode=True), if deepspeed imports and its op builds.
 Every kernel starts from the same params and gradients and runs the same steps; the report
-gives each one's step time (the median over --rounds of each round's median), its ratio to torch_fused, and the largest difference of its
-final params from torch_fused's (all must compute the same AdamW).
+gives each one's step time, wall and CPU (the median over --rounds of each round's median),
+its ratio to torch_fused, and the largest difference of its final params from torch_fused's
+(all must compute the same AdamW).
 
     .venv/bin/python benchmarks/bench_dense_optimizer.py [--sizes 512:3 1024:8 --repeats 7]
 """
@@ -49,8 +50,20 @@ MakeOptimizer = Callable[[list[torch.nn.Parameter]], list[torch.optim.Optimizer]
 def layer_shapes(hidden: int, layers: int) -> list[tuple[int, ...]]:
     """A decoder's dense parameter shapes: GQA with half the heads as KV groups, d_ff 3 x hidden."""
     ffn, kv = 3 * hidden, hidden // 2
-    one = [(hidden + 2 * kv, hidden), (hidden, hidden), (2 * ffn, hidden), (hidden, ffn), (hidden,), (hidden,)]
+    one = [(hidden + 2 * kv, hidden), (hidden, hidden), (2 * ffn, hidden), (hidden, ffn),
+           (hidden,), (hidden,)]
     return one * layers
+
+
+def decoder_size(text: str) -> tuple[int, int]:
+    """--sizes' HIDDEN:LAYERS."""
+    try:
+        hidden, layers = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HIDDEN:LAYERS, e.g. 512:3, got '{text}'") from None
+    if hidden < 2 or hidden % 2 or layers < 1:
+        raise argparse.ArgumentTypeError(f"HIDDEN must be even and >= 2, LAYERS >= 1, got '{text}'")
+    return hidden, layers
 
 
 def torch_kernels() -> dict[str, MakeOptimizer]:
@@ -108,13 +121,14 @@ def measure(make: MakeOptimizer, shapes: list[tuple[int, ...]], args: argparse.N
            for unit, clock in (("ms", time.perf_counter), ("cpu_ms", time.process_time))}
     final = [p.detach() for p in state.main]
     if reference is not None:
-        row["max_abs_diff_vs_torch_fused"] = max((a - b).abs().max().item() for a, b in zip(final, reference))
+        row["max_abs_diff_vs_torch_fused"] = max((a - b).abs().max().item()
+                                                 for a, b in zip(final, reference))
     return row, final
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", nargs="+", default=["512:3", "1024:8"],
+    parser.add_argument("--sizes", nargs="+", type=decoder_size, default=[(512, 3), (1024, 8)],
                         help="HIDDEN:LAYERS of the decoder whose dense params are stepped "
                              "(default: ~9.5M and ~96M params)")
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per kernel and round")
@@ -125,20 +139,21 @@ def main() -> None:
                         help="threads for torch and DeepSpeed's OpenMP loop (default: torch's); "
                              "with 1, CPU time is each kernel's own work even on a loaded machine")
     parser.add_argument("--no-deepspeed", action="store_true")
-    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "dense_optimizer.json")
+    parser.add_argument("--json", type=Path,
+                        default=Path(__file__).parent / "results" / "dense_optimizer.json")
     args = parser.parse_args()
-    sizes = [tuple(int(x) for x in s.split(":")) for s in args.sizes]
     if args.threads:  # before DeepSpeed's op loads its OpenMP runtime, which reads the variable
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
         torch.set_num_threads(args.threads)
 
     kernels = torch_kernels()
-    ds_make, ds_status, ds_load_s = (None, "skipped (--no-deepspeed)", None) if args.no_deepspeed else deepspeed_kernel()
+    ds_make, ds_status, ds_load_s = ((None, "skipped (--no-deepspeed)", None) if args.no_deepspeed
+                                     else deepspeed_kernel())
     if ds_make is not None:
         kernels["deepspeed"] = ds_make
     load_before = os.getloadavg()
     results = []
-    for hidden, layers in sizes:
+    for hidden, layers in args.sizes:
         shapes = layer_shapes(hidden, layers)
         entry = {"hidden": hidden, "layers": layers, "tensors": len(shapes),
                  "params": sum(torch.Size(s).numel() for s in shapes), "kernels": {}}
