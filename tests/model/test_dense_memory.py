@@ -32,6 +32,9 @@ CASES = {
     "bf16-distributed-buckets": ["train.bf16=true", "optim.use_distributed_optimizer=true",
                                  "parallel.overlap_grad_reduce=true",
                                  "parallel.ddp_bucket_size=5000"],
+    # all of it: on CPU megatron-core's HybridDeviceOptimizer offloads every parameter (cpu_compat)
+    "bf16-distributed-offload": ["train.bf16=true", "optim.use_distributed_optimizer=true",
+                                 "optim.optimizer_cpu_offload=true"],
 }
 
 
@@ -61,7 +64,8 @@ def _allocated(overrides: list[str], parallel: ParallelState) -> dict[str, int]:
                    distributed_optimizer=o.use_distributed_optimizer,
                    grad_reduce_in_fp32=p.grad_reduce_in_fp32,
                    overlap_grad_reduce=p.overlap_grad_reduce, bucket_size=p.ddp_bucket_size,
-                   offload_fraction=0.0))
+                   offload_fraction=o.optimizer_offload_fraction if o.optimizer_cpu_offload
+                   else 0.0))
     buffers = [b for ddp in wrapped for b in ddp.buffers]
     # Under the distributed optimizer the parameters live in the param buffer.
     weights = ([b.param_data for b in buffers] if o.use_distributed_optimizer else
@@ -70,7 +74,11 @@ def _allocated(overrides: list[str], parallel: ParallelState) -> dict[str, int]:
     stepped = [q for part in getattr(optimizer, "chained_optimizers", [optimizer])
                for group in part.optimizer.param_groups for q in group["params"]]
     assert all(q.dtype == torch.float32 for q in stepped)
+    # Offload: the fp32 host copies HybridDeviceOptimizer steps (each with a grad and 2 moments)
+    host = [q for part in getattr(optimizer, "chained_optimizers", [optimizer])
+            for group in getattr(part.optimizer, "cpu_param_groups", []) for q in group["params"]]
     return {"grads": _bytes(b.grad_data for b in buffers), "weights": _bytes(weights),
+            "host_copies": _bytes(host),
             "stepped": _bytes(stepped), "padding": sum(b.numel - b.numel_unpadded for b in buffers),
             "estimate": dataclasses.asdict(estimate)}
 
@@ -80,7 +88,10 @@ def test_dense_memory_is_what_megatron_core_allocates(case, world_of_one):
     real = _allocated(CASES[case], world_of_one)
     estimate = real["estimate"]
     assert (estimate["grads"], estimate["weights"]) == (real["grads"], real["weights"])
-    assert estimate["optimizer"] == 2 * real["stepped"]
+    offloaded = "optim.optimizer_cpu_offload=true" in CASES[case]
+    assert estimate["optimizer"] == (0 if offloaded else 2 * real["stepped"])
+    assert estimate["host"] == (4 * real["host_copies"] if offloaded else 0)
+    assert real["host_copies"] == (real["stepped"] if offloaded else 0)
     assert estimate["main_params"] == (real["stepped"] if "train.bf16=true" in CASES[case]
                                        else 0)
     if "optim.use_distributed_optimizer=true" in CASES[case]:
