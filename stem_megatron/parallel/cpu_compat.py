@@ -33,6 +33,7 @@ _PATCHED_MODULES = (
     "megatron.core.optimizer.optimizer",
     "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.optimizer.clip_grads",
+    "megatron.core.rerun_state_machine",  # DDP's check_for_nan_in_grad reports through it
     # sequence parallelism: the all-gather buffer and the linears' reduce-scatter outputs
     "megatron.core.utils",
     "megatron.core.tensor_parallel.layers",

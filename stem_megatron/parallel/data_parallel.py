@@ -76,6 +76,22 @@ def wrap_data_parallel(chunks: list[torch.nn.Module], config: RunConfig,
     return wrapped
 
 
+@contextlib.contextmanager
+def nan_check_reported_as_divergence():
+    """megatron-core DDP's `check_for_nan_in_grad` raises a RuntimeError naming the rank and
+    the bucket whose local gradient is NaN or Inf; a run reports divergence as a
+    FloatingPointError (one error line naming the fix), here with megatron's detail."""
+    try:
+        yield
+    except RuntimeError as e:
+        for kind in ("NaN", "Inf"):
+            if f"found {kind} in local grad norm" in str(e):
+                raise FloatingPointError(
+                    f"gradient norm is {kind.lower()}: training diverged (lower optim.lr or "
+                    f"check the data); megatron-core: {e}") from e
+        raise
+
+
 def zero_grad_buffers(wrapped: list[DistributedDataParallel]) -> None:
     for ddp in wrapped:
         ddp.zero_grad_buffer()

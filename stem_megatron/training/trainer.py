@@ -30,7 +30,8 @@ from stem_megatron.data.tokenizer import load_tokenizer
 from stem_megatron.model.accounting import count_model
 from stem_megatron.model.transformer import StemGPTModel
 from stem_megatron.parallel.comm_meter import CommMeter
-from stem_megatron.parallel.data_parallel import wrap_data_parallel, zero_grad_buffers
+from stem_megatron.parallel.data_parallel import (nan_check_reported_as_divergence,
+                                                  wrap_data_parallel, zero_grad_buffers)
 from stem_megatron.parallel.state import ParallelState
 from stem_megatron.stem.cache import HotRowCache, hot_ids, token_counts
 from stem_megatron.stem.prefetch import RowPrefetcher, RowRequest
@@ -237,7 +238,7 @@ class Trainer:
             self.optimizer.settle_rows_to_read(self._input_ids(batches))
             lr_factor = self.schedule.factor(self.step)
             with self.optimizer.overlapping_table_updates(lr_factor, len(batches)), \
-                    self._prefetching(batches, metrics):
+                    self._prefetching(batches, metrics), nan_check_reported_as_divergence():
                 # The schedule ends with megatron-core's finalize_model_grads: DP reduction,
                 # the tied embedding over PP, norm weights over TP under SP.
                 metrics["loss/train"] = self._run_schedule(batches, forward_only=False)
