@@ -25,9 +25,11 @@ from tests.launch.test_train_cli_layouts import only_line, train
 
 STEPS = 6
 RTOL = 1e-5
-# bf16 against the fp32 single process (measured: see the report in the test's output).
-BF16_LOSS_RTOL = 1e-2
-BF16_PARAM_RTOL = 2e-2
+# bf16 against the fp32 single process. Measured over 6 steps on PP2 x DP2: per-step loss
+# 4.4e-5, parameters 1.34e-2 (one process in bf16: 1.2e-5 and 1.41e-2, in the same tensor);
+# an unaveraged DP grad (issue 10 item 1) moved them by 7.2e-3 and 0.55 in fp32.
+BF16_LOSS_RTOL = 5e-4
+BF16_PARAM_RTOL = 3e-2
 
 
 @pytest.fixture(scope="module")
@@ -113,14 +115,24 @@ def assert_close_to(run_dir: Path, reference_dir: Path, loss_rtol: float, param_
     assert param_diff[worst] <= param_rtol, f"{name}: {worst} differs by {param_diff[worst]:.2e}"
 
 
-def assert_ran_as(run_dir: Path, layout: Layout) -> None:
-    """The run really split the model as asked: rank 0 moved bytes over TP, PP (point-to-
-    point) and DP (dense grads) exactly where those sizes exceed 1, so an ignored override
-    cannot pass as the layout."""
+def first_step_comm(run_dir: Path) -> dict[str, float]:
+    """Rank 0's bytes moved in step 1, by purpose and kind (comm/*_bytes in metrics.jsonl)."""
     first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
-    moved = {k: first[f"comm/{k}_bytes"] > 0 for k in ("tp", "pp", "dp_dense")}
-    assert moved == {"tp": layout.tp > 1, "pp": layout.pp > 1, "dp_dense": layout.dp > 1}, \
-        {k: v for k, v in first.items() if k.startswith("comm/")}
+    return {k.removeprefix("comm/").removesuffix("_bytes"): v for k, v in first.items()
+            if k.startswith("comm/")}
+
+
+def assert_ran_as(run_dir: Path, layout: Layout, on: frozenset[str] = frozenset()) -> None:
+    """The run really split the model as asked: rank 0 moved bytes over TP, PP (point-to-
+    point) and DP (dense grads) exactly where those sizes exceed 1, and reduce-scattered only
+    where SP (over TP), the distributed optimizer or vocab-sharded tables (over DP) do: an
+    ignored override cannot pass as the layout (recomputation moves no bytes of its own)."""
+    comm = first_step_comm(run_dir)
+    print(f"  comm in step 1 (rank 0): {comm}")
+    moved = {k: comm[k] > 0 for k in ("tp", "pp", "dp_dense", "reduce_scatter")}
+    scatters = "sp" in on or (layout.dp > 1 and bool({"distopt", "vocab_sharded"} & on))
+    assert moved == {"tp": layout.tp > 1, "pp": layout.pp > 1, "dp_dense": layout.dp > 1,
+                     "reduce_scatter": scatters}, comm
 
 
 def test_default_subset_covers_the_matrix():
@@ -151,7 +163,7 @@ def test_layout_trains_like_one_process(scope, tmp_path, base, reference, case):
     layout = LAYOUTS[case.layout]
     run = launch(scope, tmp_path / "run", layout.world, base + case.overrides)
     assert_close_to(run, reference([]), RTOL, RTOL, case.id)
-    assert_ran_as(run, layout)
+    assert_ran_as(run, layout, case.on)
 
 
 def assert_master_weights_fp32(run_dir: Path) -> None:
@@ -168,13 +180,28 @@ def assert_master_weights_fp32(run_dir: Path) -> None:
     assert beyond_bf16 > 0.5, f"only {beyond_bf16:.1%} of the fp32 weights are not bf16 values"
 
 
-def test_bf16_follows_fp32_with_fp32_master_weights(scope, tmp_path, base, reference):
-    """train.bf16 (bf16 weights and activations, fp32 main weights) on PP2 x DP2 with the
-    distributed optimizer: the fp32 single process's curve within the bf16 tolerances."""
-    overrides = LAYOUTS["pp2xdp2"].overrides + FLAGS["distopt"] + ["train.bf16=true"]
-    run = launch(scope, tmp_path / "run", 4, base + overrides)
-    assert_close_to(run, reference([]), BF16_LOSS_RTOL, BF16_PARAM_RTOL, "pp2xdp2-distopt-bf16")
-    assert_ran_as(run, LAYOUTS["pp2xdp2"])
+# name: (flags, overrides): megatron-core's two bf16 optimizers (fp32 main copies of the bf16
+# params: Float16OptimizerWithFloat16Params; main shards: DistributedOptimizer), grads
+# reduced in bf16 and, as the shipped configs do, in fp32.
+BF16 = {
+    "pp2xdp2-bf16": (frozenset(), []),
+    "pp2xdp2-distopt-bf16-grad_reduce_in_fp32": (frozenset({"distopt"}),
+                                                 ["parallel.grad_reduce_in_fp32=true"]),
+}
+
+
+@pytest.mark.parametrize("name", BF16)
+def test_bf16_follows_fp32_with_fp32_master_weights(scope, tmp_path, base, reference, name):
+    """train.bf16 (bf16 weights and activations, fp32 main weights) on PP2 x DP2: the fp32
+    single process's curve within the bf16 tolerances."""
+    on, extra = BF16[name]
+    overrides = LAYOUTS["pp2xdp2"].overrides + [o for f in on for o in FLAGS[f]] + extra
+    run = launch(scope, tmp_path / "run", 4, base + overrides + ["train.bf16=true"])
+    assert_close_to(run, reference([]), BF16_LOSS_RTOL, BF16_PARAM_RTOL, name)
+    assert_ran_as(run, LAYOUTS["pp2xdp2"], on)
+    # Activations cross stages in bf16: the first stage sends each of its 2 micro-batches'
+    # [seq 32, micro-batch 2, hidden 32] outputs at 2 bytes an element.
+    assert first_step_comm(run)["p2p"] == 2 * 32 * 2 * 32 * 2
     assert_master_weights_fp32(run)
 
 
@@ -190,6 +217,6 @@ def test_shipped_config_shape_trains_like_one_process(scope, tmp_path, base, ref
     bf16 = "train.bf16=true" in flags
     assert_close_to(run, reference(model), BF16_LOSS_RTOL if bf16 else RTOL,
                     BF16_PARAM_RTOL if bf16 else RTOL, config)
-    assert_ran_as(run, layout)
+    assert_ran_as(run, layout, frozenset(f for f, o in FLAGS.items() if set(o) <= set(flags)))
     if bf16:
         assert_master_weights_fp32(run)
