@@ -21,6 +21,7 @@ from stem_megatron.checkpoint.offline import OfflineCheckpoint
 from tests.launch.conftest import CONFIG, ROOT, train_command, train_losses
 from tests.launch.layout_matrix_cases import (DEFAULT, EIGHT_PROCESSES, FLAGS, FULL, LAYOUTS,
                                               NUM_LAYERS, SLOW, Layout, shape_of)
+from tests.launch.processes import ProcessScope
 from tests.launch.test_train_cli_layouts import only_line, train
 
 STEPS = 6
@@ -34,7 +35,7 @@ BF16_PARAM_RTOL = 3e-2
 
 @pytest.fixture(scope="module")
 def base(small_corpus) -> list[str]:
-    """4 layers (tables in 2 and 3), 2 micro-batches per DP rank, one save at the end."""
+    """4 layers (tables in layers 1 and 2), 2 micro-batches per DP rank, one save at the end."""
     return [
         f"model.num_layers={NUM_LAYERS}", "model.hidden_size=32", "model.ffn_hidden_size=64",
         "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=32",
@@ -68,8 +69,6 @@ def single(scope, run_dir: Path, overrides: list[str]) -> str:
 def reference(base, tmp_path_factory):
     """`reference(model)`: the run dir of one plain process training the base config with
     `model` overrides in fp32 (each trained once per module)."""
-    from tests.launch.processes import ProcessScope
-
     runs: dict[tuple[str, ...], Path] = {}
 
     def get(model: list[str]) -> Path:
