@@ -1,12 +1,17 @@
 """Step time and peak RSS of each memory/throughput feature on vs off, on CPU, in one run.
 
 Every configuration trains for a few steps as users launch it (`launch/torchrun.sh NPROC
-CONFIG overrides`), in a fresh run directory. Step time: the median over the steps after
---warmup of tokens per step / `throughput/tokens_per_s` (metrics.jsonl, logged every step).
-Peak RSS: each training process's VmHWM (/proc/PID/status), sampled while the run is still
-in its last step, so the end-of-run checkpoint save is not counted; the figure is the largest
-over the ranks (what one device would have to hold). Each feature is compared with the same
-layout without it ("vs off"), and every row with the one-process all-off baseline.
+CONFIG overrides`), in a fresh run directory, and is measured after its first --warmup steps:
+- step time: the median of tokens per step / `throughput/tokens_per_s` (metrics.jsonl, logged
+  every step): wall time, which follows the load of a shared machine;
+- step CPU s: the ranks' CPU seconds (/proc/PID/stat) from one step's line to the next, summed,
+  which a loaded machine's waits do not inflate;
+- peak RSS: each rank's VmHWM (/proc/PID/status), reset once the warmup steps ended (clear_refs)
+  and read while the run is still in its last step: the steady training peak, without the
+  model build's transients or the end-of-run checkpoint save. The largest over the ranks is
+  reported (what one device would hold); the peak before the reset as startup_peak_rss_mib.
+Each feature is compared with the same layout without it ("x off"), and every row with the
+one-process all-off baseline.
 
 The features (Megatron's names): train.bf16; model.recompute_granularity full / selective;
 optim.use_distributed_optimizer (DP=2); parallel.overlap_grad_reduce (DP=2);
@@ -68,6 +73,7 @@ VARIANTS = {
                                            "bf16_distributed_optimizer"),
 }
 POLL_S = 0.05
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def children(pid: int) -> list[int]:
@@ -100,6 +106,25 @@ def high_water_kib(pid: int) -> int | None:
     return None
 
 
+def reset_high_water(pid: int) -> int | None:
+    """The process's peak RSS so far (KiB), then reset to its current RSS (clear_refs 5)."""
+    peak = high_water_kib(pid)
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return peak
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (0 once it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+
+
 def logged_steps(metrics: Path) -> list[dict]:
     if not metrics.exists():
         return []
@@ -107,15 +132,18 @@ def logged_steps(metrics: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.endswith("}")]  # a line being written is not
 
 
-def run_config(processes: int, overrides: list[str], run_dir: Path, steps: int,
+def run_config(processes: int, overrides: list[str], run_dir: Path, steps: int, warmup: int,
                timeout: float) -> dict:
-    """Train `steps` steps. Returns the logged step records and each rank's peak RSS before the
-    final save, or the failure's most telling line."""
+    """Train `steps` steps. Returns the logged step records, the ranks' CPU seconds summed when
+    each step's line appeared, and each rank's peak RSS before the final save; or the
+    failure's most telling line."""
     cmd = ["bash", str(ROOT / "launch" / "torchrun.sh"), str(processes), str(CONFIG), *overrides,
            *run_overrides(steps, run_dir), "--sample-prompt", ""]
     metrics = run_dir / "metrics.jsonl"
     log = run_dir.with_suffix(".log")
-    peak: dict[int, int] = {}
+    startup: dict[int, int] = {}  # rank -> peak RSS until its first --warmup steps ended
+    peak: dict[int, int] = {}  # rank -> peak RSS of the steps after them, before the save
+    cpu_at: dict[int, float] = {}  # steps logged -> the ranks' CPU seconds when first seen
     deadline = time.monotonic() + timeout
     with log.open("w") as out:
         # Its own session: a timeout kills the launcher and its workers together.
@@ -128,17 +156,26 @@ def run_config(processes: int, overrides: list[str], run_dir: Path, steps: int,
                 break
             # The high-water marks first, then the log: if the last step is still unlogged,
             # the marks were read before the save began.
-            marks = {pid: high_water_kib(pid) for pid in training_pids(proc.pid)}
+            ranks = training_pids(proc.pid)
+            marks = {pid: high_water_kib(pid) for pid in ranks if pid in startup}
+            cpu = sum(cpu_seconds(pid) for pid in ranks)
             done = logged_steps(metrics)
             if not done or done[-1]["step"] < steps:
                 peak.update({pid: kib for pid, kib in marks.items() if kib})
+            if len(done) >= warmup:  # start-up (model build, first steps) over: measure from here
+                for pid in ranks:
+                    if pid not in startup and (kib := reset_high_water(pid)):
+                        startup[pid] = kib
+            if len(ranks) == processes:  # all ranks still running: their CPU time counts
+                cpu_at.setdefault(len(done), cpu)
             time.sleep(POLL_S)
     records = [r for r in logged_steps(metrics) if "throughput/tokens_per_s" in r]
     if proc.returncode == 0 and len(records) == steps and len(peak) == processes:
-        return {"records": records, "peak_rss_kib": sorted(peak.values())}
+        return {"records": records, "cpu_at": cpu_at, "peak_rss_kib": sorted(peak.values()),
+                "startup_rss_kib": sorted(startup.values())}
     if proc.returncode == 0:
         return {"failed": f"{len(records)} of {steps} steps logged, RSS of {len(peak)} of "
-                          f"{processes} ranks sampled (see {log})"}
+                          f"{processes} ranks sampled"}
     lines = [line.strip() for line in log.read_text().splitlines() if line.strip()]
     why = next((line for line in reversed(lines) if "error" in line.lower()),
                lines[-1] if lines else "no output")
@@ -158,14 +195,21 @@ def measure(overrides: list[str], processes: int, run_dir: Path, args: argparse.
         config = load_config(CONFIG, [*overrides, *run_overrides(args.steps, run_dir)])
     except ConfigError as exc:
         return {"status": f"refused by the config: {exc}"}
-    raw = run_config(processes, overrides, run_dir, args.steps, args.timeout)
+    raw = run_config(processes, overrides, run_dir, args.steps, args.warmup, args.timeout)
     if "failed" in raw:
         return {"status": raw["failed"]}
     tokens = config.train.global_batch_size * config.model.seq_length
     step_s = [tokens / r["throughput/tokens_per_s"] for r in raw["records"]]
+    # CPU seconds from one step's line to the next (the first step's include the start-up;
+    # the last step's are missing if the ranks exit before a poll sees its line).
+    cpu_at = raw["cpu_at"]
+    cpu_s = [cpu_at[n] - cpu_at[n - 1] for n in range(args.warmup + 1, args.steps + 1)
+             if n in cpu_at and n - 1 in cpu_at]
     first = raw["records"][0]
     return {"status": "ok", "step_s": step_s, "median_step_s": statistics.median(step_s[args.warmup:]),
+            "step_cpu_s": cpu_s, "median_step_cpu_s": statistics.median(cpu_s) if cpu_s else None,
             "peak_rss_mib": max(raw["peak_rss_kib"]) / 1024,
+            "startup_peak_rss_mib": max(raw["startup_rss_kib"]) / 1024,
             "rank_peak_rss_mib": [kib / 1024 for kib in raw["peak_rss_kib"]],
             "params_total": first.get("params/total"), "params_active": first.get("params/active")}
 
@@ -190,6 +234,8 @@ def add_ratios(rows: dict[str, dict]) -> None:
             if row["status"] == "ok" and ref is not None and ref["status"] == "ok":
                 row[f"step_time_{key}"] = row["median_step_s"] / ref["median_step_s"]
                 row[f"peak_rss_{key}"] = row["peak_rss_mib"] / ref["peak_rss_mib"]
+                if row["median_step_cpu_s"] and ref["median_step_cpu_s"]:
+                    row[f"step_cpu_{key}"] = row["median_step_cpu_s"] / ref["median_step_cpu_s"]
 
 
 def main() -> None:
@@ -205,8 +251,8 @@ def main() -> None:
                         "(the smoke test: a small model and corpus)")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "memory_features.json")
     args = parser.parse_args()
-    if not 0 <= args.warmup < args.steps:
-        parser.error(f"--warmup must be in [0, --steps): got {args.warmup} with --steps {args.steps}")
+    if not 1 <= args.warmup < args.steps:  # CPU time per step starts after the first line
+        parser.error(f"--warmup must be in [1, --steps): got {args.warmup} with --steps {args.steps}")
     variants = with_comparisons(list(VARIANTS) if "all" in args.variants else args.variants)
     load_before = os.getloadavg()
     results = {}
@@ -233,19 +279,26 @@ def main() -> None:
 def print_report(out: dict) -> None:
     print(f"\n{out['steps']} steps per run ({out['warmup']} untimed), {out['cores']} cores, load avg "
           f"{out['load_avg_before'][0]:.1f} -> {out['load_avg_after'][0]:.1f}; ratios: the feature on "
-          f"/ the same layout off (vs off), and / the one-process baseline")
-    print("\n| model | configuration | procs | step s | x off | x baseline | peak RSS MiB | x off | x baseline |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"/ the same layout off (x off), and / the one-process baseline (x base). Wall step time "
+          f"follows the machine's load; CPU s is the ranks' CPU time per step, summed")
+    print("\n| model | configuration | procs | step s | x off | x base | step CPU s | x off | x base "
+          "| peak RSS MiB | x off | x base |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model, rows in out["results"].items():
         for name, r in rows.items():
             if r["status"] != "ok":
-                print(f"| {model} | {name} | {r['processes']} | {r['status']} |||||| ")
+                print(f"| {model} | {name} | {r['processes']} | {r['status']} |" + " |" * 8)
                 continue
-            cell = lambda key: f"{r[key]:.2f}" if key in r else "-"  # noqa: E731
-            print(f"| {model} | {name} | {r['processes']} | {r['median_step_s']:.2f} | "
-                  f"{cell('step_time_vs_off')} | {cell('step_time_vs_baseline')} | "
-                  f"{r['peak_rss_mib']:.0f} | {cell('peak_rss_vs_off')} | {cell('peak_rss_vs_baseline')} |")
+            cells = [f"{r['median_step_s']:.2f}", *ratio_cells(r, "step_time"),
+                     f"{r['median_step_cpu_s']:.2f}" if r["median_step_cpu_s"] else "-",
+                     *ratio_cells(r, "step_cpu"), f"{r['peak_rss_mib']:.0f}",
+                     *ratio_cells(r, "peak_rss")]
+            print(f"| {model} | {name} | {r['processes']} | " + " | ".join(cells) + " |")
 
+
+def ratio_cells(row: dict, figure: str) -> list[str]:
+    return [f"{row[key]:.2f}" if key in row else "-"
+            for key in (f"{figure}_vs_off", f"{figure}_vs_baseline")]
 
 if __name__ == "__main__":
     main()

@@ -165,13 +165,19 @@ def test_memory_features_benchmark(tmp_path: Path, small_corpus: dict[str, Path]
         r = rows[name]
         assert r["status"] == "ok" and r["processes"] == processes
         assert len(r["step_s"]) == 3 and r["median_step_s"] == pytest.approx(median(r["step_s"][1:]))
+        # CPU seconds of steps 2 and 3, all ranks summed (the first step's include the
+        # start-up; the last one's count only if its line is seen before the ranks exit).
+        assert len(r["step_cpu_s"]) in (1, 2) and all(0 < s < 60 for s in r["step_cpu_s"])
+        assert r["median_step_cpu_s"] == pytest.approx(median(r["step_cpu_s"]))
         # Each rank is a trainer (~400 MiB here), not the torchrun agent (~220 MiB).
         assert len(r["rank_peak_rss_mib"]) == processes and min(r["rank_peak_rss_mib"]) > 300
         assert r["peak_rss_mib"] == max(r["rank_peak_rss_mib"])
+        assert r["startup_peak_rss_mib"] > 300  # before the reset after the warmup step
     r, base = rows["dp2"], rows["baseline"]  # dp2 is compared with the one-process baseline
     for key in ("vs_off", "vs_baseline"):
         assert r[f"step_time_{key}"] == pytest.approx(r["median_step_s"] / base["median_step_s"])
         assert r[f"peak_rss_{key}"] == pytest.approx(r["peak_rss_mib"] / base["peak_rss_mib"])
+        assert r[f"step_cpu_{key}"] == pytest.approx(r["median_step_cpu_s"] / base["median_step_cpu_s"])
     assert "| tiny | dp2 | 2 |" in stdout
 
 
