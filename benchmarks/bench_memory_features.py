@@ -133,7 +133,7 @@ def logged_steps(metrics: Path) -> list[dict]:
 
 
 def run_config(processes: int, overrides: list[str], run_dir: Path, steps: int, warmup: int,
-               timeout: float) -> dict:
+               threads: int, timeout: float) -> dict:
     """Train `steps` steps. Returns the logged step records, the ranks' CPU seconds summed when
     each step's line appeared, and each rank's peak RSS before the final save; or the
     failure's most telling line."""
@@ -148,7 +148,8 @@ def run_config(processes: int, overrides: list[str], run_dir: Path, steps: int, 
     with log.open("w") as out:
         # Its own session: a timeout kills the launcher and its workers together.
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**os.environ, "PYTHON": sys.executable}, start_new_session=True)
+                                env={**os.environ, "PYTHON": sys.executable,
+                                     "OMP_NUM_THREADS": str(threads)}, start_new_session=True)
         while proc.poll() is None:
             if time.monotonic() > deadline:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -195,7 +196,8 @@ def measure(overrides: list[str], processes: int, run_dir: Path, args: argparse.
         config = load_config(CONFIG, [*overrides, *run_overrides(args.steps, run_dir)])
     except ConfigError as exc:
         return {"status": f"refused by the config: {exc}"}
-    raw = run_config(processes, overrides, run_dir, args.steps, args.warmup, args.timeout)
+    raw = run_config(processes, overrides, run_dir, args.steps, args.warmup, args.threads,
+                     args.timeout)
     if "failed" in raw:
         return {"status": raw["failed"]}
     tokens = config.train.global_batch_size * config.model.seq_length
@@ -246,6 +248,9 @@ def main() -> None:
                              "configurations they are compared with run too")
     parser.add_argument("--steps", type=int, default=4, help="steps per run, --warmup of them untimed")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per rank (OMP_NUM_THREADS); with 1, CPU time is work, "
+                             "not threads spinning while a loaded machine runs others")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
     parser.add_argument("--override", nargs="*", default=[], help="section.key=value for every run "
                         "(the smoke test: a small model and corpus)")
@@ -268,7 +273,7 @@ def main() -> None:
                 print(f"{model} {name}: {rows[name]['status']}", flush=True)
             add_ratios(rows)
             results[model] = rows
-    out = {"steps": args.steps, "warmup": args.warmup, "cores": os.cpu_count(),
+    out = {"steps": args.steps, "warmup": args.warmup, "threads": args.threads, "cores": os.cpu_count(),
            "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
            "models": {m: MODELS[m] + args.override for m in args.models}, "results": results}
     args.json.parent.mkdir(parents=True, exist_ok=True)
