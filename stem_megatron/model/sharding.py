@@ -72,11 +72,20 @@ def get_tp_shard(param: torch.Tensor) -> TPShard | None:
     return getattr(param, "tp_shard", None)
 
 
+def mark_shared_embedding(param: torch.nn.Parameter) -> None:
+    """`param` is the tied embedding on the first or the last of several pipeline stages.
+    megatron-core's DDP gives it a bucket of its own under the distributed optimizer, so both
+    stages split it alike over DP and the stages' gradient sum (after the reduce-scatter)
+    adds matching elements."""
+    param.shared_embedding = True
+
+
 def mark_tied_copy(param: torch.nn.Parameter) -> None:
     """`param` is the last pipeline stage's copy of the tied embedding: kept equal to the
     first stage's by summing their gradients, and counted once (there) in norms."""
     param.tied_copy = True
     param.shared = True  # megatron-core's norm and clipping count a `shared` parameter once
+    mark_shared_embedding(param)
 
 
 def is_tied_copy(param: torch.Tensor) -> bool:

@@ -53,7 +53,8 @@ from stem_megatron.model.recompute import checkpointed, run_layers
 from stem_megatron.model.rope import inverse_frequencies
 from stem_megatron.model.sharding import (RowBlock, TPGroup, TPShard, full_shape,
                                           get_row_block, get_tp_shard, local_slice,
-                                          mark_tied_copy, param_generator, set_tp_shard)
+                                          mark_shared_embedding, mark_tied_copy, param_generator,
+                                          set_tp_shard)
 from stem_megatron.model.stem_ffn import StemMLP, SwiGLUMLP, column_linear, row_linear
 from stem_megatron.stem.table import StemTable, xavier_normal_std
 
@@ -241,6 +242,8 @@ class StemGPTModel(torch.nn.Module):
                 # SP: [b, s] ids -> [s/TP, b, h], one reduce-scatter instead of an all-reduce
                 reduce_scatter_embeddings=spec.sequence_parallel)
             set_tp_shard(self.embedding.word_embeddings.weight, TPShard(dim=0))
+            if self.tied and not spec.post_process:  # the last stage holds a copy (below)
+                mark_shared_embedding(self.embedding.word_embeddings.weight)
         elif spec.post_process and self.tied:
             # The last of several pipeline stages holds a copy of the tied embedding for the
             # head (as Megatron does), under the embedding's name: initialised alike, its
