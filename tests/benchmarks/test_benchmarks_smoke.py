@@ -150,11 +150,17 @@ def test_dense_optimizer_benchmark(tmp_path: Path) -> None:
     assert all(kernels[k]["max_abs_diff_vs_torch_fused"] < 1e-6 for k in kernels if k != "torch_fused")
 
 
+SAMPLED_STEPS = 6
+
+
 def run_memory_features(tmp_path: Path, small_corpus: dict[str, Path], *variants: str) -> tuple[dict, str]:
     tiny = [*small_data(small_corpus), *TINY_MODEL, "model.make_vocab_size_divisible_by=64",
             "stem.layers=[1]"]
+    # 6 steps: the sampler must see each rank between the warmup step and the last one; with
+    # 3 tiny steps a loaded machine let them all pass between two of its polls.
     out, stdout = run_script("bench_memory_features.py", tmp_path, "--models", "tiny", "--steps",
-                             "3", "--variants", *variants, "--override", *tiny, timeout=1800)
+                             str(SAMPLED_STEPS), "--variants", *variants, "--override", *tiny,
+                             timeout=1800)
     return out["results"]["tiny"], stdout
 
 
@@ -164,10 +170,12 @@ def test_memory_features_benchmark(tmp_path: Path, small_corpus: dict[str, Path]
     for name, processes in (("baseline", 1), ("dp2", 2)):
         r = rows[name]
         assert r["status"] == "ok" and r["processes"] == processes
-        assert len(r["step_s"]) == 3 and r["median_step_s"] == pytest.approx(median(r["step_s"][1:]))
-        # CPU seconds of steps 2 and 3, all ranks summed (the first step's include the
-        # start-up; the last one's count only if its line is seen before the ranks exit).
-        assert len(r["step_cpu_s"]) in (1, 2) and all(0 < s < 60 for s in r["step_cpu_s"])
+        assert len(r["step_s"]) == SAMPLED_STEPS
+        assert r["median_step_s"] == pytest.approx(median(r["step_s"][1:]))
+        # CPU seconds of the steps after the first, all ranks summed (the first step's include
+        # the start-up; the last one's count only if its line is seen before the ranks exit).
+        assert 1 <= len(r["step_cpu_s"]) <= SAMPLED_STEPS - 1
+        assert all(0 < s < 60 for s in r["step_cpu_s"])
         assert r["median_step_cpu_s"] == pytest.approx(median(r["step_cpu_s"]))
         # Each rank is a trainer (~400 MiB here), not the torchrun agent (~220 MiB).
         assert len(r["rank_peak_rss_mib"]) == processes and min(r["rank_peak_rss_mib"]) > 300
