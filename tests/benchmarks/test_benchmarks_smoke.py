@@ -150,13 +150,13 @@ def test_dense_optimizer_benchmark(tmp_path: Path) -> None:
     assert all(kernels[k]["max_abs_diff_vs_torch_fused"] < 1e-6 for k in kernels if k != "torch_fused")
 
 
-SAMPLED_STEPS = 6
+SAMPLED_STEPS = 10
 
 
 def run_memory_features(tmp_path: Path, small_corpus: dict[str, Path], *variants: str) -> tuple[dict, str]:
     tiny = [*small_data(small_corpus), *TINY_MODEL, "model.make_vocab_size_divisible_by=64",
             "stem.layers=[1]"]
-    # 6 steps: the sampler must see each rank between the warmup step and the last one; with
+    # 10 steps: the sampler must see each rank between the warmup step and the last one; with
     # 3 tiny steps a loaded machine let them all pass between two of its polls.
     out, stdout = run_script("bench_memory_features.py", tmp_path, "--models", "tiny", "--steps",
                              str(SAMPLED_STEPS), "--variants", *variants, "--override", *tiny,
