@@ -156,8 +156,8 @@ SAMPLED_STEPS = 10
 def run_memory_features(tmp_path: Path, small_corpus: dict[str, Path], *variants: str) -> tuple[dict, str]:
     tiny = [*small_data(small_corpus), *TINY_MODEL, "model.make_vocab_size_divisible_by=64",
             "stem.layers=[1]"]
-    # 10 steps: the sampler must see each rank between the warmup step and the last one; with
-    # 3 tiny steps a loaded machine let them all pass between two of its polls.
+    # 10 steps: the sampler must see each rank between the warmup step and the last one; 3
+    # tiny steps often all passed between two of its polls ('RSS of 0 of 1 ranks sampled').
     out, stdout = run_script("bench_memory_features.py", tmp_path, "--models", "tiny", "--steps",
                              str(SAMPLED_STEPS), "--variants", *variants, "--override", *tiny,
                              timeout=1800)
