@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_table_update import median_ms  # noqa: E402
+from benchmarks.bench_table_update import median_ms  # noqa: E402
 
 from stem_megatron.atomic_file import write_text_atomically  # noqa: E402
 
