@@ -172,11 +172,13 @@ def test_memory_features_benchmark(tmp_path: Path, small_corpus: dict[str, Path]
         assert r["status"] == "ok" and r["processes"] == processes
         assert len(r["step_s"]) == SAMPLED_STEPS
         assert r["median_step_s"] == pytest.approx(median(r["step_s"][1:]))
-        # CPU seconds of the steps after the first, all ranks summed (the first step's include
-        # the start-up; the last one's count only if its line is seen before the ranks exit).
-        assert 1 <= len(r["step_cpu_s"]) <= SAMPLED_STEPS - 1
+        # CPU seconds of the steps after the first whose start and end lines a poll saw, all
+        # ranks summed; an idle machine runs these tiny steps faster than the sampler polls, so
+        # there may be none (the benchmark then prints "-").
+        assert len(r["step_cpu_s"]) <= SAMPLED_STEPS - 1
         assert all(0 < s < 60 for s in r["step_cpu_s"])
-        assert r["median_step_cpu_s"] == pytest.approx(median(r["step_cpu_s"]))
+        assert r["median_step_cpu_s"] == (pytest.approx(median(r["step_cpu_s"]))
+                                          if r["step_cpu_s"] else None)
         # Each rank is a trainer (~400 MiB here), not the torchrun agent (~220 MiB).
         assert len(r["rank_peak_rss_mib"]) == processes and min(r["rank_peak_rss_mib"]) > 300
         assert r["peak_rss_mib"] == max(r["rank_peak_rss_mib"])
@@ -185,7 +187,9 @@ def test_memory_features_benchmark(tmp_path: Path, small_corpus: dict[str, Path]
     for key in ("vs_off", "vs_baseline"):
         assert r[f"step_time_{key}"] == pytest.approx(r["median_step_s"] / base["median_step_s"])
         assert r[f"peak_rss_{key}"] == pytest.approx(r["peak_rss_mib"] / base["peak_rss_mib"])
-        assert r[f"step_cpu_{key}"] == pytest.approx(r["median_step_cpu_s"] / base["median_step_cpu_s"])
+        if r["median_step_cpu_s"] and base["median_step_cpu_s"]:
+            assert r[f"step_cpu_{key}"] == pytest.approx(
+                r["median_step_cpu_s"] / base["median_step_cpu_s"])
     assert "| tiny | dp2 | 2 |" in stdout
 
 
