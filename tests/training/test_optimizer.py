@@ -1,6 +1,6 @@
 """The trainer's optimizers on one real step of a tiny model: the global gradient norm and
 clipping cover the STEM tables' row gradients, the tables get their own lr and weight_decay,
-and the dense parameters use torch's fused AdamW.
+and the dense parameters use megatron-core's optimizer of the configured kind (no table in it).
 
 Adam divides a gradient by its own magnitude, so a clipped and an unclipped gradient move a
 parameter alike unless the clipped one is near adam_eps: the clipping test uses a clip_grad
