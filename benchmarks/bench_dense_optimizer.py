@@ -38,7 +38,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.bench_table_update import median_ms  # noqa: E402
-
 from stem_megatron.atomic_file import write_text_atomically  # noqa: E402
 
 HYPER = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
@@ -50,8 +49,14 @@ MakeOptimizer = Callable[[list[torch.nn.Parameter]], list[torch.optim.Optimizer]
 def layer_shapes(hidden: int, layers: int) -> list[tuple[int, ...]]:
     """A decoder's dense parameter shapes: GQA with half the heads as KV groups, d_ff 3 x hidden."""
     ffn, kv = 3 * hidden, hidden // 2
-    one = [(hidden + 2 * kv, hidden), (hidden, hidden), (2 * ffn, hidden), (hidden, ffn),
-           (hidden,), (hidden,)]
+    one = [
+        (hidden + 2 * kv, hidden),
+        (hidden, hidden),
+        (2 * ffn, hidden),
+        (hidden, ffn),
+        (hidden,),
+        (hidden,),
+    ]
     return one * layers
 
 
@@ -60,7 +65,9 @@ def decoder_size(text: str) -> tuple[int, int]:
     try:
         hidden, layers = (int(x) for x in text.split(":"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HIDDEN:LAYERS, e.g. 512:3, got '{text}'") from None
+        raise argparse.ArgumentTypeError(
+            f"expected HIDDEN:LAYERS, e.g. 512:3, got '{text}'"
+        ) from None
     if hidden < 2 or hidden % 2 or layers < 1:
         raise argparse.ArgumentTypeError(f"HIDDEN must be even and >= 2, LAYERS >= 1, got '{text}'")
     return hidden, layers
@@ -69,7 +76,9 @@ def decoder_size(text: str) -> tuple[int, int]:
 def torch_kernels() -> dict[str, MakeOptimizer]:
     return {
         "torch_fused": lambda ps: [torch.optim.AdamW(ps, **HYPER, fused=True)],
-        "torch_fused_per_tensor": lambda ps: [torch.optim.AdamW([p], **HYPER, fused=True) for p in ps],
+        "torch_fused_per_tensor": lambda ps: [
+            torch.optim.AdamW([p], **HYPER, fused=True) for p in ps
+        ],
         "torch_foreach": lambda ps: [torch.optim.AdamW(ps, **HYPER, foreach=True)],
         "torch_for_loop": lambda ps: [torch.optim.AdamW(ps, **HYPER, foreach=False)],
     }
@@ -99,7 +108,9 @@ class OffloadStep:
         for p in self.main:
             p.grad = torch.empty_like(p)
         self.device_params = [p.detach().to(torch.bfloat16) for p in self.main]
-        self.device_grads = [(1e-3 * torch.randn(s, generator=gen)).to(torch.bfloat16) for s in shapes]
+        self.device_grads = [
+            (1e-3 * torch.randn(s, generator=gen)).to(torch.bfloat16) for s in shapes
+        ]
         self.optimizers = make(self.main)
 
     def step(self) -> None:
@@ -112,51 +123,76 @@ class OffloadStep:
         torch._foreach_copy_(self.device_params, [p.detach() for p in self.main])
 
 
-def measure(make: MakeOptimizer, shapes: list[tuple[int, ...]], args: argparse.Namespace,
-            reference: list[torch.Tensor] | None) -> tuple[dict, list[torch.Tensor]]:
+def measure(
+    make: MakeOptimizer,
+    shapes: list[tuple[int, ...]],
+    args: argparse.Namespace,
+    reference: list[torch.Tensor] | None,
+) -> tuple[dict, list[torch.Tensor]]:
     state = OffloadStep(make, shapes, args.seed)
     state.offload_step()  # the moments exist before any timing
-    row = {f"{name}_{unit}": median_ms(fn, args.warmup, args.repeats, clock)
-           for name, fn in (("offload_step", state.offload_step), ("step", state.step))
-           for unit, clock in (("ms", time.perf_counter), ("cpu_ms", time.process_time))}
+    row = {
+        f"{name}_{unit}": median_ms(fn, args.warmup, args.repeats, clock)
+        for name, fn in (("offload_step", state.offload_step), ("step", state.step))
+        for unit, clock in (("ms", time.perf_counter), ("cpu_ms", time.process_time))
+    }
     final = [p.detach() for p in state.main]
     if reference is not None:
-        row["max_abs_diff_vs_torch_fused"] = max((a - b).abs().max().item()
-                                                 for a, b in zip(final, reference))
+        row["max_abs_diff_vs_torch_fused"] = max(
+            (a - b).abs().max().item() for a, b in zip(final, reference)
+        )
     return row, final
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--sizes", nargs="+", type=decoder_size, default=[(512, 3), (1024, 8)],
-                        help="HIDDEN:LAYERS of the decoder whose dense params are stepped "
-                             "(default: ~9.5M and ~96M params)")
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        type=decoder_size,
+        default=[(512, 3), (1024, 8)],
+        help="HIDDEN:LAYERS of the decoder whose dense params are stepped "
+        "(default: ~9.5M and ~96M params)",
+    )
     parser.add_argument("--repeats", type=int, default=7, help="timed steps per kernel and round")
-    parser.add_argument("--rounds", type=int, default=3, help="times each kernel is measured afresh")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="times each kernel is measured afresh"
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="threads for torch and DeepSpeed's OpenMP loop (default: torch's); "
-                             "with 1, CPU time is each kernel's own work even on a loaded machine")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="threads for torch and DeepSpeed's OpenMP loop (default: torch's); "
+        "with 1, CPU time is each kernel's own work even on a loaded machine",
+    )
     parser.add_argument("--no-deepspeed", action="store_true")
-    parser.add_argument("--json", type=Path,
-                        default=Path(__file__).parent / "results" / "dense_optimizer.json")
+    parser.add_argument(
+        "--json", type=Path, default=Path(__file__).parent / "results" / "dense_optimizer.json"
+    )
     args = parser.parse_args()
     if args.threads:  # before DeepSpeed's op loads its OpenMP runtime, which reads the variable
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
         torch.set_num_threads(args.threads)
 
     kernels = torch_kernels()
-    ds_make, ds_status, ds_load_s = ((None, "skipped (--no-deepspeed)", None) if args.no_deepspeed
-                                     else deepspeed_kernel())
+    ds_make, ds_status, ds_load_s = (
+        (None, "skipped (--no-deepspeed)", None) if args.no_deepspeed else deepspeed_kernel()
+    )
     if ds_make is not None:
         kernels["deepspeed"] = ds_make
     load_before = os.getloadavg()
     results = []
     for hidden, layers in args.sizes:
         shapes = layer_shapes(hidden, layers)
-        entry = {"hidden": hidden, "layers": layers, "tensors": len(shapes),
-                 "params": sum(torch.Size(s).numel() for s in shapes), "kernels": {}}
+        entry = {
+            "hidden": hidden,
+            "layers": layers,
+            "tensors": len(shapes),
+            "params": sum(torch.Size(s).numel() for s in shapes),
+            "kernels": {},
+        }
         # Rounds over all kernels, not all of one kernel's steps in a row: a load change on a
         # shared machine then lands on every kernel alike.
         rounds: dict[str, list[dict]] = {name: [] for name in kernels}
@@ -167,38 +203,59 @@ def main() -> None:
                 reference = final if name == BASELINE else reference
                 rounds[name].append(row)
         for name, rows in rounds.items():
-            entry["kernels"][name] = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
+            entry["kernels"][name] = {
+                key: statistics.median(r[key] for r in rows) for key in rows[0]
+            }
         base = entry["kernels"][BASELINE]
         for row in entry["kernels"].values():
             for key in TIMES:
                 row[f"{key}_vs_torch_fused"] = row[key] / base[key]
         results.append(entry)
 
-    out = {"threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-           "torch": torch.__version__, "hyper": HYPER, "repeats": args.repeats, "rounds": args.rounds,
-           "warmup": args.warmup,
-           "deepspeed_status": ds_status, "deepspeed_op_load_s": ds_load_s,
-           "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "results": results}
+    out = {
+        "threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "torch": torch.__version__,
+        "hyper": HYPER,
+        "repeats": args.repeats,
+        "rounds": args.rounds,
+        "warmup": args.warmup,
+        "deepspeed_status": ds_status,
+        "deepspeed_op_load_s": ds_load_s,
+        "load_avg_before": load_before,
+        "load_avg_after": os.getloadavg(),
+        "results": results,
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(args.json, json.dumps(out, indent=2) + "\n")
     print_report(out)
 
 
 def print_report(out: dict) -> None:
-    print(f"\ndense AdamW step on host, {out['threads']} torch threads, torch {out['torch']}, "
-          f"deepspeed: {out['deepspeed_status']}, load avg {out['load_avg_before'][0]:.2f} -> "
-          f"{out['load_avg_after'][0]:.2f}")
-    print("step = optimizer step on fp32 main params; offload step = bf16 grad -> fp32, step, "
-          "fp32 -> bf16 params\n")
-    print("| params | kernel | step ms (x fused) | step CPU ms (x fused) | offload step ms (x fused) "
-          "| offload step CPU ms (x fused) | max abs diff vs fused |")
+    print(
+        f"\ndense AdamW step on host, {out['threads']} torch threads, torch {out['torch']}, "
+        f"deepspeed: {out['deepspeed_status']}, load avg {out['load_avg_before'][0]:.2f} -> "
+        f"{out['load_avg_after'][0]:.2f}"
+    )
+    print(
+        "step = optimizer step on fp32 main params; offload step = bf16 grad -> fp32, step, "
+        "fp32 -> bf16 params\n"
+    )
+    print(
+        "| params | kernel | step ms (x fused) | step CPU ms (x fused) | offload step ms (x fused) "
+        "| offload step CPU ms (x fused) | max abs diff vs fused |"
+    )
     print("|---|---|---|---|---|---|---|")
     for entry in out["results"]:
         for name, row in entry["kernels"].items():
             diff = row.get("max_abs_diff_vs_torch_fused")
             times = [f"{row[key]:.1f} ({row[f'{key}_vs_torch_fused']:.2f}x)" for key in TIMES]
-            print(f"| {entry['params'] / 1e6:.1f}M ({entry['tensors']} tensors) | {name} | "
-                  + " | ".join(times) + f" | {'-' if diff is None else f'{diff:.1e}'} |")
+            print(
+                f"| {entry['params'] / 1e6:.1f}M ({entry['tensors']} tensors) | {name} | "
+                + " | ".join(times)
+                + f" | {'-' if diff is None else f'{diff:.1e}'} |"
+            )
+
 
 if __name__ == "__main__":
     main()

@@ -40,33 +40,56 @@ from stem_megatron.training.trainer import Trainer  # noqa: E402
 MODELS = {
     # configs/tiny.yaml with 4 micro-batches of 2 x 256 tokens
     "tiny": ["train.micro_batch_size=2", "train.global_batch_size=8"],
-    "100m": ["model.num_layers=8", "model.hidden_size=512", "model.ffn_hidden_size=2048",
-             "model.num_attention_heads=8", "model.num_query_groups=4", "model.seq_length=128",
-             "model.vocab_size=8192", "stem.layers=[1,3,5,7]", "train.micro_batch_size=2",
-             "train.global_batch_size=4"],
+    "100m": [
+        "model.num_layers=8",
+        "model.hidden_size=512",
+        "model.ffn_hidden_size=2048",
+        "model.num_attention_heads=8",
+        "model.num_query_groups=4",
+        "model.seq_length=128",
+        "model.vocab_size=8192",
+        "stem.layers=[1,3,5,7]",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=4",
+    ],
 }
 NO_CLIP = ["optim.clip_grad=0"]  # lets host-table updates overlap the backward
-VARIANTS = {"device": ["stem.storage=device"], "host": ["stem.storage=host"],
-            "host_cache": ["stem.storage=host"],  # + stem.cache_rows from --cache-rows
-            # Without clipping: the update after the backward vs overlapped with it.
-            "device_noclip": ["stem.storage=device", *NO_CLIP],
-            "host_noclip": ["stem.storage=host", "stem.optimizer.overlap_update=false", *NO_CLIP],
-            "host_overlap": ["stem.storage=host", *NO_CLIP]}
+VARIANTS = {
+    "device": ["stem.storage=device"],
+    "host": ["stem.storage=host"],
+    "host_cache": ["stem.storage=host"],  # + stem.cache_rows from --cache-rows
+    # Without clipping: the update after the backward vs overlapped with it.
+    "device_noclip": ["stem.storage=device", *NO_CLIP],
+    "host_noclip": ["stem.storage=host", "stem.optimizer.overlap_update=false", *NO_CLIP],
+    "host_overlap": ["stem.storage=host", *NO_CLIP],
+}
 
 
-def build(model: str, variant: str, cache_rows: int, extra: list[str], run_dir: Path,
-          parallel: ParallelState) -> Trainer:
-    overrides = MODELS[model] + VARIANTS[variant] + extra + [
-        f"logging.run_dir={run_dir / model / variant}", "train.eval_interval=0"]
+def build(
+    model: str,
+    variant: str,
+    cache_rows: int,
+    extra: list[str],
+    run_dir: Path,
+    parallel: ParallelState,
+) -> Trainer:
+    overrides = (
+        MODELS[model]
+        + VARIANTS[variant]
+        + extra
+        + [f"logging.run_dir={run_dir / model / variant}", "train.eval_interval=0"]
+    )
     if variant == "host_cache":
         overrides.append(f"stem.cache_rows={cache_rows}")
     return Trainer(load_config(ROOT / "configs" / "tiny.yaml", overrides), parallel)
 
 
-def bench_model(model: str, args: argparse.Namespace, run_dir: Path,
-                parallel: ParallelState) -> dict:
-    trainers = {v: build(model, v, args.cache_rows, args.override, run_dir, parallel)
-                for v in VARIANTS}
+def bench_model(
+    model: str, args: argparse.Namespace, run_dir: Path, parallel: ParallelState
+) -> dict:
+    trainers = {
+        v: build(model, v, args.cache_rows, args.override, run_dir, parallel) for v in VARIANTS
+    }
     times: dict[str, list[float]] = {v: [] for v in VARIANTS}
     metrics: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     order = list(trainers)
@@ -81,45 +104,67 @@ def bench_model(model: str, args: argparse.Namespace, run_dir: Path,
                 times[variant].append(time.perf_counter() - start)
                 metrics[variant].append(row)
     counts = trainers["device"].counts
-    result = {"model": model, "total_params": counts.total_params,
-              "active_params": counts.active_params, "cache_rows": args.cache_rows,
-              "tokens_per_step": trainers["device"].config.train.global_batch_size
-              * trainers["device"].config.model.seq_length, "variants": {}}
+    result = {
+        "model": model,
+        "total_params": counts.total_params,
+        "active_params": counts.active_params,
+        "cache_rows": args.cache_rows,
+        "tokens_per_step": trainers["device"].config.train.global_batch_size
+        * trainers["device"].config.model.seq_length,
+        "variants": {},
+    }
     for variant in VARIANTS:
-        mean = {tag: statistics.fmean(r.get(tag, 0.0) for r in metrics[variant])
-                for tag in ("stem/prefetch_stall_ms", "stem/bytes_h2d", "stem/cache_hit_rate",
-                            "stem/sparse_optim_ms", "stem/overlapped_tables")}
+        mean = {
+            tag: statistics.fmean(r.get(tag, 0.0) for r in metrics[variant])
+            for tag in (
+                "stem/prefetch_stall_ms",
+                "stem/bytes_h2d",
+                "stem/cache_hit_rate",
+                "stem/sparse_optim_ms",
+                "stem/overlapped_tables",
+            )
+        }
         result["variants"][variant] = {
             "step_ms": 1e3 * statistics.median(times[variant]),
             "prefetch_stall_ms": mean["stem/prefetch_stall_ms"],
-            "bytes_h2d": mean["stem/bytes_h2d"], "cache_hit_rate": mean["stem/cache_hit_rate"],
+            "bytes_h2d": mean["stem/bytes_h2d"],
+            "cache_hit_rate": mean["stem/cache_hit_rate"],
             "sparse_optim_ms": mean["stem/sparse_optim_ms"],
-            "overlapped_tables": mean["stem/overlapped_tables"]}
+            "overlapped_tables": mean["stem/overlapped_tables"],
+        }
     device_ms = result["variants"]["device"]["step_ms"]
     result["host_vs_device"] = result["variants"]["host"]["step_ms"] / device_ms
     result["host_cache_vs_device"] = result["variants"]["host_cache"]["step_ms"] / device_ms
     noclip_ms = result["variants"]["device_noclip"]["step_ms"]
-    result["host_noclip_vs_device_noclip"] = result["variants"]["host_noclip"]["step_ms"] / noclip_ms
-    result["host_overlap_vs_device_noclip"] = (result["variants"]["host_overlap"]["step_ms"]
-                                               / noclip_ms)
+    result["host_noclip_vs_device_noclip"] = (
+        result["variants"]["host_noclip"]["step_ms"] / noclip_ms
+    )
+    result["host_overlap_vs_device_noclip"] = (
+        result["variants"]["host_overlap"]["step_ms"] / noclip_ms
+    )
     del trainers
     return result
 
 
 def print_table(results: list[dict]) -> None:
-    print("| model | params | variant | step ms | x device | stall ms | MB h2d/step | cache hits "
-          "| table update ms | tables overlapped |")
+    print(
+        "| model | params | variant | step ms | x device | stall ms | MB h2d/step | cache hits "
+        "| table update ms | tables overlapped |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         for variant, v in r["variants"].items():
             # The no-clip variants compare with the device run without clipping.
-            base = r["variants"]["device_noclip" if "noclip" in variant or "overlap" in variant
-                                 else "device"]["step_ms"]
-            print(f"| {r['model']} | {r['total_params'] / 1e6:.1f}M | {variant} | "
-                  f"{v['step_ms']:.0f} | {v['step_ms'] / base:.3f} | "
-                  f"{v['prefetch_stall_ms']:.2f} | {v['bytes_h2d'] / 1e6:.2f} | "
-                  f"{v['cache_hit_rate']:.1%} | {v['sparse_optim_ms']:.1f} | "
-                  f"{v['overlapped_tables']:.0f} |")
+            base = r["variants"][
+                "device_noclip" if "noclip" in variant or "overlap" in variant else "device"
+            ]["step_ms"]
+            print(
+                f"| {r['model']} | {r['total_params'] / 1e6:.1f}M | {variant} | "
+                f"{v['step_ms']:.0f} | {v['step_ms'] / base:.3f} | "
+                f"{v['prefetch_stall_ms']:.2f} | {v['bytes_h2d'] / 1e6:.2f} | "
+                f"{v['cache_hit_rate']:.1%} | {v['sparse_optim_ms']:.1f} | "
+                f"{v['overlapped_tables']:.0f} |"
+            )
 
 
 def main() -> None:
@@ -128,8 +173,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--cache-rows", type=int, default=1024)
-    parser.add_argument("--override", nargs="*", default=[],
-                        help="extra section.key=value overrides for every model (smoke test)")
+    parser.add_argument(
+        "--override",
+        nargs="*",
+        default=[],
+        help="extra section.key=value overrides for every model (smoke test)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/host_tables.json")
     args = parser.parse_args()
@@ -143,17 +192,26 @@ def main() -> None:
             for model in args.models:
                 results.append(bench_model(model, args, Path(tmp), parallel))
                 r = results[-1]
-                print(f"{model}: {r['total_params']:,} parameters "
-                      f"({r['active_params']:,} active per token), {r['tokens_per_step']} "
-                      f"tokens per step: host {r['host_vs_device']:.3f}x device, host + cache "
-                      f"{r['host_cache_vs_device']:.3f}x; without clipping: host "
-                      f"{r['host_noclip_vs_device_noclip']:.3f}x, host with the overlapped "
-                      f"update {r['host_overlap_vs_device_noclip']:.3f}x", flush=True)
+                print(
+                    f"{model}: {r['total_params']:,} parameters "
+                    f"({r['active_params']:,} active per token), {r['tokens_per_step']} "
+                    f"tokens per step: host {r['host_vs_device']:.3f}x device, host + cache "
+                    f"{r['host_cache_vs_device']:.3f}x; without clipping: host "
+                    f"{r['host_noclip_vs_device_noclip']:.3f}x, host with the overlapped "
+                    f"update {r['host_overlap_vs_device_noclip']:.3f}x",
+                    flush=True,
+                )
     finally:
         parallel.destroy()
     print_table(results)
-    out = {"load_before": load, "load_after": os.getloadavg()[0], "threads": args.threads,
-           "steps": args.steps, "warmup": args.warmup, "results": results}
+    out = {
+        "load_before": load,
+        "load_after": os.getloadavg()[0],
+        "threads": args.threads,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "results": results,
+    }
     print(f"load average (1 min) after: {out['load_after']:.2f}")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2))

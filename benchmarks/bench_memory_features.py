@@ -50,9 +50,17 @@ CONFIG = ROOT / "configs" / "tiny.yaml"
 MODELS = {
     "tiny": [],  # configs/tiny.yaml as shipped: 25M total / 6M active parameters
     # ~117M total / ~50M dense parameters: 8 layers of width 768, STEM in layers 1, 3, 5, 7.
-    "100m": ["model.num_layers=8", "model.hidden_size=768", "model.ffn_hidden_size=2048",
-             "model.num_attention_heads=12", "model.num_query_groups=4", "model.seq_length=128",
-             "stem.layers=[1,3,5,7]", "train.micro_batch_size=2", "train.global_batch_size=4"],
+    "100m": [
+        "model.num_layers=8",
+        "model.hidden_size=768",
+        "model.ffn_hidden_size=2048",
+        "model.num_attention_heads=12",
+        "model.num_query_groups=4",
+        "model.seq_length=128",
+        "stem.layers=[1,3,5,7]",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=4",
+    ],
 }
 BF16, DIST_OPT = "train.bf16=true", "optim.use_distributed_optimizer=true"
 TP2 = "parallel.tensor_model_parallel_size=2"
@@ -60,8 +68,15 @@ TP2 = "parallel.tensor_model_parallel_size=2"
 VARIANTS = {
     "baseline": (1, [], None),
     "bf16": (1, [BF16], "baseline"),
-    "recompute_full": (1, ["model.recompute_granularity=full", "model.recompute_method=uniform",
-                           "model.recompute_num_layers=1"], "baseline"),
+    "recompute_full": (
+        1,
+        [
+            "model.recompute_granularity=full",
+            "model.recompute_method=uniform",
+            "model.recompute_num_layers=1",
+        ],
+        "baseline",
+    ),
     "recompute_selective": (1, ["model.recompute_granularity=selective"], "baseline"),
     "dp2": (2, [], "baseline"),
     "dp2_distributed_optimizer": (2, [DIST_OPT], "dp2"),
@@ -69,8 +84,11 @@ VARIANTS = {
     "tp2": (2, [TP2], "baseline"),
     "tp2_sequence_parallel": (2, [TP2, "parallel.sequence_parallel=true"], "tp2"),
     "bf16_distributed_optimizer": (1, [BF16, DIST_OPT], "bf16"),
-    "bf16_distributed_optimizer_offload": (1, [BF16, DIST_OPT, "optim.optimizer_cpu_offload=true"],
-                                           "bf16_distributed_optimizer"),
+    "bf16_distributed_optimizer_offload": (
+        1,
+        [BF16, DIST_OPT, "optim.optimizer_cpu_offload=true"],
+        "bf16_distributed_optimizer",
+    ),
 }
 POLL_S = 0.05
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -78,8 +96,11 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 def children(pid: int) -> list[int]:
     try:
-        return [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
-                for c in (task / "children").read_text().split()]
+        return [
+            int(c)
+            for task in Path(f"/proc/{pid}/task").iterdir()
+            for c in (task / "children").read_text().split()
+        ]
     except (FileNotFoundError, ProcessLookupError):  # exited meanwhile
         return []
 
@@ -132,13 +153,28 @@ def logged_steps(metrics: Path) -> list[dict]:
     return [json.loads(line) for line in lines if line.endswith("}")]  # a line being written is not
 
 
-def run_config(processes: int, overrides: list[str], run_dir: Path, steps: int, warmup: int,
-               threads: int, timeout: float) -> dict:
+def run_config(
+    processes: int,
+    overrides: list[str],
+    run_dir: Path,
+    steps: int,
+    warmup: int,
+    threads: int,
+    timeout: float,
+) -> dict:
     """Train `steps` steps. Returns the logged step records, the ranks' CPU seconds summed when
     each step's line appeared, and each rank's peak RSS before the final save; or the
     failure's most telling line."""
-    cmd = ["bash", str(ROOT / "launch" / "torchrun.sh"), str(processes), str(CONFIG), *overrides,
-           *run_overrides(steps, run_dir), "--sample-prompt", ""]
+    cmd = [
+        "bash",
+        str(ROOT / "launch" / "torchrun.sh"),
+        str(processes),
+        str(CONFIG),
+        *overrides,
+        *run_overrides(steps, run_dir),
+        "--sample-prompt",
+        "",
+    ]
     metrics = run_dir / "metrics.jsonl"
     log = run_dir.with_suffix(".log")
     startup: dict[int, int] = {}  # rank -> peak RSS until its first --warmup steps ended
@@ -147,9 +183,14 @@ def run_config(processes: int, overrides: list[str], run_dir: Path, steps: int, 
     deadline = time.monotonic() + timeout
     with log.open("w") as out:
         # Its own session: a timeout kills the launcher and its workers together.
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**os.environ, "PYTHON": sys.executable,
-                                     "OMP_NUM_THREADS": str(threads)}, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": str(threads)},
+            start_new_session=True,
+        )
         while proc.poll() is None:
             if time.monotonic() > deadline:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -172,23 +213,37 @@ def run_config(processes: int, overrides: list[str], run_dir: Path, steps: int, 
             time.sleep(POLL_S)
     records = [r for r in logged_steps(metrics) if "throughput/tokens_per_s" in r]
     if proc.returncode == 0 and len(records) == steps and len(peak) == processes:
-        return {"records": records, "cpu_at": cpu_at, "peak_rss_kib": sorted(peak.values()),
-                "startup_rss_kib": sorted(startup.values())}
+        return {
+            "records": records,
+            "cpu_at": cpu_at,
+            "peak_rss_kib": sorted(peak.values()),
+            "startup_rss_kib": sorted(startup.values()),
+        }
     if proc.returncode == 0:
-        return {"failed": f"{len(records)} of {steps} steps logged, RSS of {len(peak)} of "
-                          f"{processes} ranks sampled"}
+        return {
+            "failed": f"{len(records)} of {steps} steps logged, RSS of {len(peak)} of "
+            f"{processes} ranks sampled"
+        }
     lines = [line.strip() for line in log.read_text().splitlines() if line.strip()]
-    why = next((line for line in reversed(lines) if "error" in line.lower()),
-               lines[-1] if lines else "no output")
+    why = next(
+        (line for line in reversed(lines) if "error" in line.lower()),
+        lines[-1] if lines else "no output",
+    )
     ended = "timed out" if proc.returncode < 0 else f"exit {proc.returncode}"
     return {"failed": f"{ended}: {why[:300]}"}
 
 
 def run_overrides(steps: int, run_dir: Path) -> list[str]:
     """A short run: every step logged, no evaluation, one checkpoint at the end (not measured)."""
-    return [f"train.train_iters={steps}", "optim.lr_warmup_iters=1", "train.eval_interval=0",
-            "data.valid_data=null", "logging.log_interval=1", "checkpoint.save_interval=0",
-            f"logging.run_dir={run_dir}"]
+    return [
+        f"train.train_iters={steps}",
+        "optim.lr_warmup_iters=1",
+        "train.eval_interval=0",
+        "data.valid_data=null",
+        "logging.log_interval=1",
+        "checkpoint.save_interval=0",
+        f"logging.run_dir={run_dir}",
+    ]
 
 
 def measure(overrides: list[str], processes: int, run_dir: Path, args: argparse.Namespace) -> dict:
@@ -196,8 +251,9 @@ def measure(overrides: list[str], processes: int, run_dir: Path, args: argparse.
         config = load_config(CONFIG, [*overrides, *run_overrides(args.steps, run_dir)])
     except ConfigError as exc:
         return {"status": f"refused by the config: {exc}"}
-    raw = run_config(processes, overrides, run_dir, args.steps, args.warmup, args.threads,
-                     args.timeout)
+    raw = run_config(
+        processes, overrides, run_dir, args.steps, args.warmup, args.threads, args.timeout
+    )
     if "failed" in raw:
         return {"status": raw["failed"]}
     tokens = config.train.global_batch_size * config.model.seq_length
@@ -205,15 +261,24 @@ def measure(overrides: list[str], processes: int, run_dir: Path, args: argparse.
     # CPU seconds from one step's line to the next (the first step's include the start-up;
     # the last step's are missing if the ranks exit before a poll sees its line).
     cpu_at = raw["cpu_at"]
-    cpu_s = [cpu_at[n] - cpu_at[n - 1] for n in range(args.warmup + 1, args.steps + 1)
-             if n in cpu_at and n - 1 in cpu_at]
+    cpu_s = [
+        cpu_at[n] - cpu_at[n - 1]
+        for n in range(args.warmup + 1, args.steps + 1)
+        if n in cpu_at and n - 1 in cpu_at
+    ]
     first = raw["records"][0]
-    return {"status": "ok", "step_s": step_s, "median_step_s": statistics.median(step_s[args.warmup:]),
-            "step_cpu_s": cpu_s, "median_step_cpu_s": statistics.median(cpu_s) if cpu_s else None,
-            "peak_rss_mib": max(raw["peak_rss_kib"]) / 1024,
-            "startup_peak_rss_mib": max(raw["startup_rss_kib"]) / 1024,
-            "rank_peak_rss_mib": [kib / 1024 for kib in raw["peak_rss_kib"]],
-            "params_total": first.get("params/total"), "params_active": first.get("params/active")}
+    return {
+        "status": "ok",
+        "step_s": step_s,
+        "median_step_s": statistics.median(step_s[args.warmup :]),
+        "step_cpu_s": cpu_s,
+        "median_step_cpu_s": statistics.median(cpu_s) if cpu_s else None,
+        "peak_rss_mib": max(raw["peak_rss_kib"]) / 1024,
+        "startup_peak_rss_mib": max(raw["startup_rss_kib"]) / 1024,
+        "rank_peak_rss_mib": [kib / 1024 for kib in raw["peak_rss_kib"]],
+        "params_total": first.get("params/total"),
+        "params_active": first.get("params/active"),
+    }
 
 
 def with_comparisons(chosen: list[str]) -> list[str]:
@@ -243,21 +308,40 @@ def add_ratios(rows: dict[str, dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    parser.add_argument("--variants", nargs="+", default=["all"], choices=["all", *VARIANTS],
-                        help="configurations to run (default: all); the baseline and the "
-                             "configurations they are compared with run too")
-    parser.add_argument("--steps", type=int, default=4, help="steps per run, --warmup of them untimed")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["all"],
+        choices=["all", *VARIANTS],
+        help="configurations to run (default: all); the baseline and the "
+        "configurations they are compared with run too",
+    )
+    parser.add_argument(
+        "--steps", type=int, default=4, help="steps per run, --warmup of them untimed"
+    )
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads per rank (OMP_NUM_THREADS); with 1, CPU time is work, "
-                             "not threads spinning while a loaded machine runs others")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads per rank (OMP_NUM_THREADS); with 1, CPU time is work, "
+        "not threads spinning while a loaded machine runs others",
+    )
     parser.add_argument("--timeout", type=float, default=900, help="seconds per run")
-    parser.add_argument("--override", nargs="*", default=[], help="section.key=value for every run "
-                        "(the smoke test: a small model and corpus)")
-    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "memory_features.json")
+    parser.add_argument(
+        "--override",
+        nargs="*",
+        default=[],
+        help="section.key=value for every run (the smoke test: a small model and corpus)",
+    )
+    parser.add_argument(
+        "--json", type=Path, default=Path(__file__).parent / "results" / "memory_features.json"
+    )
     args = parser.parse_args()
     if not 1 <= args.warmup < args.steps:  # CPU time per step starts after the first line
-        parser.error(f"--warmup must be in [1, --steps): got {args.warmup} with --steps {args.steps}")
+        parser.error(
+            f"--warmup must be in [1, --steps): got {args.warmup} with --steps {args.steps}"
+        )
     variants = with_comparisons(list(VARIANTS) if "all" in args.variants else args.variants)
     load_before = os.getloadavg()
     results = {}
@@ -267,43 +351,66 @@ def main() -> None:
             for name in variants:
                 processes, overrides, _ = VARIANTS[name]
                 run_dir = Path(scratch) / f"{model}-{name}"
-                rows[name] = {"processes": processes, "overrides": overrides,
-                              **measure([*MODELS[model], *args.override, *overrides], processes, run_dir, args)}
+                rows[name] = {
+                    "processes": processes,
+                    "overrides": overrides,
+                    **measure(
+                        [*MODELS[model], *args.override, *overrides], processes, run_dir, args
+                    ),
+                }
                 shutil.rmtree(run_dir, ignore_errors=True)  # its checkpoint: up to GBs at 100M
                 print(f"{model} {name}: {rows[name]['status']}", flush=True)
             add_ratios(rows)
             results[model] = rows
-    out = {"steps": args.steps, "warmup": args.warmup, "threads": args.threads, "cores": os.cpu_count(),
-           "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
-           "models": {m: MODELS[m] + args.override for m in args.models}, "results": results}
+    out = {
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "threads": args.threads,
+        "cores": os.cpu_count(),
+        "load_avg_before": load_before,
+        "load_avg_after": os.getloadavg(),
+        "models": {m: MODELS[m] + args.override for m in args.models},
+        "results": results,
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(args.json, json.dumps(out, indent=2) + "\n")
     print_report(out)
 
 
 def print_report(out: dict) -> None:
-    print(f"\n{out['steps']} steps per run ({out['warmup']} untimed), {out['cores']} cores, load avg "
-          f"{out['load_avg_before'][0]:.1f} -> {out['load_avg_after'][0]:.1f}; ratios: the feature on "
-          f"/ the same layout off (x off), and / the one-process baseline (x base). Wall step time "
-          f"follows the machine's load; CPU s is the ranks' CPU time per step, summed")
-    print("\n| model | configuration | procs | step s | x off | x base | step CPU s | x off | x base "
-          "| peak RSS MiB | x off | x base |")
+    print(
+        f"\n{out['steps']} steps per run ({out['warmup']} untimed), {out['cores']} cores, load avg "
+        f"{out['load_avg_before'][0]:.1f} -> {out['load_avg_after'][0]:.1f}; ratios: the feature on "
+        f"/ the same layout off (x off), and / the one-process baseline (x base). Wall step time "
+        f"follows the machine's load; CPU s is the ranks' CPU time per step, summed"
+    )
+    print(
+        "\n| model | configuration | procs | step s | x off | x base | step CPU s | x off | x base "
+        "| peak RSS MiB | x off | x base |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for model, rows in out["results"].items():
         for name, r in rows.items():
             if r["status"] != "ok":
                 print(f"| {model} | {name} | {r['processes']} | {r['status']} |" + " |" * 8)
                 continue
-            cells = [f"{r['median_step_s']:.2f}", *ratio_cells(r, "step_time"),
-                     f"{r['median_step_cpu_s']:.2f}" if r["median_step_cpu_s"] else "-",
-                     *ratio_cells(r, "step_cpu"), f"{r['peak_rss_mib']:.0f}",
-                     *ratio_cells(r, "peak_rss")]
+            cells = [
+                f"{r['median_step_s']:.2f}",
+                *ratio_cells(r, "step_time"),
+                f"{r['median_step_cpu_s']:.2f}" if r["median_step_cpu_s"] else "-",
+                *ratio_cells(r, "step_cpu"),
+                f"{r['peak_rss_mib']:.0f}",
+                *ratio_cells(r, "peak_rss"),
+            ]
             print(f"| {model} | {name} | {r['processes']} | " + " | ".join(cells) + " |")
 
 
 def ratio_cells(row: dict, figure: str) -> list[str]:
-    return [f"{row[key]:.2f}" if key in row else "-"
-            for key in (f"{figure}_vs_off", f"{figure}_vs_baseline")]
+    return [
+        f"{row[key]:.2f}" if key in row else "-"
+        for key in (f"{figure}_vs_off", f"{figure}_vs_baseline")
+    ]
+
 
 if __name__ == "__main__":
     main()

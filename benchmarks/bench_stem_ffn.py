@@ -66,7 +66,9 @@ def median_ms(steps: dict[str, Callable[[], None]], warmup: int, repeats: int) -
     return {name: 1e3 * statistics.median(t) for name, t in times.items()}
 
 
-def fwd_bwd(module: torch.nn.Module, x: torch.Tensor, ids: torch.Tensor, upstream: torch.Tensor) -> Callable[[], None]:
+def fwd_bwd(
+    module: torch.nn.Module, x: torch.Tensor, ids: torch.Tensor, upstream: torch.Tensor
+) -> Callable[[], None]:
     def step() -> None:
         for p in module.parameters():
             p.grad = None
@@ -80,8 +82,11 @@ def fwd_bwd(module: torch.nn.Module, x: torch.Tensor, ids: torch.Tensor, upstrea
 
 
 def bench_shape(tokens: int, hidden: int, ffn: int, vocab: int, args: argparse.Namespace) -> dict:
-    config = ModelParallelConfig(use_cpu_initialization=True, perform_initialization=False,
-                                 gradient_accumulation_fusion=False)
+    config = ModelParallelConfig(
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        gradient_accumulation_fusion=False,
+    )
     dense = SwiGLUMLP(hidden, ffn, config)
     stem = StemMLP(hidden, ffn, vocab, config, tp_size=1)
     with torch.no_grad():
@@ -95,14 +100,22 @@ def bench_shape(tokens: int, hidden: int, ffn: int, vocab: int, args: argparse.N
     ids = torch.multinomial(probs, tokens, replacement=True, generator=gen).view(shape)
     x = torch.randn(*shape, hidden, generator=gen).requires_grad_()
     upstream = torch.randn(*shape, hidden, generator=gen)
-    ms = median_ms({
-        "dense": fwd_bwd(dense, x, ids, upstream),
-        "stem": fwd_bwd(stem, x, ids, upstream),
-        "stem_dense_grad": fwd_bwd(EmbeddingDenseGradMLP(stem), x, ids, upstream),
-    }, args.warmup, args.repeats)
+    ms = median_ms(
+        {
+            "dense": fwd_bwd(dense, x, ids, upstream),
+            "stem": fwd_bwd(stem, x, ids, upstream),
+            "stem_dense_grad": fwd_bwd(EmbeddingDenseGradMLP(stem), x, ids, upstream),
+        },
+        args.warmup,
+        args.repeats,
+    )
     return {
-        "tokens": tokens, "hidden": hidden, "ffn_hidden": ffn, "vocab": vocab,
-        "unique_ids": int(ids.unique().numel()), "ms": ms,
+        "tokens": tokens,
+        "hidden": hidden,
+        "ffn_hidden": ffn,
+        "vocab": vocab,
+        "unique_ids": int(ids.unique().numel()),
+        "ms": ms,
         "stem_vs_dense": ms["stem"] / ms["dense"],
         "stem_dense_grad_vs_dense": ms["stem_dense_grad"] / ms["dense"],
         "stem_vs_stem_dense_grad": ms["stem"] / ms["stem_dense_grad"],
@@ -112,10 +125,14 @@ def bench_shape(tokens: int, hidden: int, ffn: int, vocab: int, args: argparse.N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--shapes", nargs="+", default=DEFAULT_SHAPES, help="tokens,hidden,ffn,vocab")
+    parser.add_argument(
+        "--shapes", nargs="+", default=DEFAULT_SHAPES, help="tokens,hidden,ffn,vocab"
+    )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "stem_ffn.json")
+    parser.add_argument(
+        "--json", type=Path, default=Path(__file__).parent / "results" / "stem_ffn.json"
+    )
     args = parser.parse_args()
 
     load_before = os.getloadavg()
@@ -124,19 +141,31 @@ def main() -> None:
         results = [bench_shape(*map(int, s.split(",")), args) for s in args.shapes]
     finally:
         parallel.destroy()
-    out = {"threads": torch.get_num_threads(), "repeats": args.repeats, "warmup": args.warmup,
-           "load_avg_before": load_before, "load_avg_after": os.getloadavg(), "results": results}
+    out = {
+        "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "load_avg_before": load_before,
+        "load_avg_after": os.getloadavg(),
+        "results": results,
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(out, indent=2) + "\n")
 
-    print(f"\n{out['threads']} threads, load avg {load_before[0]:.2f} -> {out['load_avg_after'][0]:.2f}")
-    print("\n| tokens | d | d_ff | V | unique ids | dense ms | STEM ms | emb+dense grad ms | STEM/dense | emb/dense | STEM/emb |")
+    print(
+        f"\n{out['threads']} threads, load avg {load_before[0]:.2f} -> {out['load_avg_after'][0]:.2f}"
+    )
+    print(
+        "\n| tokens | d | d_ff | V | unique ids | dense ms | STEM ms | emb+dense grad ms | STEM/dense | emb/dense | STEM/emb |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         m = r["ms"]
-        print(f"| {r['tokens']} | {r['hidden']} | {r['ffn_hidden']} | {r['vocab']} | {r['unique_ids']} | "
-              f"{m['dense']:.1f} | {m['stem']:.1f} | {m['stem_dense_grad']:.1f} | {r['stem_vs_dense']:.2f} | "
-              f"{r['stem_dense_grad_vs_dense']:.2f} | {r['stem_vs_stem_dense_grad']:.2f} |")
+        print(
+            f"| {r['tokens']} | {r['hidden']} | {r['ffn_hidden']} | {r['vocab']} | {r['unique_ids']} | "
+            f"{m['dense']:.1f} | {m['stem']:.1f} | {m['stem_dense_grad']:.1f} | {r['stem_vs_dense']:.2f} | "
+            f"{r['stem_dense_grad_vs_dense']:.2f} | {r['stem_vs_stem_dense_grad']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

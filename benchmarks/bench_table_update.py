@@ -41,8 +41,12 @@ BYTES_PER_ELEMENT = 28
 ZIPF_EXPONENT = 1.1
 
 
-def median_ms(step: Callable[[], None], warmup: int, repeats: int,
-              clock: Callable[[], float] = time.perf_counter) -> float:
+def median_ms(
+    step: Callable[[], None],
+    warmup: int,
+    repeats: int,
+    clock: Callable[[], float] = time.perf_counter,
+) -> float:
     """Median milliseconds of `step` by `clock` (time.process_time: CPU time, which a loaded
     machine's waits do not inflate)."""
     for _ in range(warmup):
@@ -55,20 +59,30 @@ def median_ms(step: Callable[[], None], warmup: int, repeats: int,
     return 1e3 * statistics.median(times)
 
 
-def draw_rows(rows: int, count: int, dist: str, steps: int, gen: torch.Generator) -> list[torch.Tensor]:
+def draw_rows(
+    rows: int, count: int, dist: str, steps: int, gen: torch.Generator
+) -> list[torch.Tensor]:
     """`steps` sorted sets of `count` distinct row ids."""
     if dist == "uniform":
         return [torch.randperm(rows, generator=gen)[:count].sort().values for _ in range(steps)]
     probs = 1.0 / torch.arange(1, rows + 1, dtype=torch.float64) ** ZIPF_EXPONENT
-    return [torch.multinomial(probs, count, replacement=False, generator=gen).sort().values for _ in range(steps)]
+    return [
+        torch.multinomial(probs, count, replacement=False, generator=gen).sort().values
+        for _ in range(steps)
+    ]
 
 
 def new_table(rows: int, dim: int) -> torch.nn.Parameter:
     return torch.nn.Parameter(torch.randn(rows, dim) * 0.02)
 
 
-def time_dense(make_opt: Callable[[torch.nn.Parameter], torch.optim.Optimizer], rows: int, dim: int,
-               warmup: int, repeats: int) -> float:
+def time_dense(
+    make_opt: Callable[[torch.nn.Parameter], torch.optim.Optimizer],
+    rows: int,
+    dim: int,
+    warmup: int,
+    repeats: int,
+) -> float:
     table = new_table(rows, dim)
     table.grad = torch.randn(rows, dim) * 1e-3
     opt = make_opt(table)
@@ -88,12 +102,19 @@ def deepspeed_adam() -> tuple[Callable[[torch.nn.Parameter], torch.optim.Optimiz
     return (lambda t: DeepSpeedCPUAdam([t], lr=1e-3, weight_decay=0.1, adamw_mode=True)), "ok"
 
 
-def time_sparse_row(mode: str, kernel: str, id_sets: list[torch.Tensor], grad: torch.Tensor,
-                    args: argparse.Namespace) -> float:
+def time_sparse_row(
+    mode: str,
+    kernel: str,
+    id_sets: list[torch.Tensor],
+    grad: torch.Tensor,
+    args: argparse.Namespace,
+) -> float:
     table = new_table(args.rows, args.dim)
     opt = SparseRowAdamW({"u": table}, lr=1e-3, weight_decay=0.1, mode=mode, kernel=kernel)  # type: ignore[arg-type]
     zeros = torch.zeros(()).expand(*table.shape)
-    opt.load_state_dict({"step": args.start_step, "tables": {"u": {"exp_avg": zeros, "exp_avg_sq": zeros}}})
+    opt.load_state_dict(
+        {"step": args.start_step, "tables": {"u": {"exp_avg": zeros, "exp_avg_sq": zeros}}}
+    )
     stream = iter(id_sets)
     if mode == "exact":
         for _ in range(args.history):
@@ -101,10 +122,17 @@ def time_sparse_row(mode: str, kernel: str, id_sets: list[torch.Tensor], grad: t
     return median_ms(lambda: opt.step({"u": (next(stream), grad)}), args.warmup, args.repeats)
 
 
-def time_torch_sparse_adam(id_sets: list[torch.Tensor], grad: torch.Tensor, args: argparse.Namespace) -> float:
+def time_torch_sparse_adam(
+    id_sets: list[torch.Tensor], grad: torch.Tensor, args: argparse.Namespace
+) -> float:
     table = new_table(args.rows, args.dim)
     opt = torch.optim.SparseAdam([table], lr=1e-3)
-    grads = iter([torch.sparse_coo_tensor(ids[None], grad, table.shape) for ids in id_sets[:args.warmup + args.repeats]])
+    grads = iter(
+        [
+            torch.sparse_coo_tensor(ids[None], grad, table.shape)
+            for ids in id_sets[: args.warmup + args.repeats]
+        ]
+    )
 
     def step() -> None:
         table.grad = next(grads)
@@ -118,23 +146,36 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=32000)
     parser.add_argument("--dim", type=int, default=2560)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.01, 0.05, 0.25])
-    parser.add_argument("--dists", nargs="+", default=["zipf", "uniform"], choices=["zipf", "uniform"])
+    parser.add_argument(
+        "--dists", nargs="+", default=["zipf", "uniform"], choices=["zipf", "uniform"]
+    )
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--history", type=int, default=250, help="untimed exact-mode steps first")
     parser.add_argument("--start-step", type=int, default=10000)
     parser.add_argument("--no-deepspeed", action="store_true")
-    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "table_update.json")
+    parser.add_argument(
+        "--json", type=Path, default=Path(__file__).parent / "results" / "table_update.json"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     load_before = os.getloadavg()
     elements = args.rows * args.dim
-    fused = time_dense(lambda t: torch.optim.AdamW([t], lr=1e-3, weight_decay=0.1, fused=True),
-                       args.rows, args.dim, args.warmup, args.repeats)
+    fused = time_dense(
+        lambda t: torch.optim.AdamW([t], lr=1e-3, weight_decay=0.1, fused=True),
+        args.rows,
+        args.dim,
+        args.warmup,
+        args.repeats,
+    )
     stream_gbs = elements * BYTES_PER_ELEMENT / fused / 1e6
-    make_ds, ds_status = (None, "skipped (--no-deepspeed)") if args.no_deepspeed else deepspeed_adam()
-    deepspeed_ms = time_dense(make_ds, args.rows, args.dim, args.warmup, args.repeats) if make_ds else None
+    make_ds, ds_status = (
+        (None, "skipped (--no-deepspeed)") if args.no_deepspeed else deepspeed_adam()
+    )
+    deepspeed_ms = (
+        time_dense(make_ds, args.rows, args.dim, args.warmup, args.repeats) if make_ds else None
+    )
     probe = SparseRowAdamW({"u": new_table(2, 8)})
 
     results = []
@@ -147,21 +188,36 @@ def main() -> None:
             row = {"dist": dist, "fraction": fraction, "touched_rows": count, "ms": {}}
             row["ms"]["exact"] = time_sparse_row("exact", "auto", id_sets, grad, args)
             for kernel in ("auto", "torch_fused", "torch"):
-                row["ms"]["lazy" if kernel == "auto" else f"lazy_{kernel}"] = time_sparse_row("lazy", kernel, id_sets, grad, args)
+                row["ms"]["lazy" if kernel == "auto" else f"lazy_{kernel}"] = time_sparse_row(
+                    "lazy", kernel, id_sets, grad, args
+                )
             row["ms"]["torch_sparse_adam"] = time_torch_sparse_adam(id_sets, grad, args)
             touched_gb = count * args.dim * BYTES_PER_ELEMENT / 1e9
             row["speedup_vs_fused"] = {k: fused / v for k, v in row["ms"].items()}
-            row["row_update_gbs"] = {k: touched_gb / (row["ms"][k] / 1e3) for k in ("lazy", "exact")}
-            row["fraction_of_stream"] = {k: g / stream_gbs for k, g in row["row_update_gbs"].items()}
+            row["row_update_gbs"] = {
+                k: touched_gb / (row["ms"][k] / 1e3) for k in ("lazy", "exact")
+            }
+            row["fraction_of_stream"] = {
+                k: g / stream_gbs for k, g in row["row_update_gbs"].items()
+            }
             results.append(row)
 
     out = {
-        "rows": args.rows, "dim": args.dim, "threads": torch.get_num_threads(),
-        "row_kernel": probe.kernel, "start_step": args.start_step, "history": args.history,
-        "repeats": args.repeats, "warmup": args.warmup, "zipf_exponent": ZIPF_EXPONENT,
-        "load_avg_before": load_before, "load_avg_after": os.getloadavg(),
-        "fused_adamw_ms": fused, "stream_gbs": stream_gbs,
-        "deepspeed_cpu_adam_ms": deepspeed_ms, "deepspeed_status": ds_status,
+        "rows": args.rows,
+        "dim": args.dim,
+        "threads": torch.get_num_threads(),
+        "row_kernel": probe.kernel,
+        "start_step": args.start_step,
+        "history": args.history,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "zipf_exponent": ZIPF_EXPONENT,
+        "load_avg_before": load_before,
+        "load_avg_after": os.getloadavg(),
+        "fused_adamw_ms": fused,
+        "stream_gbs": stream_gbs,
+        "deepspeed_cpu_adam_ms": deepspeed_ms,
+        "deepspeed_status": ds_status,
         "results": results,
     }
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -170,18 +226,37 @@ def main() -> None:
 
 
 def print_report(out: dict) -> None:
-    ds = f"{out['deepspeed_cpu_adam_ms']:.1f} ms" if out["deepspeed_cpu_adam_ms"] else out["deepspeed_status"]
-    print(f"\ntable {out['rows']} x {out['dim']} fp32, {out['threads']} threads, row kernel {out['row_kernel']}, "
-          f"load avg {out['load_avg_before'][0]:.2f} -> {out['load_avg_after'][0]:.2f}")
-    print(f"whole table: AdamW(fused=True) {out['fused_adamw_ms']:.1f} ms ({out['stream_gbs']:.1f} GB/s at 28 B/element), "
-          f"DeepSpeedCPUAdam {ds}")
+    ds = (
+        f"{out['deepspeed_cpu_adam_ms']:.1f} ms"
+        if out["deepspeed_cpu_adam_ms"]
+        else out["deepspeed_status"]
+    )
+    print(
+        f"\ntable {out['rows']} x {out['dim']} fp32, {out['threads']} threads, row kernel {out['row_kernel']}, "
+        f"load avg {out['load_avg_before'][0]:.2f} -> {out['load_avg_after'][0]:.2f}"
+    )
+    print(
+        f"whole table: AdamW(fused=True) {out['fused_adamw_ms']:.1f} ms ({out['stream_gbs']:.1f} GB/s at 28 B/element), "
+        f"DeepSpeedCPUAdam {ds}"
+    )
     cols = ["exact", "lazy", "lazy_torch_fused", "lazy_torch", "torch_sparse_adam"]
-    print("\n| rows | touched | " + " | ".join(f"{c} ms (x fused)" for c in cols) + " | lazy GB/s (of stream) | exact GB/s (of stream) |")
+    print(
+        "\n| rows | touched | "
+        + " | ".join(f"{c} ms (x fused)" for c in cols)
+        + " | lazy GB/s (of stream) | exact GB/s (of stream) |"
+    )
     print("|" + "---|" * (len(cols) + 4))
     for r in out["results"]:
         cells = [f"{r['ms'][c]:.2f} ({r['speedup_vs_fused'][c]:.1f}x)" for c in cols]
-        bw = [f"{r['row_update_gbs'][k]:.1f} ({100 * r['fraction_of_stream'][k]:.0f}%)" for k in ("lazy", "exact")]
-        print(f"| {r['dist']} | {100 * r['fraction']:g}% ({r['touched_rows']}) | " + " | ".join(cells + bw) + " |")
+        bw = [
+            f"{r['row_update_gbs'][k]:.1f} ({100 * r['fraction_of_stream'][k]:.0f}%)"
+            for k in ("lazy", "exact")
+        ]
+        print(
+            f"| {r['dist']} | {100 * r['fraction']:g}% ({r['touched_rows']}) | "
+            + " | ".join(cells + bw)
+            + " |"
+        )
 
 
 if __name__ == "__main__":

@@ -18,8 +18,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         default = action.default
-        if default is None or default is False or default == [] or \
-                "default" in (action.help or ""):
+        if default is None or default is False or default == [] or "default" in (action.help or ""):
             return action.help
         return super()._get_help_string(action)
 
@@ -48,5 +47,6 @@ def int_list(text: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, e.g. 1,3, "
-                                         f"got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, e.g. 1,3, got {text!r}"
+        ) from None

@@ -22,7 +22,6 @@ import yaml
 from stem_megatron.atomic_file import write_text_atomically
 from stem_megatron.repo_paths import data_from_repo_root, from_repo_root
 
-
 STORAGE_TIERS = ("device", "host", "mmap")  # where STEM tables live (stem/storage.py)
 ROPE_SCALING_TYPES = ("none", "llama3")  # model/rope.py
 
@@ -63,7 +62,9 @@ class ModelConfig:
     # recompute_method and recompute_num_layers) or "selective" (the attention core); None: off.
     recompute_granularity: str | None = None
     recompute_method: str | None = None  # full only: "uniform" | "block"
-    recompute_num_layers: int | None = None  # full only: layers per group (uniform) or per stage (block)
+    recompute_num_layers: int | None = (
+        None  # full only: layers per group (uniform) or per stage (block)
+    )
 
 
 @dataclass
@@ -210,8 +211,9 @@ class RunConfig:
         """This config with the values left to defaults spelled out (the vocab size the
         tokenizer gave, the STEM layers chosen), as a run records it."""
         model = dataclasses.replace(self.model, vocab_size=vocab_size)
-        stem = dataclasses.replace(self.stem, layers=self.stem_layers() if self.stem.enabled
-                                   else self.stem.layers)
+        stem = dataclasses.replace(
+            self.stem, layers=self.stem_layers() if self.stem.enabled else self.stem.layers
+        )
         return dataclasses.replace(self, model=model, stem=stem)
 
     def to_dict(self) -> dict[str, Any]:
@@ -295,9 +297,11 @@ def _apply_override(tree: dict[str, Any], override: str) -> None:
     try:
         node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{override}': value is not valid YAML "
-                          f"({_yaml_problem(exc)}); quote strings, close brackets, e.g. "
-                          f"stem.layers=[1,3]") from None
+        raise ConfigError(
+            f"override '{override}': value is not valid YAML "
+            f"({_yaml_problem(exc)}); quote strings, close brackets, e.g. "
+            f"stem.layers=[1,3]"
+        ) from None
 
 
 def _yaml_problem(exc: yaml.YAMLError) -> str:
@@ -330,15 +334,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         path = Path(from_repo_root(str(path)))  # configs/tiny.yaml from any directory
         if path.is_dir():
-            raise ConfigError(f"--config '{path}' is a directory: name a YAML file in it, "
-                              f"e.g. configs/tiny.yaml")
+            raise ConfigError(
+                f"--config '{path}' is a directory: name a YAML file in it, e.g. configs/tiny.yaml"
+            )
         if not path.is_file():
             raise ConfigError(f"config file '{path}' does not exist")
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as exc:
-            raise ConfigError(f"config file '{path}' is not valid YAML: "
-                              f"{_yaml_problem(exc)}") from None
+            raise ConfigError(
+                f"config file '{path}' is not valid YAML: {_yaml_problem(exc)}"
+            ) from None
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"config file '{path}' cannot be read as UTF-8 text: {exc}") from None
         if not isinstance(loaded, dict):
@@ -349,7 +355,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(tree, overrides or [])
 
 
-def config_from_dict(tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def config_from_dict(
+    tree: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()
+) -> RunConfig:
     """A validated config from a config tree (a YAML file's, or the resolved one a checkpoint
     records), with `section.key=value` overrides applied; missing fields take their defaults.
     `tree` itself is not modified."""

@@ -25,10 +25,19 @@ StemIds = Callable[[list[int]], list[int]]
 
 
 @torch.no_grad()
-def generate_ids(model: torch.nn.Module, prompt_ids: list[int], *, max_new_tokens: int,
-                 vocab_size: int, seq_length: int, temperature: float = 0.0,
-                 top_k: int | None = None, seed: int = 0,
-                 device: torch.device | str = "cpu", stem_ids: StemIds | None = None) -> list[int]:
+def generate_ids(
+    model: torch.nn.Module,
+    prompt_ids: list[int],
+    *,
+    max_new_tokens: int,
+    vocab_size: int,
+    seq_length: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    stem_ids: StemIds | None = None,
+) -> list[int]:
     """Continue `prompt_ids` with ids below `vocab_size`. temperature 0 is greedy; top_k keeps
     the k likeliest tokens.
     `stem_ids` (optional) gives, for each context, the ids its STEM tables are indexed by."""
@@ -67,20 +76,38 @@ def generate_ids(model: torch.nn.Module, prompt_ids: list[int], *, max_new_token
     return ids
 
 
-def generate_text(model: torch.nn.Module, tokenizer: Tokenizer, prompt: str, *,
-                  max_new_tokens: int = 50, temperature: float = 0.0, top_k: int | None = None,
-                  seed: int = 0, stem_ids: StemIds | None = None) -> str:
+def generate_text(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    prompt: str,
+    *,
+    max_new_tokens: int = 50,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    stem_ids: StemIds | None = None,
+) -> str:
     """Prompt plus continuation, decoded. Only ids the tokenizer can decode are generated:
     a model vocab set larger than the tokenizer's has rows no text maps to."""
     spec = model.spec
     if tokenizer.vocab_size > spec.vocab_size:
-        raise ValueError(f"the tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but the "
-                         f"model only {spec.vocab_size}: use the tokenizer the model was trained with")
+        raise ValueError(
+            f"the tokenizer {tokenizer.name} has {tokenizer.vocab_size} tokens but the "
+            f"model only {spec.vocab_size}: use the tokenizer the model was trained with"
+        )
     device = next(model.parameters()).device
-    ids = generate_ids(model, tokenizer.encode(prompt), max_new_tokens=max_new_tokens,
-                       vocab_size=tokenizer.vocab_size, seq_length=spec.model.seq_length,
-                       temperature=temperature, top_k=top_k, seed=seed, device=device,
-                       stem_ids=stem_ids)
+    ids = generate_ids(
+        model,
+        tokenizer.encode(prompt),
+        max_new_tokens=max_new_tokens,
+        vocab_size=tokenizer.vocab_size,
+        seq_length=spec.model.seq_length,
+        temperature=temperature,
+        top_k=top_k,
+        seed=seed,
+        device=device,
+        stem_ids=stem_ids,
+    )
     return tokenizer.decode(ids)
 
 
@@ -96,34 +123,63 @@ class SampleSettings:
     top_k: int = 40
 
     def generate(self, model: torch.nn.Module, tokenizer: Tokenizer) -> str:
-        return generate_text(model, tokenizer, self.prompt, max_new_tokens=self.max_new_tokens,
-                             temperature=self.temperature, top_k=self.top_k, seed=self.seed)
+        return generate_text(
+            model,
+            tokenizer,
+            self.prompt,
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_k=self.top_k,
+            seed=self.seed,
+        )
 
     def command(self, checkpoint: str | Path) -> str:
         tool = REPO_ROOT / "tools" / "generate.py"
         here = Path.cwd().resolve()
         if tool.is_relative_to(here):  # as the README writes it, from the repository
             tool = tool.relative_to(here)
-        return shlex.join([
-            "python", str(tool), "--checkpoint", str(checkpoint), "--prompt", self.prompt,
-            "--max-new-tokens", str(self.max_new_tokens), "--temperature", str(self.temperature),
-            "--top-k", str(self.top_k), "--seed", str(self.seed)])
+        return shlex.join(
+            [
+                "python",
+                str(tool),
+                "--checkpoint",
+                str(checkpoint),
+                "--prompt",
+                self.prompt,
+                "--max-new-tokens",
+                str(self.max_new_tokens),
+                "--temperature",
+                str(self.temperature),
+                "--top-k",
+                str(self.top_k),
+                "--seed",
+                str(self.seed),
+            ]
+        )
 
 
-def end_of_run_sample(model: torch.nn.Module, tokenizer: Tokenizer, parallel: ParallelState,
-                      settings: SampleSettings, checkpoint: str | Path) -> str | None:
+def end_of_run_sample(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    parallel: ParallelState,
+    settings: SampleSettings,
+    checkpoint: str | Path,
+) -> str | None:
     """The `sample:` line a training run ends with, on the main rank (None on the others).
     Every rank calls this. Where each rank runs the whole model, the main rank generates,
     with every rank of its DP group in lockstep when the tables are vocab-sharded (each
     lookup gathers rows from their owners). Where TP or PP split the model, the line says so
     and names the tools/generate.py command that draws the sample from `checkpoint`."""
     if not parallel.runs_whole_model:
-        line = (f"sample: skipped: TP x PP = {parallel.tp_size} x {parallel.pp_size} splits the "
-                f"model over ranks, so no rank generates alone; the same sample from this run's "
-                f"checkpoint: {settings.command(checkpoint)}")
+        line = (
+            f"sample: skipped: TP x PP = {parallel.tp_size} x {parallel.pp_size} splits the "
+            f"model over ranks, so no rank generates alone; the same sample from this run's "
+            f"checkpoint: {settings.command(checkpoint)}"
+        )
     else:
-        lookups_are_collective = any(table.row_block is not None
-                                     for table in model.stem_tables().values())
+        lookups_are_collective = any(
+            table.row_block is not None for table in model.stem_tables().values()
+        )
         if not (parallel.is_main or lookups_are_collective):
             return None
         line = f"sample: {settings.generate(model, tokenizer)!r}"

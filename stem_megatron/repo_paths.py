@@ -26,6 +26,8 @@ def data_from_repo_root(data: Any) -> Any:
     """A DataConfig with its tokenizer and dataset prefixes resolved by from_repo_root."""
     valid = data.valid_data
     return dataclasses.replace(
-        data, tokenizer=from_repo_root(data.tokenizer),
+        data,
+        tokenizer=from_repo_root(data.tokenizer),
         train_data=from_repo_root(data.train_data, ".idx"),
-        valid_data=from_repo_root(valid, ".idx") if valid is not None else None)
+        valid_data=from_repo_root(valid, ".idx") if valid is not None else None,
+    )

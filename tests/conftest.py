@@ -28,7 +28,7 @@ def small_corpus(tmp_path_factory) -> dict[str, Path]:
     with lzma.open(ROOT / "data/corpus/shakespeare.jsonl.xz", "rt") as fh:
         works = [json.loads(next(fh)) for _ in range(6)]
     # Split works into ~20 documents so the train/val split has something to split.
-    docs = [w["text"][i:i + 40_000] for w in works for i in range(0, len(w["text"]), 40_000)]
+    docs = [w["text"][i : i + 40_000] for w in works for i in range(0, len(w["text"]), 40_000)]
     corpus = out / "docs.jsonl"
     corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     tokenizer = out / "tokenizer.json"
@@ -50,14 +50,25 @@ def parallel():
 def tiny_run_config(small_corpus: dict[str, Path], run_dir: Path, *overrides: str) -> RunConfig:
     """A 2-layer STEM model on the small corpus (see `tiny_config`), then `overrides`."""
     base = [
-        "model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64",
-        "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=32",
+        "model.num_layers=2",
+        "model.hidden_size=32",
+        "model.ffn_hidden_size=64",
+        "model.num_attention_heads=4",
+        "model.num_query_groups=2",
+        "model.seq_length=32",
         "model.make_vocab_size_divisible_by=64",
-        "train.micro_batch_size=2", "train.global_batch_size=4", "train.train_iters=6",
-        "train.eval_interval=3", "train.eval_iters=2", "optim.lr_warmup_iters=2",
-        "optim.lr=0.003", "optim.min_lr=0.0003", "logging.log_interval=1",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=4",
+        "train.train_iters=6",
+        "train.eval_interval=3",
+        "train.eval_iters=2",
+        "optim.lr_warmup_iters=2",
+        "optim.lr=0.003",
+        "optim.min_lr=0.0003",
+        "logging.log_interval=1",
         f"data.tokenizer={small_corpus['tokenizer']}",
-        f"data.train_data={small_corpus['train']}", f"data.valid_data={small_corpus['val']}",
+        f"data.train_data={small_corpus['train']}",
+        f"data.valid_data={small_corpus['val']}",
         f"logging.run_dir={run_dir}",
     ]
     return load_config(None, base + list(overrides))
@@ -100,10 +111,18 @@ def trained_stem_run(small_corpus, tmp_path_factory) -> Path:
     wrong position, context window or STEM lookup id changes the generated text; a model a
     few steps from init repeats one token and hides all of those."""
     config = tiny_run_config(
-        small_corpus, tmp_path_factory.mktemp("trained_stem") / "run", "model.num_layers=3",
-        "stem.layers=[1,2]", "train.train_iters=150", "train.global_batch_size=8",
-        "train.eval_interval=0", "optim.lr=0.01", "optim.min_lr=0.01", "stem.optimizer.lr=0.03",
-        "logging.log_interval=50")
+        small_corpus,
+        tmp_path_factory.mktemp("trained_stem") / "run",
+        "model.num_layers=3",
+        "stem.layers=[1,2]",
+        "train.train_iters=150",
+        "train.global_batch_size=8",
+        "train.eval_interval=0",
+        "optim.lr=0.01",
+        "optim.min_lr=0.01",
+        "stem.optimizer.lr=0.03",
+        "logging.log_interval=50",
+    )
     result = train_in_process(config)
     # A SIGTERM (e.g. from `timeout`) makes the trainer save and return early: say so rather
     # than hand the tests a less trained model.

@@ -17,8 +17,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_yaml_and_overrides(tmp_path):
     path = tmp_path / "exp.yaml"
     path.write_text("model:\n  num_layers: 6\noptim:\n  lr: 3e-4\n")
-    config = load_config(path, ["train.train_iters=200", "stem.layers=[1,3]",
-                                "optim.min_lr=1e-5", "checkpoint.load=runs/x"])
+    config = load_config(
+        path,
+        [
+            "train.train_iters=200",
+            "stem.layers=[1,3]",
+            "optim.min_lr=1e-5",
+            "checkpoint.load=runs/x",
+        ],
+    )
     assert config.name == "exp"
     assert config.model.num_layers == 6
     assert config.optim.lr == 3e-4 and isinstance(config.optim.lr, float)
@@ -35,49 +42,68 @@ def test_default_stem_layers_are_every_other_from_one():
     assert load_config(None, ["stem.enabled=false"]).stem_layers() == []
 
 
-@pytest.mark.parametrize("override,message", [
-    ("train.train_iter=5", "unknown key 'train.train_iter'; allowed in 'train': micro_batch_size"),
-    ("modle.num_layers=2", "unknown key 'modle'"),
-    ("train.train_iters=abc", "train.train_iters: expected int, got 'abc'"),
-    ("train.train_iters=2.5", "train.train_iters: expected int"),
-    ("stem.enabled=maybe", "stem.enabled: expected bool"),
-    ("stem.layers=[1,x]", r"stem.layers\[1\]: expected int"),
-    ("stem.layers=[1,9]", r"stem.layers \[9\] out of range: the model has layers 0..3"),
-    ("model.num_query_groups=3", r"num_attention_heads \(8\) must be divisible by .*num_query_groups \(3\)"),
-    ("train.global_batch_size=12", r"global_batch_size \(12\) must be a multiple of .*micro_batch_size \(8\)"),
-    ("optim.min_lr=1.0", r"optim.min_lr \(1.0\) must be in \[0, optim.lr"),
-    ("optim.lr_warmup_iters=500", r"optim.lr_warmup_iters \(500\)"),
-    ("stem.optimizer.mode=dense", "stem.optimizer.mode must be"),
-    ("train.train_iters", "not of the form section.key=value"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            "train.train_iter=5",
+            "unknown key 'train.train_iter'; allowed in 'train': micro_batch_size",
+        ),
+        ("modle.num_layers=2", "unknown key 'modle'"),
+        ("train.train_iters=abc", "train.train_iters: expected int, got 'abc'"),
+        ("train.train_iters=2.5", "train.train_iters: expected int"),
+        ("stem.enabled=maybe", "stem.enabled: expected bool"),
+        ("stem.layers=[1,x]", r"stem.layers\[1\]: expected int"),
+        ("stem.layers=[1,9]", r"stem.layers \[9\] out of range: the model has layers 0..3"),
+        (
+            "model.num_query_groups=3",
+            r"num_attention_heads \(8\) must be divisible by .*num_query_groups \(3\)",
+        ),
+        (
+            "train.global_batch_size=12",
+            r"global_batch_size \(12\) must be a multiple of .*micro_batch_size \(8\)",
+        ),
+        ("optim.min_lr=1.0", r"optim.min_lr \(1.0\) must be in \[0, optim.lr"),
+        ("optim.lr_warmup_iters=500", r"optim.lr_warmup_iters \(500\)"),
+        ("stem.optimizer.mode=dense", "stem.optimizer.mode must be"),
+        ("train.train_iters", "not of the form section.key=value"),
+    ],
+)
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, [override])
 
 
-@pytest.mark.parametrize("override,message", [
-    # Each of these used to pass the config and fail only once the model was built (or
-    # deep in megatron), with a message that named no key.
-    ("optim.adam_beta1=1.5", r"optim.adam_beta1 must be in \[0, 1\), got 1.5"),
-    ("optim.adam_beta2=-0.1", r"optim.adam_beta2 must be in \[0, 1\)"),
-    ("optim.adam_eps=0", "optim.adam_eps must be positive"),
-    ("optim.lr=-1", "optim.lr must be positive"),
-    ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
-    ("optim.lr_decay_iters=0", "optim.lr_decay_iters must be positive"),
-    ("stem.optimizer.lr=-1", "stem.optimizer.lr must be >= 0"),
-    ("stem.optimizer.weight_decay=-1", "stem.optimizer.weight_decay must be >= 0"),
-    ("train.seed=-1", r"train.seed must be in \[0, 2\*\*32\), got -1"),
-    ("model.norm_epsilon=0", "model.norm_epsilon must be positive"),
-    ("model.rope_theta=-5", "model.rope_theta must be positive"),
-    ("model.init_method_std=0", "model.init_method_std must be positive"),
-    ("optim.lr=.nan", "optim.lr: expected a finite number, got nan"),
-    ("optim.clip_grad=.inf", "optim.clip_grad: expected a finite number"),
-    ("parallel.virtual_pipeline_model_parallel_size=2",
-     r"virtual_pipeline_model_parallel_size \(2\) needs pipeline_model_parallel_size > 1"),
-    ("parallel.virtual_pipeline_model_parallel_size=-2",
-     "parallel.virtual_pipeline_model_parallel_size must be >= 1"),
-    ("parallel.pipeline_layers=[2,2]", r"pipeline_layers \[2, 2\] has 2 entries"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        # Each of these used to pass the config and fail only once the model was built (or
+        # deep in megatron), with a message that named no key.
+        ("optim.adam_beta1=1.5", r"optim.adam_beta1 must be in \[0, 1\), got 1.5"),
+        ("optim.adam_beta2=-0.1", r"optim.adam_beta2 must be in \[0, 1\)"),
+        ("optim.adam_eps=0", "optim.adam_eps must be positive"),
+        ("optim.lr=-1", "optim.lr must be positive"),
+        ("optim.weight_decay=-0.1", "optim.weight_decay must be >= 0"),
+        ("optim.lr_decay_iters=0", "optim.lr_decay_iters must be positive"),
+        ("stem.optimizer.lr=-1", "stem.optimizer.lr must be >= 0"),
+        ("stem.optimizer.weight_decay=-1", "stem.optimizer.weight_decay must be >= 0"),
+        ("train.seed=-1", r"train.seed must be in \[0, 2\*\*32\), got -1"),
+        ("model.norm_epsilon=0", "model.norm_epsilon must be positive"),
+        ("model.rope_theta=-5", "model.rope_theta must be positive"),
+        ("model.init_method_std=0", "model.init_method_std must be positive"),
+        ("optim.lr=.nan", "optim.lr: expected a finite number, got nan"),
+        ("optim.clip_grad=.inf", "optim.clip_grad: expected a finite number"),
+        (
+            "parallel.virtual_pipeline_model_parallel_size=2",
+            r"virtual_pipeline_model_parallel_size \(2\) needs pipeline_model_parallel_size > 1",
+        ),
+        (
+            "parallel.virtual_pipeline_model_parallel_size=-2",
+            "parallel.virtual_pipeline_model_parallel_size must be >= 1",
+        ),
+        ("parallel.pipeline_layers=[2,2]", r"pipeline_layers \[2, 2\] has 2 entries"),
+    ],
+)
 def test_ranges_are_checked_at_load_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(ROOT / "configs/tiny.yaml", [override])
@@ -125,9 +151,20 @@ def test_shipped_configs_are_valid(path):
 
 
 def test_cli_reports_config_errors_without_traceback():
-    proc = subprocess.run([sys.executable, "-m", "stem_megatron.train", "--config",
-                           str(ROOT / "configs/tiny.yaml"), "train.bogus=1"],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stem_megatron.train",
+            "--config",
+            str(ROOT / "configs/tiny.yaml"),
+            "train.bogus=1",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "config error: unknown key 'train.bogus'" in proc.stderr
     assert "Traceback" not in proc.stderr

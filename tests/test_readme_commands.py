@@ -126,8 +126,9 @@ class Checker:
     def check(self, command: Command) -> None:
         words = shlex.split(command.text, comments=True)
         for word in words:
-            assert not word.startswith("[") and not PLACEHOLDER.match(word), \
+            assert not word.startswith("[") and not PLACEHOLDER.match(word), (
                 f"{word!r} is synopsis, not a command: write a value that runs"
+            )
         while words and ENV_ASSIGNMENT.match(words[0]):
             words.pop(0)
         program, args = words[0], words[1:]
@@ -142,11 +143,11 @@ class Checker:
                 self._script(args[0], args[1:])
         elif program == "torchrun":
             assert "stem_megatron.train" in args, "torchrun runs -m stem_megatron.train"
-            self._train(args[args.index("stem_megatron.train") + 1:])
+            self._train(args[args.index("stem_megatron.train") + 1 :])
         elif program in ("launch/torchrun.sh", "sbatch"):
             script = next(a for a in [program, *args] if a.startswith("launch/"))
             assert (ROOT / script).is_file(), f"{script} does not exist"
-            rest = args[args.index(script) + 1:] if script in args else args
+            rest = args[args.index(script) + 1 :] if script in args else args
             if rest and rest[0].isdigit():  # torchrun.sh NPROC CONFIG ...
                 rest = rest[1:]
             if rest:
@@ -188,16 +189,18 @@ class Checker:
         for i, word in enumerate(args):
             flag = word.split("=", 1)[0]
             if word.startswith("-"):
-                assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help_text), \
+                assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help_text), (
                     f"{script} has no option {flag} (see its --help)"
+                )
                 continue
             previous = args[i - 1] if i else ""
             is_value = previous.startswith("--") and "=" not in previous
             if not is_value:
                 positional += 1
             value = word.split("=", 1)[1] if "=" in word and not is_value else word
-            if previous in OUTPUT_FLAGS or (not is_value and
-                                            OUTPUT_POSITIONAL.get(script) == positional):
+            if previous in OUTPUT_FLAGS or (
+                not is_value and OUTPUT_POSITIONAL.get(script) == positional
+            ):
                 self.made.append(value)
             elif value.startswith("configs/"):
                 assert (ROOT / value).is_file(), f"{value} does not exist"
@@ -205,10 +208,16 @@ class Checker:
                 self._reads(value)
 
     def _reads(self, path: str) -> None:
-        made = any(path == m or path.startswith(m.rstrip("/") + "/")
-                   or m.startswith(path.rstrip("/") + "/") for m in self.made)
-        assert made, (f"{path} is read, but neither make train nor a command above makes it "
-                      f"(made so far: {', '.join(self.made)})")
+        made = any(
+            path == m
+            or path.startswith(m.rstrip("/") + "/")
+            or m.startswith(path.rstrip("/") + "/")
+            for m in self.made
+        )
+        assert made, (
+            f"{path} is read, but neither make train nor a command above makes it "
+            f"(made so far: {', '.join(self.made)})"
+        )
 
 
 def test_readme_commands_parse():
@@ -224,30 +233,60 @@ def test_readme_commands_parse():
 
 
 def test_the_convention_reads_blocks_marks_and_continuations():
-    text = "\n".join([
-        "```bash", "# a comment", "python a.py --x 1 \\", "    --y 2", "make train", "```",
-        "<!-- readme-test: not run (4 nodes) -->", "```bash", "sbatch launch/slurm.sbatch", "```",
-        "```", "$ python not_a_command.py", "```", "```yaml", "a: 1", "```"])
+    text = "\n".join(
+        [
+            "```bash",
+            "# a comment",
+            "python a.py --x 1 \\",
+            "    --y 2",
+            "make train",
+            "```",
+            "<!-- readme-test: not run (4 nodes) -->",
+            "```bash",
+            "sbatch launch/slurm.sbatch",
+            "```",
+            "```",
+            "$ python not_a_command.py",
+            "```",
+            "```yaml",
+            "a: 1",
+            "```",
+        ]
+    )
     assert [(c.text, c.line, c.run) for c in readme_commands(text)] == [
-        ("python a.py --x 1 --y 2", 3, True), ("make train", 5, True),
-        ("sbatch launch/slurm.sbatch", 9, False)]
+        ("python a.py --x 1 --y 2", 3, True),
+        ("make train", 5, True),
+        ("sbatch launch/slurm.sbatch", 9, False),
+    ]
 
 
 # --- the slow test: run them -------------------------------------------------------------
 
-SHRUNK = {"model": {"num_layers": 6, "hidden_size": 64, "ffn_hidden_size": 192,
-                    "num_attention_heads": 4, "num_query_groups": 2, "seq_length": 64},
-          "train": {"micro_batch_size": 2, "global_batch_size": 4, "train_iters": 4,
-                    "eval_iters": 1},
-          "optim": {"lr_warmup_iters": 2}}
+SHRUNK = {
+    "model": {
+        "num_layers": 6,
+        "hidden_size": 64,
+        "ffn_hidden_size": 192,
+        "num_attention_heads": 4,
+        "num_query_groups": 2,
+        "seq_length": 64,
+    },
+    "train": {"micro_batch_size": 2, "global_batch_size": 4, "train_iters": 4, "eval_iters": 1},
+    "optim": {"lr_warmup_iters": 2},
+}
 
 
 def _copy_repository(dest: Path) -> None:
     """The working tree as git sees it (tracked and new files, not ignored ones), the prepared
     corpus, and the venv by a link. The files are dated before the venv's install stamp, so
     `make` in the copy never reinstalls into the shared venv."""
-    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                            cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     before_stamp = (ROOT / ".venv/.installed").stat().st_mtime - 1
     for name in filter(None, listed.split("\0")):
         source = ROOT / name
@@ -267,8 +306,9 @@ def _shrink(config: Path) -> None:
 
 
 def _run(command: str, repo: Path, env: dict[str, str]) -> None:
-    done = subprocess.run(["bash", "-c", command], cwd=repo, env=env, capture_output=True,
-                          text=True, timeout=900)
+    done = subprocess.run(
+        ["bash", "-c", command], cwd=repo, env=env, capture_output=True, text=True, timeout=900
+    )
     output = done.stdout + done.stderr
     assert done.returncode == 0, f"exit status {done.returncode}: {command}\n{output[-3000:]}"
     assert "nothing to do" not in output, f"{command} did nothing:\n{output[-1000:]}"
@@ -276,8 +316,10 @@ def _run(command: str, repo: Path, env: dict[str, str]) -> None:
 
 @pytest.mark.slow
 def test_readme_commands_run(tmp_path):
-    if not (ROOT / "data/prepared/tokenizer.json").exists() or \
-            not (ROOT / ".venv/.installed").exists():
+    if (
+        not (ROOT / "data/prepared/tokenizer.json").exists()
+        or not (ROOT / ".venv/.installed").exists()
+    ):
         pytest.skip("needs make install and make data")
     repo = tmp_path / "repo"
     _copy_repository(repo)
@@ -295,10 +337,11 @@ def test_readme_commands_run(tmp_path):
     # the run's recorded config names by repository-relative paths.
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    for command in (f"python {repo}/tools/generate.py --checkpoint {repo}/runs/latest "
-                    f"--prompt ROMEO. --max-new-tokens 4",
-                    f"python {repo}/tools/edit_knowledge.py --checkpoint {repo}/runs/latest "
-                    f"--output edited --swap France=England",
-                    f"PYTHONPATH={repo} python -m stem_megatron.train --config configs/tiny.yaml "
-                    f"--dry-run"):
+    for command in (
+        f"python {repo}/tools/generate.py --checkpoint {repo}/runs/latest "
+        f"--prompt ROMEO. --max-new-tokens 4",
+        f"python {repo}/tools/edit_knowledge.py --checkpoint {repo}/runs/latest "
+        f"--output edited --swap France=England",
+        f"PYTHONPATH={repo} python -m stem_megatron.train --config configs/tiny.yaml --dry-run",
+    ):
         _run(command, elsewhere, env)

@@ -26,28 +26,42 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python tools/x.py` without installing
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # `python tools/x.py` without installing
 
 from stem_megatron.cli_args import HelpFormatter, positive_int  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description="Convert stem_megatron checkpoints.",
-                                 formatter_class=HelpFormatter)
+    ap = argparse.ArgumentParser(
+        description="Convert stem_megatron checkpoints.", formatter_class=HelpFormatter
+    )
     sub = ap.add_subparsers(dest="command", required=True)
-    reshard = sub.add_parser("reshard", help="rewrite for another parallel / table layout",
-                             formatter_class=HelpFormatter)
+    reshard = sub.add_parser(
+        "reshard", help="rewrite for another parallel / table layout", formatter_class=HelpFormatter
+    )
     reshard.add_argument("source", help="step dir, checkpoints dir or run dir")
     reshard.add_argument("out", help="new checkpoints dir to create (gets step_<N> and latest)")
-    reshard.add_argument("overrides", nargs="*", metavar="section.key=value",
-                         help="target layout, e.g. parallel.tensor_model_parallel_size=2")
+    reshard.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="target layout, e.g. parallel.tensor_model_parallel_size=2",
+    )
     reshard.add_argument("--dp", type=positive_int, default=1, help="target data-parallel size")
-    to_st = sub.add_parser("to-safetensors", help="one .safetensors file + checkpoint.json",
-                           formatter_class=HelpFormatter)
+    to_st = sub.add_parser(
+        "to-safetensors",
+        help="one .safetensors file + checkpoint.json",
+        formatter_class=HelpFormatter,
+    )
     to_st.add_argument("source", help="step dir, checkpoints dir or run dir")
     to_st.add_argument("out", help="new directory to create")
-    from_st = sub.add_parser("from-safetensors", help="a to-safetensors directory back to DCP",
-                             formatter_class=HelpFormatter)
+    from_st = sub.add_parser(
+        "from-safetensors",
+        help="a to-safetensors directory back to DCP",
+        formatter_class=HelpFormatter,
+    )
     from_st.add_argument("source", help="directory written by to-safetensors")
     from_st.add_argument("out", help="new checkpoints dir to create (gets step_<N> and latest)")
     for p in (reshard, to_st, from_st):
@@ -66,8 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
     from stem_megatron.checkpoint.consolidated import from_safetensors, to_safetensors
-    from stem_megatron.checkpoint.errors import (CheckpointExistsError, CheckpointMismatchError,
-                                                 CheckpointNotFoundError, UnsafeCheckpointError)
+    from stem_megatron.checkpoint.errors import (
+        CheckpointExistsError,
+        CheckpointMismatchError,
+        CheckpointNotFoundError,
+        UnsafeCheckpointError,
+    )
     from stem_megatron.checkpoint.reshard import ConversionError, reshard
     from stem_megatron.checkpoint.safetensors_io import SafetensorsFormatError
 
@@ -79,9 +97,17 @@ def main(argv: list[str] | None = None) -> int:
             result = to_safetensors(args.source, args.out, progress=not args.quiet)
         else:
             result = from_safetensors(args.source, args.out, progress=not args.quiet)
-    except (CheckpointNotFoundError, CheckpointExistsError, CheckpointMismatchError,
-            UnsafeCheckpointError, SafetensorsFormatError, ConversionError, ValueError,
-            KeyError, OSError) as exc:  # ConfigError is a ValueError
+    except (
+        CheckpointNotFoundError,
+        CheckpointExistsError,
+        CheckpointMismatchError,
+        UnsafeCheckpointError,
+        SafetensorsFormatError,
+        ConversionError,
+        ValueError,
+        KeyError,
+        OSError,
+    ) as exc:  # ConfigError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {result} in {time.perf_counter() - start:.1f} s")

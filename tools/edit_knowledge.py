@@ -22,7 +22,9 @@ import sys
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python tools/x.py` without installing
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # `python tools/x.py` without installing
 
 # Light imports only: arguments and edits are checked before torch loads.
 from stem_megatron.cli_args import HelpFormatter, int_list  # noqa: E402
@@ -40,21 +42,32 @@ class _EditAction(argparse.Action):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Swap, copy, average or inject STEM table rows "
-                                             "and write the result as a new checkpoint.",
-                                 formatter_class=HelpFormatter)
+    ap = argparse.ArgumentParser(
+        description="Swap, copy, average or inject STEM table rows "
+        "and write the result as a new checkpoint.",
+        formatter_class=HelpFormatter,
+    )
     ap.add_argument("--checkpoint", required=True, help="step dir, checkpoints dir or run dir")
     ap.add_argument("--output", required=True, help="new checkpoints dir to create")
     for operation, syntax in SYNTAX.items():
-        ap.add_argument(f"--{operation}", dest=operation, action=_EditAction, metavar="SPEC",
-                        help=syntax)
+        ap.add_argument(
+            f"--{operation}", dest=operation, action=_EditAction, metavar="SPEC", help=syntax
+        )
     ap.add_argument("--layers", type=int_list, help="STEM layers to edit (default: all)")
-    ap.add_argument("--rule", choices=RULES, default="strict",
-                    help="how entities of different token lengths line up (strict: refuse)")
+    ap.add_argument(
+        "--rule",
+        choices=RULES,
+        default="strict",
+        help="how entities of different token lengths line up (strict: refuse)",
+    )
     ap.add_argument("--pick", type=int, default=-1, help="source token the pick rule takes")
-    ap.add_argument("--forms", choices=FORMS, default="inner",
-                    help="text entities as inside a sentence (inner, default) or also at the "
-                         "start of a text (both)")
+    ap.add_argument(
+        "--forms",
+        choices=FORMS,
+        default="inner",
+        help="text entities as inside a sentence (inner, default) or also at the "
+        "start of a text (both)",
+    )
     ap.add_argument("--tokenizer", help="tokenizer path (default: the one in the run's config)")
     args = ap.parse_args(argv)
     if not getattr(args, "edits", None):
@@ -66,21 +79,37 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
-    from stem_megatron.checkpoint.errors import (CheckpointExistsError, CheckpointNotFoundError,
-                                                 UnsafeCheckpointError)
+    from stem_megatron.checkpoint.errors import (
+        CheckpointExistsError,
+        CheckpointNotFoundError,
+        UnsafeCheckpointError,
+    )
     from stem_megatron.editing.edit import edit_checkpoint
 
     try:
-        out = edit_checkpoint(args.checkpoint, args.output, specs, layers=args.layers,
-                              rule=args.rule, pick=args.pick, forms=args.forms,
-                              tokenizer_path=args.tokenizer)
+        out = edit_checkpoint(
+            args.checkpoint,
+            args.output,
+            specs,
+            layers=args.layers,
+            rule=args.rule,
+            pick=args.pick,
+            forms=args.forms,
+            tokenizer_path=args.tokenizer,
+        )
     except StrictLengthError as exc:
         others = [rule for rule in RULES if rule != "strict"]
-        print(f"error: {exc}: choose --rule {', '.join(others[:-1])} or {others[-1]}",
-              file=sys.stderr)
+        print(
+            f"error: {exc}: choose --rule {', '.join(others[:-1])} or {others[-1]}", file=sys.stderr
+        )
         return 1
-    except (EditError, CheckpointExistsError, CheckpointNotFoundError, UnsafeCheckpointError,
-            ValueError) as exc:
+    except (
+        EditError,
+        CheckpointExistsError,
+        CheckpointNotFoundError,
+        UnsafeCheckpointError,
+        ValueError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(f"wrote {out}")

@@ -19,20 +19,31 @@ import sys
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python tools/x.py` without installing
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # `python tools/x.py` without installing
 
 from stem_megatron.cli_args import HelpFormatter, positive_int  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description="Estimate per-rank parameters and memory.",
-                                 formatter_class=HelpFormatter)
+    ap = argparse.ArgumentParser(
+        description="Estimate per-rank parameters and memory.", formatter_class=HelpFormatter
+    )
     ap.add_argument("--config", required=True, help="YAML config file")
-    ap.add_argument("--world-size", type=positive_int, default=None,
-                    help="ranks to plan for (default: TP x PP, one model replica)")
+    ap.add_argument(
+        "--world-size",
+        type=positive_int,
+        default=None,
+        help="ranks to plan for (default: TP x PP, one model replica)",
+    )
     ap.add_argument("--json", help="also write the numbers to this new JSON file")
-    ap.add_argument("overrides", nargs="*", metavar="section.key=value",
-                    help="dotted config overrides, e.g. stem.dp_layout=vocab_sharded")
+    ap.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="section.key=value",
+        help="dotted config overrides, e.g. stem.dp_layout=vocab_sharded",
+    )
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 

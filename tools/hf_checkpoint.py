@@ -22,31 +22,54 @@ import sys
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python tools/x.py` without installing
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # `python tools/x.py` without installing
 
 from stem_megatron.cli_args import HelpFormatter, positive_int  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                 formatter_class=HelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
     sub = ap.add_subparsers(dest="command", required=True)
-    imp = sub.add_parser("import", help="Hugging Face Llama directory -> STEM checkpoint",
-                         formatter_class=HelpFormatter)
-    imp.add_argument("--hf-dir", required=True, type=Path,
-                     help="Llama-format directory: config.json, safetensors, tokenizer")
+    imp = sub.add_parser(
+        "import",
+        help="Hugging Face Llama directory -> STEM checkpoint",
+        formatter_class=HelpFormatter,
+    )
+    imp.add_argument(
+        "--hf-dir",
+        required=True,
+        type=Path,
+        help="Llama-format directory: config.json, safetensors, tokenizer",
+    )
     imp.add_argument("--out", required=True, type=Path, help="new directory to create")
-    imp.add_argument("--config", nargs="*", default=[], metavar="KEY=VALUE",
-                     help="overrides of the written config, e.g. stem.layers=[1,2] "
-                          "stem.enabled=false model.seq_length=2048")
-    imp.add_argument("--calibration-data", metavar="PREFIX",
-                     help="initialise the tables from the dense model's up-projection averaged "
-                          "per token over this dataset (tokenized with the HF tokenizer) "
-                          "instead of xavier-normal; see docs/huggingface.md")
-    imp.add_argument("--calibration-tokens", type=positive_int, default=262_144,
-                     help="tokens of --calibration-data to run")
-    exp = sub.add_parser("export", help="checkpoint -> Hugging Face directory",
-                         formatter_class=HelpFormatter)
+    imp.add_argument(
+        "--config",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides of the written config, e.g. stem.layers=[1,2] "
+        "stem.enabled=false model.seq_length=2048",
+    )
+    imp.add_argument(
+        "--calibration-data",
+        metavar="PREFIX",
+        help="initialise the tables from the dense model's up-projection averaged "
+        "per token over this dataset (tokenized with the HF tokenizer) "
+        "instead of xavier-normal; see docs/huggingface.md",
+    )
+    imp.add_argument(
+        "--calibration-tokens",
+        type=positive_int,
+        default=262_144,
+        help="tokens of --calibration-data to run",
+    )
+    exp = sub.add_parser(
+        "export", help="checkpoint -> Hugging Face directory", formatter_class=HelpFormatter
+    )
     exp.add_argument("--checkpoint", required=True, help="step dir, checkpoints dir or run dir")
     exp.add_argument("--out", required=True, type=Path, help="new directory to create")
     exp.add_argument("--tokenizer", help="tokenizer path (default: the one in the run's config)")
@@ -61,8 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before transformers is imported
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
-    from stem_megatron.checkpoint.errors import (CheckpointMismatchError, CheckpointNotFoundError,
-                                                 UnsafeCheckpointError)
+    from stem_megatron.checkpoint.errors import (
+        CheckpointMismatchError,
+        CheckpointNotFoundError,
+        UnsafeCheckpointError,
+    )
     from stem_megatron.config import ConfigError
     from stem_megatron.hf.exporter import export_checkpoint
     from stem_megatron.hf.importer import Calibration, import_llama
@@ -75,13 +101,23 @@ def main(argv: list[str] | None = None) -> int:
     parallel = ParallelState.initialize()  # a world of one: megatron's layers need its groups
     try:
         if args.command == "import":
-            calibration = (Calibration(args.calibration_data, args.calibration_tokens)
-                           if args.calibration_data else None)
+            calibration = (
+                Calibration(args.calibration_data, args.calibration_tokens)
+                if args.calibration_data
+                else None
+            )
             import_llama(args.hf_dir, args.out, args.config, calibration, log=log)
         else:
             export_checkpoint(args.checkpoint, args.out, args.tokenizer, log=log)
-    except (HFFormatError, ConfigError, CheckpointNotFoundError, CheckpointMismatchError,
-            UnsafeCheckpointError, FileExistsError, ValueError) as exc:  # ValueError: also bad datasets, tokenizers
+    except (
+        HFFormatError,
+        ConfigError,
+        CheckpointNotFoundError,
+        CheckpointMismatchError,
+        UnsafeCheckpointError,
+        FileExistsError,
+        ValueError,
+    ) as exc:  # ValueError: also bad datasets, tokenizers
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:

@@ -79,14 +79,20 @@ def prepare_corpus(
     if not force and _datasets_ready(prefix, tok_path):
         log(f"corpus ready: {tok_path}, {paths['train']}, {paths['val']}")
         return paths
-    result = preprocess([corpus], tok_path, prefix, val_fraction=val_fraction, seed=seed, overwrite=True)
+    result = preprocess(
+        [corpus], tok_path, prefix, val_fraction=val_fraction, seed=seed, overwrite=True
+    )
     log(summary_line(result))
     return paths
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    ap.add_argument("--force", action="store_true", help="retrain the tokenizer and rebuild the datasets")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
+    ap.add_argument(
+        "--force", action="store_true", help="retrain the tokenizer and rebuild the datasets"
+    )
     args = ap.parse_args(argv)
     try:
         prepare_corpus(force=args.force)

@@ -22,7 +22,9 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python tools/x.py` without installing
+sys.path.insert(
+    0, str(Path(__file__).resolve().parents[1])
+)  # `python tools/x.py` without installing
 
 import numpy as np
 from tqdm import tqdm
@@ -40,9 +42,15 @@ def _kind(path: Path) -> tuple[str, str]:
     """(document kind, compression) from names like corpus.jsonl.xz."""
     suffixes = path.suffixes
     comp = suffixes[-1] if suffixes and suffixes[-1] in (".gz", ".xz") else ""
-    kind = suffixes[-2] if comp and len(suffixes) >= 2 else (suffixes[-1] if suffixes and not comp else "")
+    kind = (
+        suffixes[-2]
+        if comp and len(suffixes) >= 2
+        else (suffixes[-1] if suffixes and not comp else "")
+    )
     if kind not in _KINDS:
-        raise ValueError(f"{path}: unsupported input; expected .txt or .jsonl, optionally compressed as .gz or .xz")
+        raise ValueError(
+            f"{path}: unsupported input; expected .txt or .jsonl, optionally compressed as .gz or .xz"
+        )
     return kind, comp
 
 
@@ -52,9 +60,12 @@ def _open_text(path: Path, comp: str):
 
 
 def _read_error(path: Path, kind: str, comp: str, error: Exception) -> ValueError:
-    fix = ("if it is text in another encoding, convert it first, e.g. "
-           f"iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}"
-           if isinstance(error, UnicodeDecodeError) else "check that the file is complete")
+    fix = (
+        "if it is text in another encoding, convert it first, e.g. "
+        f"iconv -f latin1 -t utf-8 {path} > {path.stem}.utf8{path.suffix}"
+        if isinstance(error, UnicodeDecodeError)
+        else "check that the file is complete"
+    )
     return ValueError(f"{path}: cannot read as UTF-8 {kind}{comp}: {error}; {fix}")
 
 
@@ -72,14 +83,20 @@ def iter_documents(path: Path, json_key: str) -> Iterator[str]:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}:{lineno}: bad JSON ({e.msg} at column {e.colno})") from None
+                    raise ValueError(
+                        f"{path}:{lineno}: bad JSON ({e.msg} at column {e.colno})"
+                    ) from None
                 if isinstance(obj, dict) and json_key in obj and not isinstance(obj[json_key], str):
                     value = obj[json_key]
-                    raise ValueError(f"{path}:{lineno}: field {json_key!r} holds {repr(value)[:40]} "
-                                     f"(type {type(value).__name__}), not a string")
+                    raise ValueError(
+                        f"{path}:{lineno}: field {json_key!r} holds {repr(value)[:40]} "
+                        f"(type {type(value).__name__}), not a string"
+                    )
                 if not isinstance(obj, dict) or json_key not in obj:
                     keys = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
-                    raise ValueError(f"{path}:{lineno}: no field {json_key!r} (found {keys}); set --json-key")
+                    raise ValueError(
+                        f"{path}:{lineno}: no field {json_key!r} (found {keys}); set --json-key"
+                    )
                 yield obj[json_key]
     except _READ_ERRORS as e:
         raise _read_error(path, kind, comp, e) from None
@@ -113,7 +130,9 @@ def split_documents(n: int, val_fraction: float, seed: int) -> np.ndarray:
     if val_fraction == 0.0:
         return is_val
     if n < 2:
-        raise ValueError(f"found {n} document(s): a train/validation split needs at least 2 (or --val-fraction 0)")
+        raise ValueError(
+            f"found {n} document(s): a train/validation split needs at least 2 (or --val-fraction 0)"
+        )
     n_val = min(n - 1, max(1, round(n * val_fraction)))
     is_val[np.random.default_rng(seed).choice(n, size=n_val, replace=False)] = True
     return is_val
@@ -144,7 +163,9 @@ def preprocess(
     prefixes = {"train": f"{output_prefix}_train", "val": f"{output_prefix}_val"}
     existing = [f for pre in prefixes.values() for f in dataset_files(pre) if os.path.exists(f)]
     if existing and not overwrite:
-        raise FileExistsError(f"output exists: {', '.join(existing)}; pass --overwrite to replace it")
+        raise FileExistsError(
+            f"output exists: {', '.join(existing)}; pass --overwrite to replace it"
+        )
 
     n = count_documents(paths)
     if n == 0:
@@ -155,12 +176,19 @@ def preprocess(
         for f in dataset_files(prefixes["val"]):
             if os.path.exists(f):
                 os.unlink(f)
-    extra = {"sources": [str(p) for p in paths], "json_key": json_key, "seed": seed, "val_fraction": val_fraction}
+    extra = {
+        "sources": [str(p) for p in paths],
+        "json_key": json_key,
+        "seed": seed,
+        "val_fraction": val_fraction,
+    }
     writers = {s: DatasetWriter(prefixes[s], tok, {"split": s, **extra}) for s in splits}
     try:
         with tqdm(total=n, unit="doc", desc="tokenize", disable=not sys.stderr.isatty()) as bar:
             doc = 0
-            for batch in _batches((d for p in paths for d in iter_documents(p, json_key)), _ENCODE_BATCH):
+            for batch in _batches(
+                (d for p in paths for d in iter_documents(p, json_key)), _ENCODE_BATCH
+            ):
                 for ids in tok.encode_batch(batch):
                     writers["val" if is_val[doc] else "train"].add_document(ids + [tok.eod_id])
                     doc += 1
@@ -203,19 +231,41 @@ def summary_line(result: dict) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    ap.add_argument("--input", nargs="+", required=True, help=".txt / .jsonl files, optionally .gz / .xz")
-    ap.add_argument("--tokenizer", required=True, help="tokenizer.json, SentencePiece .model, or GPT-2 vocab.json+merges.txt dir")
-    ap.add_argument("--output-prefix", required=True, help="writes <prefix>_train and <prefix>_val datasets")
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter
+    )
+    ap.add_argument(
+        "--input", nargs="+", required=True, help=".txt / .jsonl files, optionally .gz / .xz"
+    )
+    ap.add_argument(
+        "--tokenizer",
+        required=True,
+        help="tokenizer.json, SentencePiece .model, or GPT-2 vocab.json+merges.txt dir",
+    )
+    ap.add_argument(
+        "--output-prefix", required=True, help="writes <prefix>_train and <prefix>_val datasets"
+    )
     ap.add_argument("--json-key", default="text", help="field holding the document in .jsonl lines")
-    ap.add_argument("--val-fraction", type=fraction, default=0.02, help="fraction of documents held out (0: none)")
-    ap.add_argument("--seed", type=non_negative_int, default=1234, help="seed of the train/validation split")
+    ap.add_argument(
+        "--val-fraction",
+        type=fraction,
+        default=0.02,
+        help="fraction of documents held out (0: none)",
+    )
+    ap.add_argument(
+        "--seed", type=non_negative_int, default=1234, help="seed of the train/validation split"
+    )
     ap.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     args = ap.parse_args(argv)
     try:
         result = preprocess(
-            args.input, args.tokenizer, args.output_prefix, json_key=args.json_key,
-            val_fraction=args.val_fraction, seed=args.seed, overwrite=args.overwrite,
+            args.input,
+            args.tokenizer,
+            args.output_prefix,
+            json_key=args.json_key,
+            val_fraction=args.val_fraction,
+            seed=args.seed,
+            overwrite=args.overwrite,
         )
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -39,13 +39,13 @@ from stem_megatron.checkpoint.flatten import Scalar, flatten_state, restore_scal
 from stem_megatron.checkpoint.layout import resolve
 from stem_megatron.checkpoint.manifest import MANIFEST_JSON, digest_file, manifest_text
 from stem_megatron.checkpoint.recovery import recover_strays
-from stem_megatron.checkpoint.space import checkpoint_nbytes, human, space_problem, tensor_nbytes
-from stem_megatron.writable import unwritable_reason
 from stem_megatron.checkpoint.safe_io import (
     SafeFileSystemReader,
     TensorOnlyLoadPlanner,
     read_dcp_metadata,
 )
+from stem_megatron.checkpoint.space import checkpoint_nbytes, human, space_problem, tensor_nbytes
+from stem_megatron.writable import unwritable_reason
 
 logger = logging.getLogger(__name__)
 
@@ -155,7 +155,9 @@ class Checkpointer:
     Every rank of `process_group` (default: the world) must call save and load together.
     """
 
-    def __init__(self, checkpoint_dir: str | os.PathLike, process_group: dist.ProcessGroup | None = None) -> None:
+    def __init__(
+        self, checkpoint_dir: str | os.PathLike, process_group: dist.ProcessGroup | None = None
+    ) -> None:
         self.dir = Path(checkpoint_dir)
         self.process_group = process_group
 
@@ -190,39 +192,55 @@ class Checkpointer:
         gathered = ranks.all_gather((_portable(error), scalars, _sizes(tensors)))
         ranks.raise_any([g[0] for g in gathered])
         merged_scalars = _merge_scalars([g[1] for g in gathered])
-        need = checkpoint_nbytes({k: n for g in gathered for k, n in g[2].items()},
-                                 len(metadata_text))
+        need = checkpoint_nbytes(
+            {k: n for g in gathered for k, n in g[2].items()}, len(metadata_text)
+        )
 
         def claim_tmp_dir() -> str:
             if final.exists():
-                raise CheckpointExistsError(f"checkpoint {final} already exists; refusing to overwrite it")
+                raise CheckpointExistsError(
+                    f"checkpoint {final} already exists; refusing to overwrite it"
+                )
             self.dir.mkdir(parents=True, exist_ok=True)
             problem = space_problem(self.dir, need)
             if problem:
-                raise CheckpointSaveError(f"not saving {final.name}: {problem}; free space "
-                                          f"there (or save elsewhere with checkpoint.save)")
+                raise CheckpointSaveError(
+                    f"not saving {final.name}: {problem}; free space "
+                    f"there (or save elsewhere with checkpoint.save)"
+                )
             return layout.tmp_dir_name(step)
 
         tmp = self.dir / ranks.on_first(claim_tmp_dir)
         try:
             self._write(ranks, tmp, final, tensors, merged_scalars, metadata_text)
         except BaseException as e:
-            if ranks.rank == 0:  # every rank is past DCP's collective write: nothing writes here now
+            if (
+                ranks.rank == 0
+            ):  # every rank is past DCP's collective write: nothing writes here now
                 shutil.rmtree(tmp, ignore_errors=True)
             if isinstance(e, (OSError, RuntimeError)) and not isinstance(
-                    e, (CheckpointExistsError, CheckpointSaveError)):
+                e, (CheckpointExistsError, CheckpointSaveError)
+            ):
                 reason = (str(e).strip().splitlines() or [type(e).__name__])[-1]  # one line
                 raise CheckpointSaveError(
                     f"saving {final} failed ({reason}); removed the partial save; "
                     f"{self.dir} has {human(shutil.disk_usage(self.dir).free)} free, the "
-                    f"checkpoint needs about {human(need)}") from e
+                    f"checkpoint needs about {human(need)}"
+                ) from e
             raise
         if ranks.rank == 0:
             self._remove_stale_tmp()
         return final
 
-    def _write(self, ranks: _Ranks, tmp: Path, final: Path, tensors: dict[str, Any],
-               scalars: dict[str, Scalar], metadata_text: str) -> None:
+    def _write(
+        self,
+        ranks: _Ranks,
+        tmp: Path,
+        final: Path,
+        tensors: dict[str, Any],
+        scalars: dict[str, Scalar],
+        metadata_text: str,
+    ) -> None:
         """DCP's shards into `tmp`, each rank checksumming a share of the files, then rank 0
         adds the JSON files and the manifest and commits `tmp` as `final`."""
         with calling_dcp():
@@ -237,7 +255,7 @@ class Checkpointer:
         digests: dict[str, Any] = {}
         try:
             names = sorted(os.listdir(tmp))
-            digests = {name: digest_file(tmp / name) for name in names[ranks.rank::ranks.size]}
+            digests = {name: digest_file(tmp / name) for name in names[ranks.rank :: ranks.size]}
         except Exception as e:
             error = e
         gathered = ranks.all_gather((_portable(error), digests))
@@ -245,8 +263,10 @@ class Checkpointer:
 
         def add_json_files_and_commit() -> None:
             files = {name: d for g in gathered for name, d in g[1].items()}
-            for name, text in ((layout.SCALARS_JSON, json.dumps(scalars, indent=1)),
-                               (layout.METADATA_JSON, metadata_text)):
+            for name, text in (
+                (layout.SCALARS_JSON, json.dumps(scalars, indent=1)),
+                (layout.METADATA_JSON, metadata_text),
+            ):
                 layout.write_durable(tmp / name, text)
                 files[name] = digest_file(tmp / name)
             layout.write_durable(tmp / MANIFEST_JSON, manifest_text(files))
@@ -267,27 +287,36 @@ class Checkpointer:
     def _check_dir(self, steps: list[int], need: int) -> None:
         reason = unwritable_reason(self.dir)
         if reason:
-            raise CheckpointSaveError(f"checkpoints cannot be saved to {self.dir}: {reason}; "
-                                      f"set checkpoint.save (or logging.run_dir) to a writable "
-                                      f"directory")
-        taken = [self.dir / layout.step_dir_name(s) for s in steps
-                 if (self.dir / layout.step_dir_name(s)).exists()]
+            raise CheckpointSaveError(
+                f"checkpoints cannot be saved to {self.dir}: {reason}; "
+                f"set checkpoint.save (or logging.run_dir) to a writable "
+                f"directory"
+            )
+        taken = [
+            self.dir / layout.step_dir_name(s)
+            for s in steps
+            if (self.dir / layout.step_dir_name(s)).exists()
+        ]
         if taken:
             raise CheckpointExistsError(
                 f"{taken[0]} already exists, and this run would save that step: resume from "
                 f"the newest checkpoint with checkpoint.load=auto, or move it away, or save "
-                f"elsewhere with checkpoint.save")
+                f"elsewhere with checkpoint.save"
+            )
         problem = space_problem(self.dir, need)
         if problem:
-            raise CheckpointSaveError(f"{problem}; free space there (or save elsewhere with "
-                                      f"checkpoint.save)")
+            raise CheckpointSaveError(
+                f"{problem}; free space there (or save elsewhere with checkpoint.save)"
+            )
 
     def recover_strays(self) -> list[str]:
         """Adopt or set aside step dirs newer than `latest` (recovery.py); the lines to print.
         Rank 0 acts, every rank gets the lines (or the error)."""
         return _Ranks(self.process_group).on_first(lambda: recover_strays(self.dir))
 
-    def load(self, path: str | os.PathLike, state: dict[str, Any], strict: bool = True) -> dict[str, Any]:
+    def load(
+        self, path: str | os.PathLike, state: dict[str, Any], strict: bool = True
+    ) -> dict[str, Any]:
         """Load the checkpoint at `path` (see resolve) into `state` in place; return its metadata.
 
         Tensors are copied into the state's tensors (on whatever device they live);
@@ -324,7 +353,9 @@ class Checkpointer:
                 planner=TensorOnlyLoadPlanner(),
                 process_group=self.process_group,
             )
-        restore_scalars(state, {key: stored_scalars[key] for key in scalars if key in stored_scalars})
+        restore_scalars(
+            state, {key: stored_scalars[key] for key in scalars if key in stored_scalars}
+        )
         return metadata
 
     def _remove_stale_tmp(self) -> None:
@@ -335,4 +366,6 @@ class Checkpointer:
             logger.warning("could not remove stale checkpoint tmp dirs in %s: %s", self.dir, e)
             return
         if removed:
-            logger.info("removed stale checkpoint tmp entries: %s", ", ".join(p.name for p in removed))
+            logger.info(
+                "removed stale checkpoint tmp entries: %s", ", ".join(p.name for p in removed)
+            )

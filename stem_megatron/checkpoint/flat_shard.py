@@ -17,8 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed._shard.metadata import ShardMetadata
 from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
-from torch.distributed._shard.sharded_tensor.metadata import (ShardedTensorMetadata,
-                                                              TensorProperties)
+from torch.distributed._shard.sharded_tensor.metadata import ShardedTensorMetadata, TensorProperties
 
 from stem_megatron.checkpoint.model_state import CheckpointMeshes, tp_block
 
@@ -52,8 +51,9 @@ def flat_range_boxes(shape: tuple[int, ...], start: int, end: int) -> list[Box]:
     return boxes
 
 
-def flat_shard_view(flat: torch.Tensor, like: torch.Tensor, start: int,
-                    meshes: CheckpointMeshes) -> torch.Tensor:
+def flat_shard_view(
+    flat: torch.Tensor, like: torch.Tensor, start: int, meshes: CheckpointMeshes
+) -> torch.Tensor:
     """`flat`, elements [start, start + len) of this rank's flattened piece of parameter `like`
     (or of an optimizer state shaped like it), as a ShardedTensor of the full logical tensor.
     Shares storage, so DCP loads into it in place."""
@@ -61,19 +61,25 @@ def flat_shard_view(flat: torch.Tensor, like: torch.Tensor, start: int,
     full, mine, blocks = list(shape), (0,) * len(shape), []  # blocks: the other TP ranks'
     if dim is not None:
         full[dim] *= meshes.tp.size()
-        blocks = [tuple(t * shape[dim] if d == dim else 0 for d in range(len(shape)))
-                  for t in range(meshes.tp.size())]
+        blocks = [
+            tuple(t * shape[dim] if d == dim else 0 for d in range(len(shape)))
+            for t in range(meshes.tp.size())
+        ]
         mine = blocks.pop(meshes.tp.get_local_rank())
     end, rank = start + flat.numel(), dist.get_rank()
 
     def placed(boxes: list[Box], block: tuple[int, ...], on: int) -> list[ShardMetadata]:
-        return [ShardMetadata([o + b for o, b in zip(offsets, block)], list(sizes),
-                              f"rank:{on}/{flat.device}") for offsets, sizes in boxes]
+        return [
+            ShardMetadata(
+                [o + b for o, b in zip(offsets, block)], list(sizes), f"rank:{on}/{flat.device}"
+            )
+            for offsets, sizes in boxes
+        ]
 
     local, cursor = [], 0
     for meta in placed(flat_range_boxes(shape, start, end), mine, rank):
         n = math.prod(meta.shard_sizes)
-        local.append(Shard(flat[cursor:cursor + n].view(meta.shard_sizes), meta))
+        local.append(Shard(flat[cursor : cursor + n].view(meta.shard_sizes), meta))
         cursor += n
     # ShardedTensor wants metadata that tiles the whole tensor, but only this rank's own
     # shards reach DCP: the rest (the range's complement in this block, the other TP ranks'
@@ -81,12 +87,20 @@ def flat_shard_view(flat: torch.Tensor, like: torch.Tensor, start: int,
     # dist_checkpointing does the same).
     other = (rank + 1) % dist.get_world_size()
     numel = math.prod(shape)
-    rest = placed(flat_range_boxes(shape, 0, start) + flat_range_boxes(shape, end, numel),
-                  mine, other)
+    rest = placed(
+        flat_range_boxes(shape, 0, start) + flat_range_boxes(shape, end, numel), mine, other
+    )
     for block in blocks:
         rest += placed([((0,) * len(shape), shape)], block, other)
     metadata = ShardedTensorMetadata(
-        [s.metadata for s in local] + rest, torch.Size(full),
-        TensorProperties(dtype=flat.dtype, layout=torch.strided, requires_grad=False,
-                         memory_format=torch.contiguous_format, pin_memory=False))
+        [s.metadata for s in local] + rest,
+        torch.Size(full),
+        TensorProperties(
+            dtype=flat.dtype,
+            layout=torch.strided,
+            requires_grad=False,
+            memory_format=torch.contiguous_format,
+            pin_memory=False,
+        ),
+    )
     return ShardedTensor._init_from_local_shards_and_global_metadata(local, metadata)

@@ -38,8 +38,9 @@ def load_for_inference(path: str, tokenizer_path: str | None = None) -> LoadedMo
     config, step = checkpoint_config(path)
     tokenizer = load_tokenizer(tokenizer_path or config.data.tokenizer)
     vocab_size = config.model.vocab_size or tokenizer.vocab_size
-    spec = ModelSpec(model=config.model, vocab_size=vocab_size,
-                     stem_layers=tuple(config.stem_layers()))
+    spec = ModelSpec(
+        model=config.model, vocab_size=vocab_size, stem_layers=tuple(config.stem_layers())
+    )
     model = StemGPTModel(spec)
     meshes = CheckpointMeshes.single(torch.device("cpu"))
     state = {"model": model_state(model.named_parameters(), meshes)}

@@ -133,8 +133,14 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
     fail to save it on every restart, so the newest complete step wins."""
     if not checkpoints.is_dir():
         return None
-    steps = sorted(((int(m.group(1)), entry) for entry in checkpoints.iterdir()
-                    if (m := _STEP_DIR.fullmatch(entry.name)) and entry.is_dir()), reverse=True)
+    steps = sorted(
+        (
+            (int(m.group(1)), entry)
+            for entry in checkpoints.iterdir()
+            if (m := _STEP_DIR.fullmatch(entry.name)) and entry.is_dir()
+        ),
+        reverse=True,
+    )
     for _, entry in steps:
         if all((entry / name).is_file() for name in REQUIRED_FILES):
             return entry
@@ -164,7 +170,9 @@ def read_json(checkpoint: Path, name: str) -> dict[str, Any]:
 def _require_complete(p: Path) -> Path:
     absent = [name for name in REQUIRED_FILES if not (p / name).is_file()]
     if absent:
-        raise CheckpointNotFoundError(f"{p} is not a complete checkpoint: missing {', '.join(absent)}")
+        raise CheckpointNotFoundError(
+            f"{p} is not a complete checkpoint: missing {', '.join(absent)}"
+        )
     manifest = Manifest.read(p)
     if manifest is not None:
         manifest.check_sizes()

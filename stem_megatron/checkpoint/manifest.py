@@ -36,15 +36,17 @@ def digest_file(path: Path) -> dict[str, Any]:
 
 
 def manifest_text(digests: dict[str, dict[str, Any]]) -> str:
-    return json.dumps({"format": 1, "checksum": "crc32", "files": dict(sorted(digests.items()))},
-                      indent=1)
+    return json.dumps(
+        {"format": 1, "checksum": "crc32", "files": dict(sorted(digests.items()))}, indent=1
+    )
 
 
 def damaged(path: Path, problem: str) -> CheckpointCorruptError:
     """The error for a damaged file of the checkpoint dir `path.parent`, with the fix."""
     return CheckpointCorruptError(
         f"checkpoint {path.parent} is damaged: {path.name} {problem}; copy the checkpoint again "
-        f"from its source, or load an earlier step_N")
+        f"from its source, or load an earlier step_N"
+    )
 
 
 class Manifest:
@@ -63,8 +65,9 @@ class Manifest:
             return None
         try:
             files = json.loads(path.read_text())["files"]
-            if not all(isinstance(e["bytes"], int) and isinstance(e["crc32"], str)
-                       for e in files.values()):
+            if not all(
+                isinstance(e["bytes"], int) and isinstance(e["crc32"], str) for e in files.values()
+            ):
                 raise ValueError("an entry lacks bytes or crc32")
         except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
             raise damaged(path, f"is unreadable ({e})") from e
@@ -78,8 +81,11 @@ class Manifest:
                 raise damaged(path, "is missing")
             size = path.stat().st_size
             if size != entry["bytes"]:
-                raise damaged(path, f"has {size:,} bytes, {entry['bytes']:,} were saved "
-                                    f"(truncated or partly copied)")
+                raise damaged(
+                    path,
+                    f"has {size:,} bytes, {entry['bytes']:,} were saved "
+                    f"(truncated or partly copied)",
+                )
 
     def verify(self, name: str) -> None:
         """The file `name` has its recorded size and CRC-32; a file the manifest does not
@@ -92,11 +98,17 @@ class Manifest:
         digest = digest_file(path)
         want = self.files[name]
         if digest["bytes"] != want["bytes"]:
-            raise damaged(path, f"has {digest['bytes']:,} bytes, {want['bytes']:,} were saved "
-                                f"(truncated or partly copied)")
+            raise damaged(
+                path,
+                f"has {digest['bytes']:,} bytes, {want['bytes']:,} were saved "
+                f"(truncated or partly copied)",
+            )
         if digest["crc32"] != want["crc32"]:
-            raise damaged(path, f"does not match its checksum (CRC-32 {digest['crc32']}, "
-                                f"{want['crc32']} was saved): its bytes changed after the save")
+            raise damaged(
+                path,
+                f"does not match its checksum (CRC-32 {digest['crc32']}, "
+                f"{want['crc32']} was saved): its bytes changed after the save",
+            )
         self._verified.add(name)
 
 

@@ -27,7 +27,7 @@ class CheckpointMeshes:
     dp_tp: DeviceMesh | None = None  # [dp, tp] ranks of this pipeline stage (vocab-sharded tables)
 
     @classmethod
-    def build(cls, parallel) -> "CheckpointMeshes":
+    def build(cls, parallel) -> CheckpointMeshes:
         """Collective over the world: every rank learns the [dp, tp] grid of its stage."""
         device = parallel.device.type
         tp = DeviceMesh.from_group(parallel.tp_group, device)
@@ -39,12 +39,13 @@ class CheckpointMeshes:
         for rank, (pp, dp, tp_rank) in enumerate(coords):
             if pp == parallel.pp_rank:
                 grid[dp, tp_rank] = rank
-        dp_tp = DeviceMesh.from_group([parallel.dp_group, parallel.tp_group], device, mesh=grid,
-                                      mesh_dim_names=("dp", "tp"))
+        dp_tp = DeviceMesh.from_group(
+            [parallel.dp_group, parallel.tp_group], device, mesh=grid, mesh_dim_names=("dp", "tp")
+        )
         return cls(tp, dp_tp)
 
     @classmethod
-    def single(cls, device: torch.device) -> "CheckpointMeshes":
+    def single(cls, device: torch.device) -> CheckpointMeshes:
         return cls(DeviceMesh.from_group(dist.group.WORLD, device.type))
 
 
@@ -56,12 +57,14 @@ def tp_block(like: torch.Tensor) -> tuple[tuple[int, ...], int | None]:
         return shape, None
     dim = shard.dim
     if shard.chunks > 1:
-        shape = (*shape[:dim], shard.chunks, shape[dim] // shard.chunks, *shape[dim + 1:])
+        shape = (*shape[:dim], shard.chunks, shape[dim] // shard.chunks, *shape[dim + 1 :])
         dim += 1
     return shape, dim
 
 
-def checkpoint_view(tensor: torch.Tensor, like: torch.Tensor, meshes: CheckpointMeshes) -> torch.Tensor:
+def checkpoint_view(
+    tensor: torch.Tensor, like: torch.Tensor, meshes: CheckpointMeshes
+) -> torch.Tensor:
     """`tensor` (this rank's piece of a parameter `like`, or of an optimizer state shaped like
     it) as a piece of its full logical tensor. Shares storage, so DCP loads into it in place."""
     shape, dim = tp_block(like)
@@ -74,8 +77,9 @@ def checkpoint_view(tensor: torch.Tensor, like: torch.Tensor, meshes: Checkpoint
     tp_size = meshes.tp.size()
     shape = torch.Size(full_shape(like, tp_size))
     stride = torch.empty(shape, device="meta").stride()
-    return DTensor.from_local(local, meshes.dp_tp, [Shard(0), Shard(dim)], run_check=False,
-                              shape=shape, stride=stride)
+    return DTensor.from_local(
+        local, meshes.dp_tp, [Shard(0), Shard(dim)], run_check=False, shape=shape, stride=stride
+    )
 
 
 def model_state(named_params, meshes: CheckpointMeshes) -> dict[str, torch.Tensor]:
@@ -83,8 +87,9 @@ def model_state(named_params, meshes: CheckpointMeshes) -> dict[str, torch.Tenso
     return {name: checkpoint_view(p, p, meshes) for name, p in named_params}
 
 
-def wrap_optimizer_states(states: dict[str, dict], params: dict[str, torch.Tensor],
-                          meshes: CheckpointMeshes) -> dict:
+def wrap_optimizer_states(
+    states: dict[str, dict], params: dict[str, torch.Tensor], meshes: CheckpointMeshes
+) -> dict:
     """Per-parameter optimizer states {key: {name: tensor}} in checkpoint views, `params[key]`
     being the parameter they belong to: tensors shaped like it take its sharding; scalars
     (AdamW's `step`) stay as they are."""
@@ -93,8 +98,10 @@ def wrap_optimizer_states(states: dict[str, dict], params: dict[str, torch.Tenso
         param = params[fqn]
         wrapped[fqn] = {
             key: checkpoint_view(value, param, meshes)
-            if isinstance(value, torch.Tensor) and value.shape == param.shape else value
-            for key, value in state.items()}
+            if isinstance(value, torch.Tensor) and value.shape == param.shape
+            else value
+            for key, value in state.items()
+        }
     return wrapped
 
 

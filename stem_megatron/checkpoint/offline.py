@@ -46,12 +46,19 @@ from stem_megatron.checkpoint.dcp import Checkpointer, calling_dcp
 from stem_megatron.checkpoint.errors import CheckpointExistsError, UnsafeCheckpointError
 from stem_megatron.checkpoint.flatten import Scalar
 from stem_megatron.checkpoint.manifest import Manifest
-from stem_megatron.checkpoint.safe_io import (SafeFileSystemReader, TensorOnlyLoadPlanner,
-                                              read_dcp_metadata)
+from stem_megatron.checkpoint.safe_io import (
+    SafeFileSystemReader,
+    TensorOnlyLoadPlanner,
+    read_dcp_metadata,
+)
 
 # What each top-level key prefix holds.
-KINDS = {"model": "model", "optim": "dense optimizer", "stem_optim": "table optimizer",
-         "rng": "rng"}
+KINDS = {
+    "model": "model",
+    "optim": "dense optimizer",
+    "stem_optim": "table optimizer",
+    "rng": "rng",
+}
 
 
 @dataclass(frozen=True)
@@ -139,18 +146,24 @@ class OfflineCheckpoint:
         out = {key: torch.empty(info.shape, dtype=info.dtype)}
         with calling_dcp():  # a damaged shard: its CheckpointCorruptError, not DCP's wrapper
             _load_in_this_process(
-                out, storage_reader=SafeFileSystemReader(self.path, self._manifest),
-                planner=TensorOnlyLoadPlanner())
+                out,
+                storage_reader=SafeFileSystemReader(self.path, self._manifest),
+                planner=TensorOnlyLoadPlanner(),
+            )
         return out[key]
 
     def tensors(self, keys: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """(key, full tensor) for `keys` (default: all), one tensor in memory at a time."""
-        for key in (self.keys() if keys is None else keys):
+        for key in self.keys() if keys is None else keys:
             yield key, self.read(key)
 
 
-def write_checkpoint(out: str | os.PathLike, tensors: Mapping[str, torch.Tensor],
-                     metadata: dict[str, Any], scalars: Mapping[str, Scalar] | None = None) -> Path:
+def write_checkpoint(
+    out: str | os.PathLike,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: dict[str, Any],
+    scalars: Mapping[str, Scalar] | None = None,
+) -> Path:
     """Write a new checkpoints dir `out` holding `step_<metadata["step"]>/` and `latest`.
 
     `tensors` are full logical tensors by flat key, `metadata` the metadata.json content
@@ -163,8 +176,10 @@ def write_checkpoint(out: str | os.PathLike, tensors: Mapping[str, torch.Tensor]
     if out.exists():
         raise CheckpointExistsError(f"output {out} already exists; choose a new path")
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        raise RuntimeError("write_checkpoint runs on one process; torch.distributed has "
-                           f"{dist.get_world_size()} ranks")
+        raise RuntimeError(
+            "write_checkpoint runs on one process; torch.distributed has "
+            f"{dist.get_world_size()} ranks"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f"{layout.TMP_PREFIX}{out.name}_{secrets.token_hex(4)}"
     state: dict[str, Any] = {**dict(tensors), **dict(scalars or {})}

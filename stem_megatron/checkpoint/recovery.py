@@ -55,21 +55,30 @@ def recover_strays(checkpoints: Path) -> list[str]:
     current = _pointer_step(checkpoints) if checkpoints.is_dir() else None
     if current is None:
         return []
-    strays = sorted(((step, entry) for entry in checkpoints.iterdir()
-                     if (step := layout.step_of(entry)) is not None and step > current
-                     and entry.is_dir()), reverse=True)
+    strays = sorted(
+        (
+            (step, entry)
+            for entry in checkpoints.iterdir()
+            if (step := layout.step_of(entry)) is not None and step > current and entry.is_dir()
+        ),
+        reverse=True,
+    )
     was = f"step_{current}" if current >= 0 else "none"
     lines = []
     for step, entry in strays:
         problem = _untrusted_because(entry, step)
         if problem is None:
             layout.point_latest_at(entry)
-            lines.append(f"adopted {entry}: a complete, verified checkpoint newer than "
-                         f"'latest' ({was}), left by a save interrupted before it moved "
-                         f"'latest'; resuming from it")
+            lines.append(
+                f"adopted {entry}: a complete, verified checkpoint newer than "
+                f"'latest' ({was}), left by a save interrupted before it moved "
+                f"'latest'; resuming from it"
+            )
             break
         aside = entry.with_name(f"stray-{entry.name}-{secrets.token_hex(3)}")
         os.rename(entry, aside)
-        lines.append(f"moved {entry.name} aside to {aside}: it is newer than 'latest' ({was}) "
-                     f"but cannot be resumed from ({problem})")
+        lines.append(
+            f"moved {entry.name} aside to {aside}: it is newer than 'latest' ({was}) "
+            f"but cannot be resumed from ({problem})"
+        )
     return lines

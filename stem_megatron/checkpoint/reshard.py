@@ -46,6 +46,7 @@ def vocab_size(ckpt: OfflineCheckpoint, config: RunConfig) -> int:
         if key.startswith("model.") and key.endswith(".stem_table.weight"):
             return info.shape[0]
     from stem_megatron.data.tokenizer import load_tokenizer
+
     return load_tokenizer(config.data.tokenizer).vocab_size
 
 
@@ -68,16 +69,22 @@ class _DataPosition:
         self.state = dict(state)
 
 
-def _convert_rank(source: str, tmp: str, build_dict: dict, config_dict: dict, vocab: int,
-                  carried_rng: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _convert_rank(
+    source: str,
+    tmp: str,
+    build_dict: dict,
+    config_dict: dict,
+    vocab: int,
+    carried_rng: dict[str, torch.Tensor],
+) -> dict[str, Any]:
     """One rank of the target world: build (from `build_dict`), load the source, save into
     `tmp` recording `config_dict`."""
     from tqdm import tqdm
 
+    from stem_megatron.parallel.data_parallel import wrap_data_parallel
     from stem_megatron.parallel.state import ParallelState
     from stem_megatron.training.model_chunks import build_model_chunks
     from stem_megatron.training.optimizer import TrainingOptimizer
-    from stem_megatron.parallel.data_parallel import wrap_data_parallel
     from stem_megatron.training.state import TrainingState
 
     class CarryingState(TrainingState):
@@ -89,15 +96,18 @@ def _convert_rank(source: str, tmp: str, build_dict: dict, config_dict: dict, vo
 
     config, build = config_from_dict(config_dict), config_from_dict(build_dict)
     p = config.parallel
-    parallel = ParallelState.initialize(p.tensor_model_parallel_size,
-                                        p.pipeline_model_parallel_size,
-                                        p.virtual_pipeline_model_parallel_size)
+    parallel = ParallelState.initialize(
+        p.tensor_model_parallel_size,
+        p.pipeline_model_parallel_size,
+        p.virtual_pipeline_model_parallel_size,
+    )
     try:
         with tqdm(total=3, desc="reshard", unit="phase", disable=parallel.rank != 0) as bar:
             bar.set_postfix_str("build")
             chunks = build_model_chunks(build, parallel, vocab)
-            optimizer = TrainingOptimizer(wrap_data_parallel(chunks, build), chunks, build,
-                                          parallel)
+            optimizer = TrainingOptimizer(
+                wrap_data_parallel(chunks, build), chunks, build, parallel
+            )
             state = CarryingState(chunks, optimizer, _DataPosition(), parallel)
             bar.update()
             bar.set_postfix_str("load")
@@ -113,8 +123,13 @@ def _convert_rank(source: str, tmp: str, build_dict: dict, config_dict: dict, vo
         parallel.destroy()
 
 
-def reshard(source: str | os.PathLike, out: str | os.PathLike, overrides: list[str],
-            dp: int = 1, timeout_s: float = 24 * 3600.0) -> Path:
+def reshard(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    overrides: list[str],
+    dp: int = 1,
+    timeout_s: float = 24 * 3600.0,
+) -> Path:
     """Write the checkpoint at `source` into a new checkpoints dir `out` for the layout of
     `overrides` on tp x pp x `dp` processes; returns the new step dir. Raises ConfigError
     (bad overrides or layout), CheckpointNotFoundError, CheckpointExistsError (out exists)
@@ -127,7 +142,8 @@ def reshard(source: str | os.PathLike, out: str | os.PathLike, overrides: list[s
     if ckpt.metadata.get(MODEL_ONLY):
         raise ConversionError(
             f"{ckpt.path} holds model weights only (a model-only checkpoint): it needs no "
-            f"resharding, every layout loads it as it is with checkpoint.finetune=true")
+            f"resharding, every layout loads it as it is with checkpoint.finetune=true"
+        )
     out = Path(out)
     if out.exists():
         raise CheckpointExistsError(f"output {out} already exists; choose a new path")
@@ -137,8 +153,11 @@ def reshard(source: str | os.PathLike, out: str | os.PathLike, overrides: list[s
     vocab = vocab_size(ckpt, config)
     world = world_size(config, dp)
     validate_layout(config, world, vocab)
-    carried = {key[len("rng."):]: ckpt.read(key) for key in ckpt.keys()
-               if key.startswith(RNG_PREFIX) and int(key[len(RNG_PREFIX):]) >= world}
+    carried = {
+        key[len("rng.") :]: ckpt.read(key)
+        for key in ckpt.keys()
+        if key.startswith(RNG_PREFIX) and int(key[len(RNG_PREFIX) :]) >= world
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f"{layout.TMP_PREFIX}{out.name}_{secrets.token_hex(4)}"
     # mmap-tier tables are mapped from scratch files here, not in the source run's dir.
@@ -148,8 +167,17 @@ def reshard(source: str | os.PathLike, out: str | os.PathLike, overrides: list[s
         build["stem"]["mmap_dir"] = str(scratch)
     try:
         try:
-            results = run_local_workers(world, _convert_rank, str(ckpt.path), str(tmp), build,
-                                        config.to_dict(), vocab, carried, timeout=timeout_s)
+            results = run_local_workers(
+                world,
+                _convert_rank,
+                str(ckpt.path),
+                str(tmp),
+                build,
+                config.to_dict(),
+                vocab,
+                carried,
+                timeout=timeout_s,
+            )
         except AssertionError as e:  # a worker died or hung: its traceback is the message
             raise ConversionError(f"cannot convert {ckpt.path}: {e}") from e
         errors = [r["error"] for r in results if "error" in r]

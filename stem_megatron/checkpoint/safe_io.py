@@ -104,7 +104,9 @@ class SafeFileSystemReader(FileSystemReader):
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         per_file: dict[str, list[ReadItem]] = {}
         for item in plan.items:
-            per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(item)
+            per_file.setdefault(self.storage_data[item.storage_index].relative_path, []).append(
+                item
+            )
         for name, items in per_file.items():
             if self.manifest is not None:
                 self.manifest.verify(name)
@@ -113,8 +115,9 @@ class SafeFileSystemReader(FileSystemReader):
             except UnsafeCheckpointError:
                 raise
             except (EOFError, pickle.UnpicklingError, RuntimeError, ValueError) as e:
-                raise damaged(Path(self.path) / name,
-                              f"is not readable tensor data ({type(e).__name__}: {e})") from e
+                raise damaged(
+                    Path(self.path) / name, f"is not readable tensor data ({type(e).__name__}: {e})"
+                ) from e
         done: Future[None] = Future()
         done.set_result(None)
         return done

@@ -19,9 +19,18 @@ from pathlib import Path
 
 import torch
 
-DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
-          torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
-          torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 _TORCH_DTYPES = {name: dtype for dtype, name in DTYPES.items()}
 _ALIGN = 8  # header padded with spaces so tensor data starts 8-byte aligned
 
@@ -35,9 +44,12 @@ def _check_byte_order() -> None:
         raise RuntimeError("safetensors stores little-endian bytes; this machine is big-endian")
 
 
-def write_safetensors(path: Path, specs: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
-                      tensors: Iterator[tuple[str, torch.Tensor]],
-                      metadata: dict[str, str] | None = None) -> None:
+def write_safetensors(
+    path: Path,
+    specs: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    metadata: dict[str, str] | None = None,
+) -> None:
     """Write `tensors` (yielded one at a time, in the order of `specs`) to `path`.
 
     `specs` lists (name, shape, dtype) of every tensor in advance, for the header; each
@@ -52,8 +64,11 @@ def write_safetensors(path: Path, specs: Iterable[tuple[str, tuple[int, ...], to
         size = dtype.itemsize
         for dim in shape:
             size *= dim
-        header[name] = {"dtype": DTYPES[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % _ALIGN)
@@ -62,8 +77,10 @@ def write_safetensors(path: Path, specs: Iterable[tuple[str, tuple[int, ...], to
         f.write(text)
         for (name, shape, dtype), (got, tensor) in zip(specs, tensors, strict=True):
             if got != name or tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-                raise ValueError(f"tensor {got!r} {tuple(tensor.shape)} {tensor.dtype} does not "
-                                 f"match the header entry {name!r} {tuple(shape)} {dtype}")
+                raise ValueError(
+                    f"tensor {got!r} {tuple(tensor.shape)} {tensor.dtype} does not "
+                    f"match the header entry {name!r} {tuple(shape)} {dtype}"
+                )
             f.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         f.flush()
 
@@ -116,8 +133,9 @@ class SafetensorsReader:
             raise SafetensorsFormatError(f"{self.path}: {name!r} has inconsistent data offsets")
         if count == 0:
             return torch.empty(shape, dtype=dtype)
-        flat = torch.frombuffer(self._map, dtype=torch.uint8, count=end - begin,
-                                offset=self._start + begin)
+        flat = torch.frombuffer(
+            self._map, dtype=torch.uint8, count=end - begin, offset=self._start + begin
+        )
         return flat.view(dtype).reshape(shape)
 
     def close(self) -> None:
@@ -127,7 +145,7 @@ class SafetensorsReader:
             pass
         self._file.close()
 
-    def __enter__(self) -> "SafetensorsReader":
+    def __enter__(self) -> SafetensorsReader:
         return self
 
     def __exit__(self, *exc) -> None:

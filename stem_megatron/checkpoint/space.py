@@ -29,8 +29,12 @@ def tensor_nbytes(tensor: torch.Tensor) -> int:
 def checkpoint_nbytes(nbytes_by_key: dict[str, int], json_bytes: int = 0) -> int:
     """Estimated size on disk of a checkpoint of these tensors (every key once: DCP writes
     a tensor replicated over ranks once)."""
-    return (sum(nbytes_by_key.values()) + _PER_TENSOR_OVERHEAD * len(nbytes_by_key)
-            + _FIXED_OVERHEAD + json_bytes)
+    return (
+        sum(nbytes_by_key.values())
+        + _PER_TENSOR_OVERHEAD * len(nbytes_by_key)
+        + _FIXED_OVERHEAD
+        + json_bytes
+    )
 
 
 def human(nbytes: int) -> str:
@@ -52,5 +56,4 @@ def space_problem(directory: Path, need: int) -> str | None:
     free = free_bytes(directory)
     if free >= need:
         return None
-    return (f"{directory} has {human(free)} free, a checkpoint of this run needs about "
-            f"{human(need)}")
+    return f"{directory} has {human(free)} free, a checkpoint of this run needs about {human(need)}"

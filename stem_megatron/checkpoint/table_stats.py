@@ -36,13 +36,18 @@ class Spread:
         if c.numel() == 0:
             return {"pairs": 0}
         q = torch.quantile(c, torch.tensor(QUANTILES, dtype=c.dtype))
-        return {"pairs": c.numel(), "mean": c.mean().item(), "std": c.std().item(),
-                "mean_abs": c.abs().mean().item(),
-                **{f"p{round(p * 100)}": v.item() for p, v in zip(QUANTILES, q)}}
+        return {
+            "pairs": c.numel(),
+            "mean": c.mean().item(),
+            "std": c.std().item(),
+            "mean_abs": c.abs().mean().item(),
+            **{f"p{round(p * 100)}": v.item() for p, v in zip(QUANTILES, q)},
+        }
 
 
-def random_pairs(n: int, pairs: int, generator: torch.Generator,
-                 labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def random_pairs(
+    n: int, pairs: int, generator: torch.Generator, labels: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`pairs` index pairs (i, j) drawn uniformly with i != j, and, given `labels`, with
     labels[i] != labels[j] (pairs of equal labels are dropped, so fewer may return)."""
     if n < 2:
@@ -56,8 +61,12 @@ def random_pairs(n: int, pairs: int, generator: torch.Generator,
     return i, j
 
 
-def cosine_spread(vectors: torch.Tensor, pairs: int, generator: torch.Generator,
-                  labels: torch.Tensor | None = None) -> Spread:
+def cosine_spread(
+    vectors: torch.Tensor,
+    pairs: int,
+    generator: torch.Generator,
+    labels: torch.Tensor | None = None,
+) -> Spread:
     """Spread of `vectors` [n, d]; zero vectors (no direction) are left out."""
     vectors = vectors.double()
     norms = vectors.norm(dim=1)
@@ -72,8 +81,13 @@ def cosine_spread(vectors: torch.Tensor, pairs: int, generator: torch.Generator,
 def norm_summary(norms: torch.Tensor) -> dict[str, float]:
     if norms.numel() == 0:
         return {"rows": 0}
-    return {"rows": norms.numel(), "mean": norms.mean().item(), "std": norms.std().item()
-            if norms.numel() > 1 else 0.0, "min": norms.min().item(), "max": norms.max().item()}
+    return {
+        "rows": norms.numel(),
+        "mean": norms.mean().item(),
+        "std": norms.std().item() if norms.numel() > 1 else 0.0,
+        "min": norms.min().item(),
+        "max": norms.max().item(),
+    }
 
 
 @dataclass
@@ -103,14 +117,15 @@ def table_keys(ckpt: OfflineCheckpoint) -> list[str]:
 
 def updated_rows(ckpt: OfflineCheckpoint, key: str) -> torch.Tensor | None:
     """Rows whose table-optimizer second moment is non-zero (see the module doc), or None."""
-    state = f"stem_optim.tables.{key[len('model.'):-len('.weight')]}.exp_avg_sq"
+    state = f"stem_optim.tables.{key[len('model.') : -len('.weight')]}.exp_avg_sq"
     if state not in ckpt:
         return None
     return (ckpt.read(state) != 0).any(dim=1)
 
 
-def stem_table_stats(ckpt: OfflineCheckpoint, pairs: int, seed: int = 0,
-                     tokens: torch.Tensor | None = None) -> list[TableStats]:
+def stem_table_stats(
+    ckpt: OfflineCheckpoint, pairs: int, seed: int = 0, tokens: torch.Tensor | None = None
+) -> list[TableStats]:
     """Per STEM table, one table in memory at a time. `tokens` (ids from real text): also the
     spread of the rows that random pairs of distinct tokens of it select."""
     stats = []
@@ -123,21 +138,31 @@ def stem_table_stats(ckpt: OfflineCheckpoint, pairs: int, seed: int = 0,
         token_spread = None
         if tokens is not None:
             if tokens.numel() and int(tokens.max()) >= table.shape[0]:
-                raise ValueError(f"data token id {int(tokens.max())} is outside the {key} table "
-                                 f"({table.shape[0]} rows): the data uses another tokenizer")
+                raise ValueError(
+                    f"data token id {int(tokens.max())} is outside the {key} table "
+                    f"({table.shape[0]} rows): the data uses another tokenizer"
+                )
             token_spread = cosine_spread(table[tokens], pairs, generator, labels=tokens)
-        stats.append(TableStats(
-            layer=layer_of(key), key=key, rows=table.shape[0], width=table.shape[1],
-            updated=int(updated.sum()) if updated is not None else None,
-            norms=norm_summary(norms),
-            updated_norms=norm_summary(norms[updated]) if updated is not None else None,
-            spread=cosine_spread(rows, pairs, generator), token_spread=token_spread))
+        stats.append(
+            TableStats(
+                layer=layer_of(key),
+                key=key,
+                rows=table.shape[0],
+                width=table.shape[1],
+                updated=int(updated.sum()) if updated is not None else None,
+                norms=norm_summary(norms),
+                updated_norms=norm_summary(norms[updated]) if updated is not None else None,
+                spread=cosine_spread(rows, pairs, generator),
+                token_spread=token_spread,
+            )
+        )
     return stats
 
 
 @torch.no_grad()
-def dense_up_outputs(model: torch.nn.Module, layers: list[int], tokens: torch.Tensor,
-                     seq_length: int) -> dict[int, torch.Tensor]:
+def dense_up_outputs(
+    model: torch.nn.Module, layers: list[int], tokens: torch.Tensor, seq_length: int
+) -> dict[int, torch.Tensor]:
     """W_up x at the FFN input of each dense layer in `layers`, for every token of `tokens`
     (run through `model` in sequences of `seq_length`): {layer: [n, d_ff]}, rows in token order."""
     modules = dict(model.named_modules())
@@ -151,6 +176,7 @@ def dense_up_outputs(model: torch.nn.Module, layers: list[int], tokens: torch.Te
         def keep_up(module, args, output, layer=layer):
             up = output[0].chunk(2, dim=-1)[1]  # fused [gate; up]: the second half is W_up x
             outputs[layer].append(up.transpose(0, 1).reshape(-1, up.shape[-1]).float())
+
         hooks.append(mlp.linear_fc1.register_forward_hook(keep_up))
     try:
         usable = tokens[: (tokens.numel() // seq_length) * seq_length]
@@ -164,8 +190,14 @@ def dense_up_outputs(model: torch.nn.Module, layers: list[int], tokens: torch.Te
     return {layer: torch.cat(chunks) for layer, chunks in outputs.items()}
 
 
-def dense_token_spreads(model: torch.nn.Module, layers: list[int], tokens: torch.Tensor,
-                        seq_length: int, pairs: int, seed: int = 0) -> dict[int, Spread]:
+def dense_token_spreads(
+    model: torch.nn.Module,
+    layers: list[int],
+    tokens: torch.Tensor,
+    seq_length: int,
+    pairs: int,
+    seed: int = 0,
+) -> dict[int, Spread]:
     """Spread of W_up x over random pairs of positions holding distinct tokens, per layer."""
     usable = tokens[: (tokens.numel() // seq_length) * seq_length]
     spreads = {}

@@ -69,7 +69,8 @@ def resolve_entity(tokenizer: Tokenizer, spec: str, forms: str = "inner") -> Ent
             raise EditError(
                 f"entity {spec!r} is not in the tokenizer's vocabulary: {text!r} encodes to "
                 f"{list(ids)}, which decodes to {tokenizer.decode(ids)!r}; use text the "
-                "tokenizer represents exactly, or token ids as id:N[,M...]")
+                "tokenizer represents exactly, or token ids as id:N[,M...]"
+            )
         if ids not in resolved:  # SentencePiece: both forms are the same tokens
             resolved.append(ids)
     return Entity(spec, tuple(resolved))
@@ -77,27 +78,33 @@ def resolve_entity(tokenizer: Tokenizer, spec: str, forms: str = "inner") -> Ent
 
 def _parse_ids(spec: str, vocab_size: int) -> tuple[int, ...]:
     try:
-        ids = tuple(int(part) for part in spec[len(ID_PREFIX):].split(","))
+        ids = tuple(int(part) for part in spec[len(ID_PREFIX) :].split(","))
     except ValueError:
-        raise EditError(f"entity {spec!r}: token ids must be integers, as id:812 or id:812,77") from None
+        raise EditError(
+            f"entity {spec!r}: token ids must be integers, as id:812 or id:812,77"
+        ) from None
     bad = [i for i in ids if not 0 <= i < vocab_size]
     if bad:
-        raise EditError(f"entity {spec!r}: token ids {bad} are not in the vocabulary "
-                        f"(ids 0..{vocab_size - 1})")
+        raise EditError(
+            f"entity {spec!r}: token ids {bad} are not in the vocabulary (ids 0..{vocab_size - 1})"
+        )
     return ids
 
 
 def paired_forms(dest: Entity, source: Entity) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
     """(destination ids, source ids) for each surface form, paired by kind."""
     if len(dest.forms) != len(source.forms):
-        raise EditError(f"cannot pair {dest.spec!r} with {source.spec!r}: they have different "
-                        "surface forms (text vs token ids, or one starting with a space); give "
-                        "both as text or both as token ids (id:N)")
+        raise EditError(
+            f"cannot pair {dest.spec!r} with {source.spec!r}: they have different "
+            "surface forms (text vs token ids, or one starting with a space); give "
+            "both as text or both as token ids (id:N)"
+        )
     return list(zip(dest.forms, source.forms))
 
 
-def align(dest: tuple[int, ...], source: tuple[int, ...], rule: str,
-          pick: int = -1) -> list[tuple[int, ...]]:
+def align(
+    dest: tuple[int, ...], source: tuple[int, ...], rule: str, pick: int = -1
+) -> list[tuple[int, ...]]:
     """For each destination token, the source token ids whose rows it takes (mean if several)."""
     n, m = len(dest), len(source)
     if rule not in RULES:
@@ -106,7 +113,8 @@ def align(dest: tuple[int, ...], source: tuple[int, ...], rule: str,
         if n != m:
             raise StrictLengthError(
                 f"token lengths differ: {list(dest)} ({n} tokens) vs {list(source)} ({m} tokens) "
-                "and the strict rule needs equal lengths")
+                "and the strict rule needs equal lengths"
+            )
         return [(s,) for s in source]
     if rule == "repeat":
         # Position i covers the fraction (i, i + 1] / n of the source; take the source token

@@ -49,23 +49,34 @@ def country_capitals() -> list[Fact]:
             continue
         facts[country] = Fact(country, capital)
     capitals = [f.capital for f in facts.values()]
-    return sorted((f for f in facts.values() if capitals.count(f.capital) == 1),
-                  key=lambda f: f.country)
+    return sorted(
+        (f for f in facts.values() if capitals.count(f.capital) == 1), key=lambda f: f.country
+    )
 
 
 def fact_documents(facts: Sequence[Fact], repeats: int, per_document: int, seed: int) -> list[str]:
     """Each fact `repeats` times in every template, shuffled into documents of
     `per_document` sentences."""
     rng = random.Random(seed)
-    sentences = [t.format(country=f.country, capital=f.capital)
-                 for f in facts for t in TEMPLATES for _ in range(repeats)]
+    sentences = [
+        t.format(country=f.country, capital=f.capital)
+        for f in facts
+        for t in TEMPLATES
+        for _ in range(repeats)
+    ]
     rng.shuffle(sentences)
-    return [" ".join(sentences[i:i + per_document]) for i in range(0, len(sentences), per_document)]
+    return [
+        " ".join(sentences[i : i + per_document]) for i in range(0, len(sentences), per_document)
+    ]
 
 
 @torch.no_grad()
-def answers(model: torch.nn.Module, tokenizer: Tokenizer, facts: Sequence[Fact],
-            stem_ids: StemIds | None = None) -> dict[str, tuple[int, ...]]:
+def answers(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    facts: Sequence[Fact],
+    stem_ids: StemIds | None = None,
+) -> dict[str, tuple[int, ...]]:
     """country -> the greedy continuation of its probe, as long as the longest capital.
 
     Probes of equal token length run as one batch (no padding, so every row computes what
@@ -84,13 +95,17 @@ def answers(model: torch.nn.Module, tokenizer: Tokenizer, facts: Sequence[Fact],
         for length, probes in groups.items():
             ids = torch.tensor([prompt for _, prompt in probes])
             for _ in range(n):
-                window = ids[:, -spec.model.seq_length:]
-                lookup = None if stem_ids is None else torch.tensor(
-                    [stem_ids(row) for row in window.tolist()])
+                window = ids[:, -spec.model.seq_length :]
+                lookup = (
+                    None
+                    if stem_ids is None
+                    else torch.tensor([stem_ids(row) for row in window.tolist()])
+                )
                 logits = model(window, stem_ids=lookup)[:, -1, :vocab_size]
                 ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
-            out.update({country: tuple(row[length:]) for (country, _), row
-                        in zip(probes, ids.tolist())})
+            out.update(
+                {country: tuple(row[length:]) for (country, _), row in zip(probes, ids.tolist())}
+            )
     finally:
         model.train(was_training)
     return out

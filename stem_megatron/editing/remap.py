@@ -31,8 +31,8 @@ class StemRemap:
         i = 0
         while i < len(ids):
             for pattern, lookup in self.patterns:
-                if tuple(ids[i:i + len(pattern)]) == pattern:
-                    out[i:i + len(pattern)] = lookup
+                if tuple(ids[i : i + len(pattern)]) == pattern:
+                    out[i : i + len(pattern)] = lookup
                     i += len(pattern)
                     break
             else:
@@ -40,25 +40,34 @@ class StemRemap:
         return out
 
 
-def parse_remap(tokenizer: Tokenizer, specs: Sequence[str], rule: str = "strict",
-                pick: int = -1, forms: str = "inner") -> StemRemap:
+def parse_remap(
+    tokenizer: Tokenizer,
+    specs: Sequence[str],
+    rule: str = "strict",
+    pick: int = -1,
+    forms: str = "inner",
+) -> StemRemap:
     """StemRemap from "FROM=TO" specs (entities as in editing/entities.py)."""
     if rule == "average":
-        raise EditError("--stem-remap redirects lookups to existing rows, so the average rule "
-                        "cannot apply on the fly: use strict, repeat or pick, or write averaged "
-                        "rows into a checkpoint with tools/edit_knowledge.py")
+        raise EditError(
+            "--stem-remap redirects lookups to existing rows, so the average rule "
+            "cannot apply on the fly: use strict, repeat or pick, or write averaged "
+            "rows into a checkpoint with tools/edit_knowledge.py"
+        )
     patterns: dict[tuple[int, ...], tuple[int, ...]] = {}
     for spec in specs:
         dest_spec, sep, source_spec = spec.partition("=")
         if not sep or not dest_spec or not source_spec:
-            raise EditError(f"--stem-remap {spec!r}: expected FROM=TO, e.g. \"Spain=Germany\"")
+            raise EditError(f'--stem-remap {spec!r}: expected FROM=TO, e.g. "Spain=Germany"')
         dest = resolve_entity(tokenizer, dest_spec, forms)
         source = resolve_entity(tokenizer, source_spec, forms)
         for dest_ids, source_ids in paired_forms(dest, source):
             lookup = tuple(ids[0] for ids in align(dest_ids, source_ids, rule, pick))
             if patterns.get(dest_ids, lookup) != lookup:
-                raise EditError(f"--stem-remap {spec!r}: tokens {list(dest_ids)} are already "
-                                "redirected elsewhere by an earlier --stem-remap")
+                raise EditError(
+                    f"--stem-remap {spec!r}: tokens {list(dest_ids)} are already "
+                    "redirected elsewhere by an earlier --stem-remap"
+                )
             patterns[dest_ids] = lookup
     ordered = sorted(patterns.items(), key=lambda item: -len(item[0]))
     return StemRemap(tuple(ordered))

@@ -47,13 +47,16 @@ def _assign(plan: RowPlan, dest: int, value: tuple[tuple[int, float], ...], what
     if value == ((dest, 1.0),):
         value = plan.get(dest, value)  # a row that keeps itself does not conflict
     if dest in plan and plan[dest] != value:
-        raise EditError(f"{what}: token id {dest} would be given two different rows (the "
-                        "entities share this token); edit them in separate steps")
+        raise EditError(
+            f"{what}: token id {dest} would be given two different rows (the "
+            "entities share this token); edit them in separate steps"
+        )
     plan[dest] = value
 
 
-def _take_from(plan: RowPlan, dest: Entity, sources: Sequence[Entity], rule: str, pick: int,
-               what: str) -> None:
+def _take_from(
+    plan: RowPlan, dest: Entity, sources: Sequence[Entity], rule: str, pick: int, what: str
+) -> None:
     """Rows of `dest` become the mean over `sources` of their rows aligned to dest's length."""
     for form in range(len(dest.forms)):
         dest_ids = dest.forms[form]
@@ -65,8 +68,9 @@ def _take_from(plan: RowPlan, dest: Entity, sources: Sequence[Entity], rule: str
             _assign(plan, row, _blend([_mean(a[pos]) for a in aligned]), what)
 
 
-def build_plan(operation: str, entities: Sequence[Entity], rule: str = "strict",
-               pick: int = -1) -> RowPlan:
+def build_plan(
+    operation: str, entities: Sequence[Entity], rule: str = "strict", pick: int = -1
+) -> RowPlan:
     """The plan of one edit. `entities`: swap [A, B]; copy [A, B] (A takes B's rows);
     average [A, B, ...]; inject [A, B, ...] (A takes the mean of the others)."""
     what = f"{operation} {' '.join(e.spec for e in entities)}"
@@ -74,8 +78,10 @@ def build_plan(operation: str, entities: Sequence[Entity], rule: str = "strict",
         raise EditError(f"unknown edit {operation!r}; choose one of {', '.join(OPERATIONS)}")
     needed = {"swap": (2, 2), "copy": (2, 2), "average": (2, None), "inject": (2, None)}[operation]
     if len(entities) < needed[0] or (needed[1] is not None and len(entities) > needed[1]):
-        raise EditError(f"{what}: {operation} takes {'exactly 2' if needed[1] else 'at least 2'} "
-                        f"entities, got {len(entities)}")
+        raise EditError(
+            f"{what}: {operation} takes {'exactly 2' if needed[1] else 'at least 2'} "
+            f"entities, got {len(entities)}"
+        )
     plan: RowPlan = {}
     if operation == "swap":
         a, b = entities
@@ -107,4 +113,3 @@ def apply_plan(plan: RowPlan, tensors: Iterable[torch.Tensor]) -> None:
                 rows.append(mean.to(tensor.dtype))
         index = torch.tensor(dests, device=tensor.device)
         tensor.index_copy_(0, index, torch.stack(rows))
-

@@ -8,8 +8,12 @@ from dataclasses import dataclass
 from stem_megatron.editing.entities import EditError
 
 # How each operation is written on the command line.
-SYNTAX = {"swap": "A=B", "copy": "A=B (A takes B's rows)", "average": "A+B[+C...]",
-          "inject": "A=B+C[+...] (A takes the mean of B, C, ...)"}
+SYNTAX = {
+    "swap": "A=B",
+    "copy": "A=B (A takes B's rows)",
+    "average": "A+B[+C...]",
+    "inject": "A=B+C[+...] (A takes the mean of B, C, ...)",
+}
 OPERATIONS = tuple(SYNTAX)
 
 
@@ -19,7 +23,7 @@ class EditSpec:
     entities: tuple[str, ...]
 
     @classmethod
-    def parse(cls, operation: str, text: str) -> "EditSpec":
+    def parse(cls, operation: str, text: str) -> EditSpec:
         if operation not in OPERATIONS:
             raise EditError(f"unknown edit {operation!r}; choose one of {', '.join(OPERATIONS)}")
         if operation == "average":
@@ -32,8 +36,10 @@ class EditSpec:
         if len(parts) < 2 or not all(parts) or (operation in ("swap", "copy") and "+" in text):
             raise EditError(f"--{operation} {text!r}: expected {SYNTAX[operation]}")
         if len({part.strip() for part in parts}) == 1:  # A=A, A+A, A=A+A: rows stay as they are
-            raise EditError(f"--{operation} {text!r} names {parts[0].strip()!r} on every side, "
-                            "so it would change nothing: name two different entities")
+            raise EditError(
+                f"--{operation} {text!r} names {parts[0].strip()!r} on every side, "
+                "so it would change nothing: name two different entities"
+            )
         return cls(operation, tuple(parts))
 
     def __str__(self) -> str:

@@ -42,25 +42,31 @@ def row_keys(keys: Iterable[str], layers: Sequence[int]) -> dict[int, list[str]]
     out = {}
     for layer in layers:
         prefix = OPTIM_PREFIX.format(layer=layer)
-        states = sorted(k[len(prefix):] for k in keys if k.startswith(prefix))
+        states = sorted(k[len(prefix) :] for k in keys if k.startswith(prefix))
         unknown = [s for s in states if s not in ROW_STATES]
         if unknown:
-            raise EditError(f"table optimizer state {[prefix + s for s in unknown]} is not one "
-                            f"this tool can move with its rows (known: {', '.join(ROW_STATES)})")
+            raise EditError(
+                f"table optimizer state {[prefix + s for s in unknown]} is not one "
+                f"this tool can move with its rows (known: {', '.join(ROW_STATES)})"
+            )
         out[layer] = [table_key(layer)] + [prefix + s for s in states]
     return out
 
 
-def select_layers(available: Sequence[int], requested: Sequence[int] | None,
-                  source: str) -> list[int]:
+def select_layers(
+    available: Sequence[int], requested: Sequence[int] | None, source: str
+) -> list[int]:
     """The layers to edit: `requested` (None: every STEM layer), each checked to be a STEM layer."""
     if not available:
-        raise EditError(f"{source} has no STEM tables (a dense model, stem.enabled=false): "
-                        "knowledge editing swaps STEM table rows, so it needs a STEM checkpoint")
+        raise EditError(
+            f"{source} has no STEM tables (a dense model, stem.enabled=false): "
+            "knowledge editing swaps STEM table rows, so it needs a STEM checkpoint"
+        )
     if requested is None:
         return list(available)
     wrong = sorted(set(requested) - set(available))
     if wrong:
-        raise EditError(f"layers {wrong} are not STEM layers of {source}; its STEM layers are "
-                        f"{list(available)}")
+        raise EditError(
+            f"layers {wrong} are not STEM layers of {source}; its STEM layers are {list(available)}"
+        )
     return sorted(set(requested))

@@ -34,8 +34,12 @@ from stem_megatron.checkpoint.model_state import CheckpointMeshes, model_state
 from stem_megatron.config import ConfigError, ModelConfig, RunConfig, load_config, save_config
 from stem_megatron.data.indexed import check_vocab, open_dataset
 from stem_megatron.data.tokenizer import load_tokenizer
-from stem_megatron.hf.llama_config import (ARCHITECTURE_FIELDS, HFFormatError,
-                                           model_config_from_hf, read_hf_config)
+from stem_megatron.hf.llama_config import (
+    ARCHITECTURE_FIELDS,
+    HFFormatError,
+    model_config_from_hf,
+    read_hf_config,
+)
 from stem_megatron.hf.safetensors_dir import SafetensorsDir
 from stem_megatron.hf.staged_output import staged_output_dir
 from stem_megatron.hf.table_calibration import calibrated_tables
@@ -45,8 +49,10 @@ from stem_megatron.training.state import MODEL_ONLY
 
 # The paper's continued pretraining from dense Llama-3.2-1B: backbone 1e-5, tables 5e-4
 # without weight decay. Override with --config optim.lr=... stem.optimizer.lr=...
-CONTINUED_PRETRAINING = {"optim": {"lr": 1e-5, "min_lr": 1e-6},
-                         "stem": {"optimizer": {"lr": 5e-4, "weight_decay": 0.0}}}
+CONTINUED_PRETRAINING = {
+    "optim": {"lr": 1e-5, "min_lr": 1e-6},
+    "stem": {"optimizer": {"lr": 5e-4, "weight_decay": 0.0}},
+}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model")  # what our data/tokenizer.py reads
 # HF tensors that hold no weights of the model (buffers some old checkpoints saved).
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -56,31 +62,45 @@ def _check_tensor_names(weights: SafetensorsDir, m: ModelConfig) -> None:
     tied = not m.untie_embeddings_and_output_weights
     expected = set(llama_names(m, tied))
     missing = sorted(expected - weights.names)
-    unknown = sorted(n for n in weights.names - expected
-                     if not n.endswith(_IGNORED_SUFFIXES) and not (tied and n == "lm_head.weight"))
+    unknown = sorted(
+        n
+        for n in weights.names - expected
+        if not n.endswith(_IGNORED_SUFFIXES) and not (tied and n == "lm_head.weight")
+    )
     if missing or unknown:
         raise HFFormatError(
             f"{weights.dir}: the weights do not match a Llama model of its config.json: "
-            f"missing {missing[:5] or 'none'}, unexpected {unknown[:5] or 'none'}")
+            f"missing {missing[:5] or 'none'}, unexpected {unknown[:5] or 'none'}"
+        )
 
 
-def _continued_pretraining_config(m: ModelConfig, out: Path, tokenizer: Path | None,
-                                  overrides: list[str], staging: Path) -> RunConfig:
+def _continued_pretraining_config(
+    m: ModelConfig, out: Path, tokenizer: Path | None, overrides: list[str], staging: Path
+) -> RunConfig:
     """The run config: HF architecture, paper LRs, finetune from the checkpoint, then the
     user's overrides, of which those changing the architecture are refused."""
-    tree = {"name": out.name, "model": dataclasses.asdict(m), **CONTINUED_PRETRAINING,
-            "checkpoint": {"load": str(out / "checkpoints"), "finetune": True}}
+    tree = {
+        "name": out.name,
+        "model": dataclasses.asdict(m),
+        **CONTINUED_PRETRAINING,
+        "checkpoint": {"load": str(out / "checkpoints"), "finetune": True},
+    }
     if tokenizer is not None:
         tree["data"] = {"tokenizer": str(out / tokenizer.name)}
     base = staging / "config.yaml"
     base.write_text(yaml.safe_dump(tree, sort_keys=False))
     config = load_config(base, overrides)
-    changed = [f"model.{key}" for key in ARCHITECTURE_FIELDS
-               if getattr(config.model, key) != getattr(m, key)]
+    changed = [
+        f"model.{key}"
+        for key in ARCHITECTURE_FIELDS
+        if getattr(config.model, key) != getattr(m, key)
+    ]
     if changed:
-        raise ConfigError(f"{', '.join(changed)} cannot be overridden: the imported weights fix "
-                          f"them (allowed model overrides: seq_length, "
-                          f"make_vocab_size_divisible_by, init_method_std)")
+        raise ConfigError(
+            f"{', '.join(changed)} cannot be overridden: the imported weights fix "
+            f"them (allowed model overrides: seq_length, "
+            f"make_vocab_size_divisible_by, init_method_std)"
+        )
     return config
 
 
@@ -100,22 +120,29 @@ def _copy_tokenizer(source: Path | None, staging: Path, vocab_size: int):
     shutil.copyfile(source, staging / source.name)
     tokenizer = load_tokenizer(staging / source.name)
     if tokenizer.vocab_size > vocab_size:
-        raise HFFormatError(f"{source} has {tokenizer.vocab_size} tokens but the model's "
-                            f"vocab_size is {vocab_size}")
+        raise HFFormatError(
+            f"{source} has {tokenizer.vocab_size} tokens but the model's vocab_size is {vocab_size}"
+        )
     return tokenizer
 
 
 def _calibration_tokens(calibration: Calibration, tokenizer, vocab_size: int):
     if tokenizer is None:
-        raise HFFormatError("table calibration needs the HF directory's tokenizer (tokenizer.json "
-                            "or tokenizer.model): the calibration data must be tokenized with it")
+        raise HFFormatError(
+            "table calibration needs the HF directory's tokenizer (tokenizer.json "
+            "or tokenizer.model): the calibration data must be tokenized with it"
+        )
     dataset = open_dataset(calibration.data, vocab_size=vocab_size)
     check_vocab(dataset, vocab_size, tokenizer)
     return dataset.tokens
 
 
-def _stem_model(config: RunConfig, spec: ModelSpec, dense: dict[str, torch.Tensor],
-                tables: dict[int, torch.Tensor] | None) -> StemGPTModel:
+def _stem_model(
+    config: RunConfig,
+    spec: ModelSpec,
+    dense: dict[str, torch.Tensor],
+    tables: dict[int, torch.Tensor] | None,
+) -> StemGPTModel:
     """Our model holding the dense weights (up-projection of STEM layers dropped) and the
     tables: `tables`, or the xavier-normal draw of our init for the run's seed."""
     model = StemGPTModel(spec)
@@ -128,14 +155,19 @@ def _stem_model(config: RunConfig, spec: ModelSpec, dense: dict[str, torch.Tenso
     allowed = ("_extra_state",) if tables else ("_extra_state", "stem_table.weight")
     not_loaded = [n for n in missing if not n.endswith(allowed)]
     if not_loaded or unexpected:  # the mapping and the model disagree: our bug, not input
-        raise RuntimeError(f"HF import mapping incomplete: not loaded {not_loaded}, "
-                           f"unexpected {unexpected}")
+        raise RuntimeError(
+            f"HF import mapping incomplete: not loaded {not_loaded}, unexpected {unexpected}"
+        )
     return model
 
 
-def import_llama(hf_dir: Path, out: Path, overrides: list[str] | None = None,
-                 calibration: Calibration | None = None,
-                 log: Callable[[str], None] = print) -> Path:
+def import_llama(
+    hf_dir: Path,
+    out: Path,
+    overrides: list[str] | None = None,
+    calibration: Calibration | None = None,
+    log: Callable[[str], None] = print,
+) -> Path:
     """Write the STEM (or, with stem.enabled=false, dense) import of `hf_dir` to `out`."""
     hf_dir, out = Path(hf_dir), Path(out).absolute()
     model_cfg = model_config_from_hf(read_hf_config(hf_dir), str(hf_dir / "config.json"))
@@ -144,41 +176,61 @@ def import_llama(hf_dir: Path, out: Path, overrides: list[str] | None = None,
     tokenizer_src = next((hf_dir / n for n in TOKENIZER_FILES if (hf_dir / n).is_file()), None)
     vocab = model_cfg.vocab_size
     with staged_output_dir(out) as staging:
-        config = _continued_pretraining_config(model_cfg, out, tokenizer_src, overrides or [],
-                                               staging)
+        config = _continued_pretraining_config(
+            model_cfg, out, tokenizer_src, overrides or [], staging
+        )
         tokenizer = _copy_tokenizer(tokenizer_src, staging, vocab)
         if tokenizer is None:
-            log(f"warning: {hf_dir} has no {' or '.join(TOKENIZER_FILES)}: set data.tokenizer "
-                f"in {out / 'config.yaml'} before training")
+            log(
+                f"warning: {hf_dir} has no {' or '.join(TOKENIZER_FILES)}: set data.tokenizer "
+                f"in {out / 'config.yaml'} before training"
+            )
         stem_layers = config.stem_layers()
         tokens = None
         if calibration is not None and stem_layers:
             tokens = _calibration_tokens(calibration, tokenizer, vocab)
         spec = ModelSpec(model=config.model, vocab_size=vocab, stem_layers=tuple(stem_layers))
         with tqdm(desc="reading HF weights", unit="tensor", disable=None) as bar:
+
             def read(name: str) -> torch.Tensor:
                 bar.update()
                 return weights.read(name)
+
             dense = megatron_from_hf(read, config.model, spec.padded_vocab_size)
         tables = None
         if tokens is not None:
-            tables = calibrated_tables(dense, config.model, vocab, stem_layers, tokens,
-                                       calibration.max_tokens, log=log)
-        log(f"building the model: {config.model.num_layers} layers, STEM in "
-            f"{stem_layers or 'none'}, tables {'calibrated' if tables else 'xavier-normal'}")
+            tables = calibrated_tables(
+                dense, config.model, vocab, stem_layers, tokens, calibration.max_tokens, log=log
+            )
+        log(
+            f"building the model: {config.model.num_layers} layers, STEM in "
+            f"{stem_layers or 'none'}, tables {'calibrated' if tables else 'xavier-normal'}"
+        )
         model = _stem_model(config, spec, dense, tables)
         del dense, tables
         log(f"writing the checkpoint to {out / 'checkpoints'}")
         source = {"hf_dir": str(hf_dir.absolute()), "tables": "xavier_normal"}
         if tokens is not None:
-            source["tables"] = {"calibrated": str(calibration.data),
-                                "max_tokens": calibration.max_tokens}
-        metadata = {"step": 0, "data": None, "config": config.to_dict(), MODEL_ONLY: True,
-                    "source": source}
-        state = {"model": model_state(model.named_parameters(),
-                                      CheckpointMeshes.single(torch.device("cpu")))}
+            source["tables"] = {
+                "calibrated": str(calibration.data),
+                "max_tokens": calibration.max_tokens,
+            }
+        metadata = {
+            "step": 0,
+            "data": None,
+            "config": config.to_dict(),
+            MODEL_ONLY: True,
+            "source": source,
+        }
+        state = {
+            "model": model_state(
+                model.named_parameters(), CheckpointMeshes.single(torch.device("cpu"))
+            )
+        }
         Checkpointer(staging / "checkpoints").save(0, state, metadata)
         save_config(config, staging / "config.yaml")
-    log(f"imported {hf_dir} -> {out}; train with --config {out / 'config.yaml'} "
-        f"data.train_data=... data.valid_data=...")
+    log(
+        f"imported {hf_dir} -> {out}; train with --config {out / 'config.yaml'} "
+        f"data.train_data=... data.valid_data=..."
+    )
     return out

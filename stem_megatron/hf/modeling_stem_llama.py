@@ -34,15 +34,22 @@ from torch.nn import functional as F
 from transformers import GenerationMixin, LlamaConfig
 from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.models.llama.modeling_llama import (LlamaForCausalLM, LlamaMLP,
-                                                      LlamaPreTrainedModel, LlamaRMSNorm,
-                                                      LlamaRotaryEmbedding,
-                                                      apply_rotary_pos_emb)
+from transformers.models.llama.modeling_llama import (
+    LlamaForCausalLM,
+    LlamaMLP,
+    LlamaPreTrainedModel,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+)
 
 # The name under which this transformers' generate() passes the KV cache and reads it back
 # from the output: `cache` from 5.x on, `past_key_values` before.
-CACHE_NAME = ("cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
-              else "past_key_values")
+CACHE_NAME = (
+    "cache"
+    if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)}
+    else "past_key_values"
+)
 
 
 class StemLlamaConfig(LlamaConfig):
@@ -76,29 +83,33 @@ class StemLlamaAttention(nn.Module):
         super().__init__()
         self.layer_idx = layer_idx
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim = (getattr(config, "head_dim", None)
-                         or config.hidden_size // config.num_attention_heads)
+        self.head_dim = (
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.heads * self.head_dim, config.hidden_size, bias=bias)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                mask: torch.Tensor, cache) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor, cache
+    ) -> torch.Tensor:
         batch, length, _ = x.shape
 
         def heads(proj: nn.Linear, n: int) -> torch.Tensor:
             return proj(x).view(batch, length, n, self.head_dim).transpose(1, 2)
 
-        q, k = apply_rotary_pos_emb(heads(self.q_proj, self.heads),
-                                    heads(self.k_proj, self.kv_heads), *rope)
+        q, k = apply_rotary_pos_emb(
+            heads(self.q_proj, self.heads), heads(self.k_proj, self.kv_heads), *rope
+        )
         v = heads(self.v_proj, self.kv_heads)
         if cache is not None:  # k, v become those of every position so far
             k, v = cache.update(k, v, self.layer_idx)
         group = self.heads // self.kv_heads
-        out = F.scaled_dot_product_attention(q, k.repeat_interleave(group, dim=1),
-                                             v.repeat_interleave(group, dim=1), attn_mask=mask)
+        out = F.scaled_dot_product_attention(
+            q, k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1), attn_mask=mask
+        )
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -119,8 +130,9 @@ class StemLlamaDecoderLayer(nn.Module):
         return hidden + (self.mlp(normed, token_ids) if self.is_stem else self.mlp(normed))
 
 
-def attention_mask_4d(padding: torch.Tensor | None, batch: int, length: int, past: int,
-                      device: torch.device) -> torch.Tensor:
+def attention_mask_4d(
+    padding: torch.Tensor | None, batch: int, length: int, past: int, device: torch.device
+) -> torch.Tensor:
     """[batch, 1, length, past + length] booleans, True where a query may attend: causal over
     absolute positions, minus keys that `padding` ([batch, past + length], 0 = pad) drops.
     A query always sees itself, so a padded query's row is never empty (SDPA would give NaN)."""
@@ -143,10 +155,10 @@ class StemLlamaPreTrainedModel(LlamaPreTrainedModel):
 class StemLlamaModel(StemLlamaPreTrainedModel):
     def __init__(self, config: StemLlamaConfig):
         super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size,
-                                         config.pad_token_id)
-        self.layers = nn.ModuleList([StemLlamaDecoderLayer(config, i)
-                                     for i in range(config.num_hidden_layers)])
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(
+            [StemLlamaDecoderLayer(config, i) for i in range(config.num_hidden_layers)]
+        )
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.post_init()
@@ -157,8 +169,13 @@ class StemLlamaModel(StemLlamaPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
-    def forward(self, input_ids: torch.LongTensor | None, attention_mask: torch.Tensor | None,
-                position_ids: torch.LongTensor | None, cache) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.LongTensor | None,
+        cache,
+    ) -> torch.Tensor:
         """The final hidden states of `input_ids`, the tokens after the `cache`'s (if any)."""
         batch, length = input_ids.shape
         past = cache.get_seq_length() if cache is not None else 0
@@ -206,18 +223,25 @@ class StemLlamaForCausalLM(StemLlamaPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
 
-    def forward(self, input_ids: torch.LongTensor | None = None,
-                attention_mask: torch.Tensor | None = None,
-                position_ids: torch.LongTensor | None = None,
-                inputs_embeds: torch.Tensor | None = None, labels: torch.LongTensor | None = None,
-                use_cache: bool | None = None, logits_to_keep: int = 0,
-                **kwargs) -> CausalLMOutputWithPast:
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
         """Logits (and the mean next-token loss given `labels`, -100 = ignore). The KV cache
         comes as `past_key_values` or `cache` (whichever this transformers passes); other
         keyword arguments of generate (cache_position, return_dict, ...) are not needed."""
         if input_ids is None or inputs_embeds is not None:
-            raise ValueError("STEM layers look rows up by token id: pass input_ids "
-                             "(inputs_embeds cannot be used with this model)")
+            raise ValueError(
+                "STEM layers look rows up by token id: pass input_ids "
+                "(inputs_embeds cannot be used with this model)"
+            )
         cache = kwargs.get("cache")
         if cache is None:
             cache = kwargs.get("past_key_values")
@@ -229,7 +253,11 @@ class StemLlamaForCausalLM(StemLlamaPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(),
-                                   labels[:, 1:].flatten().to(logits.device), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits,
-                                      **{CACHE_NAME: cache if use_cache else None})
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(),
+                labels[:, 1:].flatten().to(logits.device),
+                ignore_index=-100,
+            )
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, **{CACHE_NAME: cache if use_cache else None}
+        )

@@ -25,20 +25,26 @@ class SafetensorsDir:
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise HFFormatError(f"{index} is not a safetensors index (needs a "
-                                    f"'weight_map' object): {exc}") from exc
+                raise HFFormatError(
+                    f"{index} is not a safetensors index (needs a 'weight_map' object): {exc}"
+                ) from exc
             self.file_of = {name: hf_dir / file for name, file in weight_map.items()}
             absent = sorted({p.name for p in self.file_of.values() if not p.is_file()})
             if absent:
-                raise HFFormatError(f"{index} names shard(s) missing from {hf_dir}: "
-                                    f"{', '.join(absent)}")
+                raise HFFormatError(
+                    f"{index} names shard(s) missing from {hf_dir}: {', '.join(absent)}"
+                )
         elif (hf_dir / SINGLE_FILE).is_file():
             with safe_open(hf_dir / SINGLE_FILE, framework="pt") as f:
                 self.file_of = {name: hf_dir / SINGLE_FILE for name in f.keys()}
         else:
             pickled = sorted(p.name for p in hf_dir.glob("*.bin"))
-            hint = (f" (found {', '.join(pickled)}: pickled weights are not read; re-save "
-                    f"with save_pretrained(dir, safe_serialization=True))" if pickled else "")
+            hint = (
+                f" (found {', '.join(pickled)}: pickled weights are not read; re-save "
+                f"with save_pretrained(dir, safe_serialization=True))"
+                if pickled
+                else ""
+            )
             raise HFFormatError(f"{hf_dir} holds neither {SINGLE_FILE} nor {INDEX_FILE}{hint}")
         self._open: dict[Path, object] = {}
 

@@ -26,18 +26,26 @@ from stem_megatron.model.transformer import ModelSpec, StemGPTModel
 
 
 @torch.no_grad()
-def calibrated_tables(dense_weights: dict[str, torch.Tensor], m: ModelConfig, vocab_size: int,
-                      stem_layers: list[int], tokens: np.ndarray, max_tokens: int,
-                      batch_size: int = 8, log: Callable[[str], None] = print
-                      ) -> dict[int, torch.Tensor]:
+def calibrated_tables(
+    dense_weights: dict[str, torch.Tensor],
+    m: ModelConfig,
+    vocab_size: int,
+    stem_layers: list[int],
+    tokens: np.ndarray,
+    max_tokens: int,
+    batch_size: int = 8,
+    log: Callable[[str], None] = print,
+) -> dict[int, torch.Tensor]:
     """{layer: [vocab, d_ff] table} from the dense model (`dense_weights`: every layer with
     its [gate; up] fc1) run over the first `max_tokens` of `tokens` in model.seq_length
     windows."""
     seq = m.seq_length
     windows = min(max_tokens, len(tokens)) // seq
     if windows == 0:
-        raise ValueError(f"calibration needs at least model.seq_length ({seq}) tokens, the "
-                         f"data has {len(tokens)}")
+        raise ValueError(
+            f"calibration needs at least model.seq_length ({seq}) tokens, the "
+            f"data has {len(tokens)}"
+        )
     model = StemGPTModel(ModelSpec(model=m, vocab_size=vocab_size, stem_layers=()))
     missing, unexpected = model.load_state_dict(dense_weights, strict=False)
     if [n for n in missing if not n.endswith("_extra_state")] or unexpected:
@@ -52,16 +60,20 @@ def calibrated_tables(dense_weights: dict[str, torch.Tensor], m: ModelConfig, vo
         def hook(_module, _inputs, output):
             up = output[0][..., d_ff:]  # fc1 is [gate; up]
             sums[layer].index_add_(0, batch_ids[0].reshape(-1), up.reshape(-1, d_ff).double())
+
         return hook
 
-    hooks = [model.decoder.layers[str(layer)].mlp.linear_fc1.register_forward_hook(collect(layer))
-             for layer in stem_layers]
-    data = torch.from_numpy(np.asarray(tokens[:windows * seq], dtype=np.int64)).view(windows, seq)
+    hooks = [
+        model.decoder.layers[str(layer)].mlp.linear_fc1.register_forward_hook(collect(layer))
+        for layer in stem_layers
+    ]
+    data = torch.from_numpy(np.asarray(tokens[: windows * seq], dtype=np.int64)).view(windows, seq)
     log(f"calibrating tables of layers {stem_layers} on {windows * seq} tokens")
     try:
-        for start in tqdm(range(0, windows, batch_size), desc="calibration", unit="batch",
-                          disable=None):
-            ids = data[start:start + batch_size]
+        for start in tqdm(
+            range(0, windows, batch_size), desc="calibration", unit="batch", disable=None
+        ):
+            ids = data[start : start + batch_size]
             batch_ids[:] = [ids.t()]  # hidden states are [s, b, h]
             counts.index_add_(0, ids.reshape(-1), torch.ones(ids.numel(), dtype=torch.float64))
             model(ids)

@@ -24,8 +24,9 @@ def _source_files(path: Path) -> list[Path]:
     return [path]
 
 
-def write_tokenizer_files(tokenizer_path: str, tokenizer: Tokenizer, out_dir: Path,
-                          model_max_length: int) -> list[str]:
+def write_tokenizer_files(
+    tokenizer_path: str, tokenizer: Tokenizer, out_dir: Path, model_max_length: int
+) -> list[str]:
     """Copy the tokenizer at `tokenizer_path` into `out_dir`; the names written."""
     sources = _source_files(Path(tokenizer_path))
     names = []
@@ -36,9 +37,11 @@ def write_tokenizer_files(tokenizer_path: str, tokenizer: Tokenizer, out_dir: Pa
         if sources[0].name != "tokenizer.json":
             (out_dir / sources[0].name).rename(out_dir / "tokenizer.json")
             names = ["tokenizer.json"]
-        config = {"tokenizer_class": "PreTrainedTokenizerFast",
-                  "eos_token": tokenizer.decode([tokenizer.eod_id]),
-                  "model_max_length": model_max_length}
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": tokenizer.decode([tokenizer.eod_id]),
+            "model_max_length": model_max_length,
+        }
         (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         names.append("tokenizer_config.json")
     return names

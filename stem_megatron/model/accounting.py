@@ -26,7 +26,9 @@ class ModelCounts:
     flops_per_token: int  # forward + backward, one token
 
 
-def count_model(model: ModelConfig, vocab_size: int, stem_layers: list[int] | tuple[int, ...]) -> ModelCounts:
+def count_model(
+    model: ModelConfig, vocab_size: int, stem_layers: list[int] | tuple[int, ...]
+) -> ModelCounts:
     h, f, L = model.hidden_size, model.ffn_hidden_size, model.num_layers
     head_dim = h // model.num_attention_heads
     vp = padded_vocab_size(vocab_size, model.make_vocab_size_divisible_by)

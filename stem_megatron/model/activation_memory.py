@@ -88,19 +88,28 @@ def layer_bytes(m: ModelConfig, s: ActivationSetup) -> LayerBytes:
     tokens = m.seq_length * s.micro_batch_size
     rope_after = e * h * (1 + gqa) / t
     lse = FP32 * m.num_attention_heads / t
-    per_token = (2 * (s.norm_bytes(h) + e * h) / s.sp + e * h * (1 + 2 * gqa) / t + rope_after
-                 + e * h / t + lse + 4 * e * f / t)
+    per_token = (
+        2 * (s.norm_bytes(h) + e * h) / s.sp
+        + e * h * (1 + 2 * gqa) / t
+        + rope_after
+        + e * h / t
+        + lse
+        + 4 * e * f / t
+    )
     head_dim = h // m.num_attention_heads
     rope_casts = 4 * m.seq_length * head_dim * e if s.bf16 else 0
-    return LayerBytes(full=per_token * tokens + rope_casts,
-                      selective_saving=(rope_after + lse) * tokens + rope_casts,
-                      checkpoint=e * h / s.sp * tokens)
+    return LayerBytes(
+        full=per_token * tokens + rope_casts,
+        selective_saving=(rope_after + lse) * tokens + rope_casts,
+        checkpoint=e * h / s.sp * tokens,
+    )
 
 
 def head_bytes(m: ModelConfig, padded_vocab: int, s: ActivationSetup) -> float:
     """What the last stage adds per micro-batch: final norm, head input, fp32 softmax."""
-    per_token = ((s.norm_bytes(m.hidden_size) + s.e * m.hidden_size) / s.sp
-                 + FP32 * padded_vocab / s.tp_size)
+    per_token = (
+        s.norm_bytes(m.hidden_size) + s.e * m.hidden_size
+    ) / s.sp + FP32 * padded_vocab / s.tp_size
     return per_token * m.seq_length * s.micro_batch_size
 
 
@@ -129,15 +138,15 @@ def chunk_activations(m: ModelConfig, layers: int, s: ActivationSetup) -> ChunkA
     rebuilt = per.full - (per.checkpoint if s.norm_keeps_input else 0)
     if m.recompute_method == "uniform":
         groups = -(-layers // n)
-        return ChunkActivations(int(groups * per.checkpoint),
-                                int(rebuilt + (min(n, layers) - 1) * per.full))
+        return ChunkActivations(
+            int(groups * per.checkpoint), int(rebuilt + (min(n, layers) - 1) * per.full)
+        )
     kept = min(n, layers)  # block: the first n layers recomputed one by one
     stored = kept * per.checkpoint + (layers - kept) * per.full
     return ChunkActivations(int(stored), int(rebuilt) if kept == layers else 0)
 
 
-def chunk_passes_in_flight(pp_rank: int, pp_size: int, vp_size: int,
-                           num_microbatches: int) -> int:
+def chunk_passes_in_flight(pp_rank: int, pp_size: int, vp_size: int, num_microbatches: int) -> int:
     """Forward passes of a model chunk whose activations pipeline rank `pp_rank` holds at once,
     at its peak (the end of its warmup): megatron-core's warmup count
     (schedules.get_pp_rank_microbatches) plus the first steady-state forward, capped at all

@@ -29,8 +29,8 @@ the host copy), and loses the moments of the offloaded part.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 FP32 = 4
 BF16 = 2
@@ -67,8 +67,13 @@ def _pad(n: int, divisor: int) -> int:
     return -(-n // divisor) * divisor
 
 
-def buffer_numel(numels: Sequence[int], shared: Sequence[bool], dp_size: int,
-                 distributed_optimizer: bool, bucket_size: int | None) -> int:
+def buffer_numel(
+    numels: Sequence[int],
+    shared: Sequence[bool],
+    dp_size: int,
+    distributed_optimizer: bool,
+    bucket_size: int | None,
+) -> int:
     """Elements of the buffer _ParamAndGradBuffer allocates for parameters of `numels` (in
     `parameters()` order; `shared`: a tied embedding's flag `shared_embedding`)."""
     bucket_end = math.lcm(dp_size, BUCKET_ALIGN) if distributed_optimizer else 1
@@ -108,12 +113,16 @@ class DenseMemory:
         return self.weights + self.grads + self.main_params + self.optimizer
 
 
-def dense_memory(chunks: Sequence[tuple[Sequence[int], Sequence[bool]]], pp_rank: int,
-                 s: DenseSetup) -> DenseMemory:
+def dense_memory(
+    chunks: Sequence[tuple[Sequence[int], Sequence[bool]]], pp_rank: int, s: DenseSetup
+) -> DenseMemory:
     """`chunks`: each model chunk's dense parameter sizes and `shared_embedding` flags."""
-    buffered = sum(buffer_numel(numels, shared, s.dp_size, s.distributed_optimizer,
-                                s.chunk_bucket_size(pp_rank, i))
-                   for i, (numels, shared) in enumerate(chunks))
+    buffered = sum(
+        buffer_numel(
+            numels, shared, s.dp_size, s.distributed_optimizer, s.chunk_bucket_size(pp_rank, i)
+        )
+        for i, (numels, shared) in enumerate(chunks)
+    )
     params = sum(sum(numels) for numels, _ in chunks)  # = buffered without the dist. optimizer
     # A DP rank's shard is 1/DP of each buffer; main params exist for its parameter elements
     # only, not the padding (an upper bound by less than the padding of one shard).
@@ -122,6 +131,10 @@ def dense_memory(chunks: Sequence[tuple[Sequence[int], Sequence[bool]]], pp_rank
     on_device = stepped - on_host
     grad_copy = FP32 if s.bf16 and not s.grad_reduce_in_fp32 else 0
     return DenseMemory(
-        weights=buffered * s.param_bytes, grads=buffered * s.grad_bytes,
-        main_params=stepped * FP32 if s.bf16 else 0, optimizer=on_device * 2 * FP32,
-        main_grads=stepped * grad_copy, host=on_host * (FP32 + FP32 + 2 * FP32))
+        weights=buffered * s.param_bytes,
+        grads=buffered * s.grad_bytes,
+        main_params=stepped * FP32 if s.bf16 else 0,
+        optimizer=on_device * 2 * FP32,
+        main_grads=stepped * grad_copy,
+        host=on_host * (FP32 + FP32 + 2 * FP32),
+    )

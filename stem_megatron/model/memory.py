@@ -16,9 +16,13 @@ from dataclasses import dataclass
 import torch
 
 from stem_megatron.config import ModelConfig
-from stem_megatron.model.activation_memory import (ActivationSetup, chunk_activations,
-                                                   chunk_passes_in_flight, head_bytes,
-                                                   head_transient_bytes)
+from stem_megatron.model.activation_memory import (
+    ActivationSetup,
+    chunk_activations,
+    chunk_passes_in_flight,
+    head_bytes,
+    head_transient_bytes,
+)
 from stem_megatron.model.dense_memory import DenseMemory, DenseSetup, dense_memory
 from stem_megatron.model.sharding import get_tp_shard, is_tied_copy
 from stem_megatron.model.table_memory import TableMemory, TableSetup, table_memory
@@ -36,11 +40,16 @@ class ShardParams:
     # `shared_embedding` flags: the layout of the chunk's DDP buffers.
     chunks: tuple[tuple[tuple[int, ...], tuple[bool, ...]], ...] = ()
 
-    def __add__(self, other: "ShardParams") -> "ShardParams":
+    def __add__(self, other: ShardParams) -> ShardParams:
         """The parameters of two model chunks of one rank together."""
-        return ShardParams(self.dense + other.dense, self.replicated + other.replicated,
-                           self.tables + other.tables, self.table_shapes + other.table_shapes,
-                           self.tied_copy + other.tied_copy, self.chunks + other.chunks)
+        return ShardParams(
+            self.dense + other.dense,
+            self.replicated + other.replicated,
+            self.tables + other.tables,
+            self.table_shapes + other.table_shapes,
+            self.tied_copy + other.tied_copy,
+            self.chunks + other.chunks,
+        )
 
 
 def count_shard(model: torch.nn.Module) -> ShardParams:
@@ -59,8 +68,9 @@ def count_shard(model: torch.nn.Module) -> ShardParams:
             replicated += param.numel()
         if is_tied_copy(param):
             tied_copy += param.numel()
-    return ShardParams(dense, replicated, tables, tuple(shapes), tied_copy,
-                       ((tuple(numels), tuple(shared)),))
+    return ShardParams(
+        dense, replicated, tables, tuple(shapes), tied_copy, ((tuple(numels), tuple(shared)),)
+    )
 
 
 @dataclass(frozen=True)
@@ -76,8 +86,9 @@ class RankMemory:
 
     @property
     def device_total(self) -> int:
-        return (self.dense.resident + self.tables.device
-                + max(self.activations, self.dense.main_grads))
+        return (
+            self.dense.resident + self.tables.device + max(self.activations, self.dense.main_grads)
+        )
 
     @property
     def host_total(self) -> int:
@@ -88,16 +99,35 @@ class RankMemory:
         return self.tables.mmap
 
 
-def estimate_rank_memory(shard: ShardParams, m: ModelConfig, *, chunk_layers: tuple[int, ...],
-                         post_process: bool, padded_vocab: int, pp_rank: int, pp_size: int,
-                         vp_size: int, num_microbatches: int, dense: DenseSetup,
-                         activations: ActivationSetup, tables: TableSetup) -> RankMemory:
+def estimate_rank_memory(
+    shard: ShardParams,
+    m: ModelConfig,
+    *,
+    chunk_layers: tuple[int, ...],
+    post_process: bool,
+    padded_vocab: int,
+    pp_rank: int,
+    pp_size: int,
+    vp_size: int,
+    num_microbatches: int,
+    dense: DenseSetup,
+    activations: ActivationSetup,
+    tables: TableSetup,
+) -> RankMemory:
     """`chunk_layers`: layers of each of the rank's model chunks; `post_process`: the rank
     holds the head (in its last chunk)."""
-    chunk = max((chunk_activations(m, n, activations) for n in chunk_layers),
-                key=lambda c: c.stored + c.rebuilt)
-    head = int(head_bytes(m, padded_vocab, activations)
-               + head_transient_bytes(padded_vocab, m, activations)) if post_process else 0
+    chunk = max(
+        (chunk_activations(m, n, activations) for n in chunk_layers),
+        key=lambda c: c.stored + c.rebuilt,
+    )
+    head = (
+        int(
+            head_bytes(m, padded_vocab, activations)
+            + head_transient_bytes(padded_vocab, m, activations)
+        )
+        if post_process
+        else 0
+    )
     in_flight = chunk_passes_in_flight(pp_rank, pp_size, vp_size, num_microbatches)
     # At a rank's peak, the end of its last warmup forward, every pass in flight holds its
     # stored activations (counted at the largest chunk's: an upper bound when layers split
@@ -108,5 +138,8 @@ def estimate_rank_memory(shard: ShardParams, m: ModelConfig, *, chunk_layers: tu
     return RankMemory(
         dense=dense_memory(shard.chunks, pp_rank, dense),
         tables=table_memory(shard.table_shapes, tables),
-        activations_per_pass=chunk.stored, passes_in_flight=in_flight, activations_once=once,
-        activations=in_flight * chunk.stored + once)
+        activations_per_pass=chunk.stored,
+        passes_in_flight=in_flight,
+        activations_once=once,
+        activations=in_flight * chunk.stored + once,
+    )

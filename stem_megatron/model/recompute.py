@@ -64,12 +64,18 @@ def recompute_groups(num_layers: int, config: TransformerConfig) -> list[tuple[i
         return [(i, min(i + n, num_layers), True) for i in range(0, num_layers, n)]
     if config.recompute_method == "block":
         return [(i, i + 1, i < n) for i in range(num_layers)]
-    raise ValueError(f"recompute_method must be 'uniform' or 'block', got "
-                     f"{config.recompute_method!r}")
+    raise ValueError(
+        f"recompute_method must be 'uniform' or 'block', got {config.recompute_method!r}"
+    )
 
 
-def run_layers(layers: Sequence[torch.nn.Module], config: TransformerConfig, training: bool,
-               x: torch.Tensor, *layer_args: torch.Tensor) -> torch.Tensor:
+def run_layers(
+    layers: Sequence[torch.nn.Module],
+    config: TransformerConfig,
+    training: bool,
+    x: torch.Tensor,
+    *layer_args: torch.Tensor,
+) -> torch.Tensor:
     """x through `layers` (each called as layer(x, *layer_args)), with full recomputation
     where the config asks for it."""
     if config.recompute_granularity != "full" or not (training and torch.is_grad_enabled()):

@@ -23,7 +23,7 @@ def _rotate(x: torch.Tensor, position: torch.Tensor, m: ModelConfig) -> torch.Te
     angles = torch.outer(position.double(), inv_freq)
     cos = torch.cat([angles, angles], -1).cos().float()
     sin = torch.cat([angles, angles], -1).sin().float()
-    rotated = torch.cat([-x[..., d // 2:], x[..., :d // 2]], dim=-1)
+    rotated = torch.cat([-x[..., d // 2 :], x[..., : d // 2]], dim=-1)
     return x * cos + rotated * sin
 
 
@@ -31,13 +31,20 @@ class ReferenceGPT:
     """Reference forward: `logits(input_ids)` -> [b, s, padded_vocab]. Differentiable when the
     given weights require grad (tests compare gradients), so wrap calls in no_grad otherwise."""
 
-    def __init__(self, model: ModelConfig, stem_layers: list[int] | tuple[int, ...],
-                 state_dict: dict[str, torch.Tensor]):
+    def __init__(
+        self,
+        model: ModelConfig,
+        stem_layers: list[int] | tuple[int, ...],
+        state_dict: dict[str, torch.Tensor],
+    ):
         self.m = model
         self.stem_layers = set(stem_layers)
         # megatron-core layers add `_extra_state` entries (None) to state dicts: skip them.
-        self.w = {k: v if v.dtype == torch.float32 else v.float()
-                  for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+        self.w = {
+            k: v if v.dtype == torch.float32 else v.float()
+            for k, v in state_dict.items()
+            if isinstance(v, torch.Tensor)
+        }
 
     def _attention(self, x: torch.Tensor, prefix: str) -> torch.Tensor:
         m, b, s = self.m, x.shape[0], x.shape[1]
@@ -52,7 +59,7 @@ class ReferenceGPT:
         v = v.repeat_interleave(per_group, dim=1)
         pos = torch.arange(s)
         q, k = _rotate(q, pos, m), _rotate(k, pos, m)
-        scores = (q @ k.transpose(-1, -2)) / d ** 0.5
+        scores = (q @ k.transpose(-1, -2)) / d**0.5
         scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
         out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b, s, -1)
         return F.linear(out, self.w[prefix + "linear_proj.weight"])
@@ -72,10 +79,12 @@ class ReferenceGPT:
         x = self.w["embedding.word_embeddings.weight"][input_ids]
         for layer in range(m.num_layers):
             p = f"decoder.layers.{layer}."
-            x = x + self._attention(_rms_norm(x, self.w[p + "input_layernorm.weight"], eps),
-                                    p + "self_attention.")
-            x = x + self._mlp(_rms_norm(x, self.w[p + "pre_mlp_layernorm.weight"], eps),
-                              input_ids, layer)
+            x = x + self._attention(
+                _rms_norm(x, self.w[p + "input_layernorm.weight"], eps), p + "self_attention."
+            )
+            x = x + self._mlp(
+                _rms_norm(x, self.w[p + "pre_mlp_layernorm.weight"], eps), input_ids, layer
+            )
         x = _rms_norm(x, self.w["decoder.final_layernorm.weight"], eps)
         head = self.w.get("output_layer.weight", self.w["embedding.word_embeddings.weight"])
         return F.linear(x, head)
@@ -83,4 +92,6 @@ class ReferenceGPT:
     def loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Per-token cross entropy [b, s]."""
         logits = self.logits(input_ids)
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(
+            labels
+        )

@@ -23,8 +23,7 @@ import torch
 from stem_megatron.config import RopeScalingConfig
 
 
-def inverse_frequencies(head_dim: int, theta: float,
-                        scaling: RopeScalingConfig) -> torch.Tensor:
+def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScalingConfig) -> torch.Tensor:
     """[head_dim / 2] float64 rotation speeds (radians per position) of the rotate-half pairs."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     if scaling.type == "none":
@@ -32,6 +31,7 @@ def inverse_frequencies(head_dim: int, theta: float,
     if scaling.type != "llama3":  # config validation refuses other types first
         raise ValueError(f"unsupported RoPE scaling type '{scaling.type}'")
     turns = scaling.original_max_position_embeddings * inv_freq / (2 * math.pi)
-    kept = ((turns - scaling.low_freq_factor)
-            / (scaling.high_freq_factor - scaling.low_freq_factor)).clamp(0.0, 1.0)
+    kept = (
+        (turns - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    ).clamp(0.0, 1.0)
     return inv_freq * (kept + (1.0 - kept) / scaling.factor)

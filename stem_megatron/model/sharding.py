@@ -44,7 +44,7 @@ class RowBlock:
     rows: int
 
     @classmethod
-    def of(cls, rows: int, rank: int, size: int) -> "RowBlock":
+    def of(cls, rows: int, rank: int, size: int) -> RowBlock:
         block = -(-rows // size)
         start = min(rank * block, rows)
         return cls(start, min(start + block, rows), rows)
@@ -103,7 +103,9 @@ def full_shape(param: torch.Tensor, tp_size: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def local_slice(full: torch.Tensor, shard: TPShard | None, tp_rank: int, tp_size: int) -> torch.Tensor:
+def local_slice(
+    full: torch.Tensor, shard: TPShard | None, tp_rank: int, tp_size: int
+) -> torch.Tensor:
     """The part of `full` that TP rank `tp_rank` of `tp_size` holds."""
     if shard is None or tp_size == 1:
         return full

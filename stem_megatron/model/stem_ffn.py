@@ -25,19 +25,39 @@ def _no_init(_weight: torch.Tensor) -> None:
     """Parameters are initialised from their full tensors afterwards (model.init_parameters)."""
 
 
-def column_linear(in_size: int, out_size: int, config: ModelParallelConfig,
-                  shard: TPShard = TPShard(dim=0),
-                  tp_group: TPGroup | None = None) -> ColumnParallelLinear:
-    layer = ColumnParallelLinear(in_size, out_size, config=config, init_method=_no_init,
-                                 bias=False, gather_output=False, tp_group=tp_group)
+def column_linear(
+    in_size: int,
+    out_size: int,
+    config: ModelParallelConfig,
+    shard: TPShard = TPShard(dim=0),
+    tp_group: TPGroup | None = None,
+) -> ColumnParallelLinear:
+    layer = ColumnParallelLinear(
+        in_size,
+        out_size,
+        config=config,
+        init_method=_no_init,
+        bias=False,
+        gather_output=False,
+        tp_group=tp_group,
+    )
     set_tp_shard(layer.weight, shard)
     return layer
 
 
-def row_linear(in_size: int, out_size: int, config: ModelParallelConfig,
-               tp_group: TPGroup | None = None) -> RowParallelLinear:
-    layer = RowParallelLinear(in_size, out_size, config=config, init_method=_no_init, bias=False,
-                              input_is_parallel=True, skip_bias_add=True, tp_group=tp_group)
+def row_linear(
+    in_size: int, out_size: int, config: ModelParallelConfig, tp_group: TPGroup | None = None
+) -> RowParallelLinear:
+    layer = RowParallelLinear(
+        in_size,
+        out_size,
+        config=config,
+        init_method=_no_init,
+        bias=False,
+        input_is_parallel=True,
+        skip_bias_add=True,
+        tp_group=tp_group,
+    )
     set_tp_shard(layer.weight, TPShard(dim=1))
     return layer
 
@@ -45,11 +65,17 @@ def row_linear(in_size: int, out_size: int, config: ModelParallelConfig,
 class SwiGLUMLP(torch.nn.Module):
     """Dense baseline. `linear_fc1` fuses [gate; up] as megatron-core's GPTModel does."""
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int, config: ModelParallelConfig,
-                 tp_group: TPGroup | None = None):
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        config: ModelParallelConfig,
+        tp_group: TPGroup | None = None,
+    ):
         super().__init__()
-        self.linear_fc1 = column_linear(hidden_size, 2 * ffn_hidden_size, config,
-                                        TPShard(dim=0, chunks=2), tp_group)
+        self.linear_fc1 = column_linear(
+            hidden_size, 2 * ffn_hidden_size, config, TPShard(dim=0, chunks=2), tp_group
+        )
         self.linear_fc2 = row_linear(ffn_hidden_size, hidden_size, config, tp_group)
 
     def forward(self, x: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -60,9 +86,16 @@ class SwiGLUMLP(torch.nn.Module):
 class StemMLP(torch.nn.Module):
     """STEM FFN: `linear_fc1` is the gate alone; the up-projection is `stem_table[token]`."""
 
-    def __init__(self, hidden_size: int, ffn_hidden_size: int, vocab_size: int,
-                 config: ModelParallelConfig, tp_size: int,
-                 tp_group: TPGroup | None = None, table_rows: RowBlock | None = None):
+    def __init__(
+        self,
+        hidden_size: int,
+        ffn_hidden_size: int,
+        vocab_size: int,
+        config: ModelParallelConfig,
+        tp_size: int,
+        tp_group: TPGroup | None = None,
+        table_rows: RowBlock | None = None,
+    ):
         super().__init__()
         self.linear_fc1 = column_linear(hidden_size, ffn_hidden_size, config, tp_group=tp_group)
         self.stem_table = StemTable(vocab_size, ffn_hidden_size, tp_size, row_block=table_rows)

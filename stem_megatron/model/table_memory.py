@@ -78,15 +78,24 @@ class TableMemory:
 
     @property
     def device(self) -> int:
-        resident = (self.weights + self.optimizer + self.step_counters
-                    if self.storage == "device" else 0)
-        return (resident + self.row_grads + self.grad_transient + self.staging_device
-                + self.cache_device)
+        resident = (
+            self.weights + self.optimizer + self.step_counters if self.storage == "device" else 0
+        )
+        return (
+            resident
+            + self.row_grads
+            + self.grad_transient
+            + self.staging_device
+            + self.cache_device
+        )
 
     @property
     def host(self) -> int:
-        resident = {"device": 0, "host": self.weights + self.optimizer + self.step_counters,
-                    "mmap": self.step_counters}[self.storage]
+        resident = {
+            "device": 0,
+            "host": self.weights + self.optimizer + self.step_counters,
+            "mmap": self.step_counters,
+        }[self.storage]
         return resident + self.staging_host + self.cache_host + self.update_copy_host
 
     @property
@@ -126,15 +135,17 @@ def _grad_rows(rows: int, s: TableSetup) -> _GradRows:
     if d == 1:
         return _GradRows(held, merge, reduced)
     union = min(vocab, d * n * t)
-    return _GradRows(max(held, union), max(held + merge, reduced + union) - max(held, union),
-                     union)
+    return _GradRows(max(held, union), max(held + merge, reduced + union) - max(held, union), union)
 
 
 def _staged_rows(rows: int, s: TableSetup) -> int:
     """Rows of each staging slot of an off-device table after the worst micro-batch."""
     cached = min(s.cache_rows, rows)
-    wanted = min(rows, s.dp_size * s.ids_per_microbatch) if s.vocab_sharded else \
-        min(rows, s.ids_per_microbatch)
+    wanted = (
+        min(rows, s.dp_size * s.ids_per_microbatch)
+        if s.vocab_sharded
+        else min(rows, s.ids_per_microbatch)
+    )
     uncached = min(wanted, rows - cached)
     return -(-max(uncached, 1) // STAGING_GROW_ROWS) * STAGING_GROW_ROWS
 
@@ -145,16 +156,24 @@ def table_memory(shapes: tuple[tuple[int, int], ...], s: TableSetup) -> TableMem
     counters = sum(r for r, _ in shapes) * INT64 if s.exact else 0
     grads = [(_grad_rows(r, s), c) for r, c in shapes]
     off_device = s.storage != "device" and bool(shapes)
-    staging = sum(STAGING_SLOTS * _staged_rows(r, s) * c * FP32 for r, c in shapes) \
-        if off_device else 0
+    staging = (
+        sum(STAGING_SLOTS * _staged_rows(r, s) * c * FP32 for r, c in shapes) if off_device else 0
+    )
     cache = sum(min(s.cache_rows, r) * c for r, c in shapes) * FP32 if off_device else 0
     # One id -> slot map of the table's rows, on device and on host (HotRowCache.slot_of).
     slot_map = shapes[0][0] * INT64 if off_device and s.cache_rows else 0
     return TableMemory(
-        storage=s.storage, weights=weights, optimizer=2 * weights, step_counters=counters,
+        storage=s.storage,
+        weights=weights,
+        optimizer=2 * weights,
+        step_counters=counters,
         row_grads=sum(g.held * c for g, c in grads) * FP32,
         grad_transient=max((g.peak_extra * c for g, c in grads), default=0) * FP32,
-        staging_device=staging, staging_host=staging,
-        cache_device=cache + slot_map, cache_host=slot_map,
-        update_copy_host=(max((g.reduced * c for g, c in grads), default=0) * FP32
-                          if off_device else 0))
+        staging_device=staging,
+        staging_host=staging,
+        cache_device=cache + slot_map,
+        cache_host=slot_map,
+        update_copy_host=(
+            max((g.reduced * c for g, c in grads), default=0) * FP32 if off_device else 0
+        ),
+    )

@@ -43,18 +43,30 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
-from megatron.core.transformer import TransformerConfig
 from megatron.core.enums import ModelType
-from megatron.core.tensor_parallel import (ColumnParallelLinear, VocabParallelEmbedding,
-                                           vocab_parallel_cross_entropy)
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    VocabParallelEmbedding,
+    vocab_parallel_cross_entropy,
+)
+from megatron.core.transformer import TransformerConfig
 
 from stem_megatron.config import ModelConfig, RopeScalingConfig
 from stem_megatron.model.recompute import checkpointed, run_layers
 from stem_megatron.model.rope import inverse_frequencies
-from stem_megatron.model.sharding import (RowBlock, TPGroup, TPShard, full_shape,
-                                          get_row_block, get_tp_shard, local_slice,
-                                          mark_shared_embedding, mark_tied_copy, param_generator,
-                                          set_tp_shard)
+from stem_megatron.model.sharding import (
+    RowBlock,
+    TPGroup,
+    TPShard,
+    full_shape,
+    get_row_block,
+    get_tp_shard,
+    local_slice,
+    mark_shared_embedding,
+    mark_tied_copy,
+    param_generator,
+    set_tp_shard,
+)
 from stem_megatron.model.stem_ffn import StemMLP, SwiGLUMLP, column_linear, row_linear
 from stem_megatron.stem.table import StemTable, xavier_normal_std
 
@@ -105,13 +117,19 @@ def megatron_config(spec: ModelSpec) -> TransformerConfig:
     # Parameters are created on the CPU and initialised by us from full tensors (see
     # sharding.py), so any TP layout holds exactly the single-process model's slices.
     return TransformerConfig(
-        num_layers=m.num_layers, hidden_size=m.hidden_size,
-        num_attention_heads=m.num_attention_heads, num_query_groups=m.num_query_groups,
-        ffn_hidden_size=m.ffn_hidden_size, tensor_model_parallel_size=spec.tp_size,
+        num_layers=m.num_layers,
+        hidden_size=m.hidden_size,
+        num_attention_heads=m.num_attention_heads,
+        num_query_groups=m.num_query_groups,
+        ffn_hidden_size=m.ffn_hidden_size,
+        tensor_model_parallel_size=spec.tp_size,
         pipeline_model_parallel_size=spec.pp_size,
         virtual_pipeline_model_parallel_size=spec.vp_size,
-        use_cpu_initialization=True, perform_initialization=False,
-        gradient_accumulation_fusion=False, params_dtype=torch.float32, bf16=spec.bf16,
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        gradient_accumulation_fusion=False,
+        params_dtype=torch.float32,
+        bf16=spec.bf16,
         # activations sent between pipeline stages
         pipeline_dtype=torch.bfloat16 if spec.bf16 else torch.float32,
         # Unbatched p2p: with two pipeline ranks a batched exchange sends activations and
@@ -120,13 +138,16 @@ def megatron_config(spec: ModelSpec) -> TransformerConfig:
         # direction on a second group.
         batch_p2p_comm=False,
         sequence_parallel=spec.sequence_parallel,
-        recompute_granularity=m.recompute_granularity, recompute_method=m.recompute_method,
+        recompute_granularity=m.recompute_granularity,
+        recompute_method=m.recompute_method,
         recompute_num_layers=m.recompute_num_layers,
-        cuda_graph_scope=[])  # megatron-core 0.16 warns on its own default ("full")
+        cuda_graph_scope=[],
+    )  # megatron-core 0.16 warns on its own default ("full")
 
 
-def rotary_cos_sin(seq_length: int, head_dim: int, theta: float,
-                   scaling: RopeScalingConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def rotary_cos_sin(
+    seq_length: int, head_dim: int, theta: float, scaling: RopeScalingConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = inverse_frequencies(head_dim, theta, scaling)
     freqs = torch.outer(torch.arange(seq_length, dtype=torch.float64), inv_freq)
     emb = torch.cat([freqs, freqs], dim=-1)
@@ -141,8 +162,13 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class SelfAttention(torch.nn.Module):
-    def __init__(self, m: ModelConfig, config: TransformerConfig, tp_size: int,
-                 tp_group: TPGroup | None = None):
+    def __init__(
+        self,
+        m: ModelConfig,
+        config: TransformerConfig,
+        tp_size: int,
+        tp_group: TPGroup | None = None,
+    ):
         super().__init__()
         self.config = config
         self.head_dim = m.hidden_size // m.num_attention_heads
@@ -150,13 +176,17 @@ class SelfAttention(torch.nn.Module):
         self.local_groups = m.num_query_groups // tp_size
         qkv_size = m.num_query_groups * (self.heads_per_group + 2) * self.head_dim
         self.linear_qkv = column_linear(m.hidden_size, qkv_size, config, tp_group=tp_group)
-        self.linear_proj = row_linear(m.num_attention_heads * self.head_dim, m.hidden_size, config,
-                                      tp_group)
+        self.linear_proj = row_linear(
+            m.num_attention_heads * self.head_dim, m.hidden_size, config, tp_group
+        )
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         qkv = self.linear_qkv(x)[0]  # the whole sequence (gathered here under SP)
-        if (self.config.recompute_granularity == "selective" and self.training
-                and torch.is_grad_enabled()):
+        if (
+            self.config.recompute_granularity == "selective"
+            and self.training
+            and torch.is_grad_enabled()
+        ):
             out = checkpointed(self.core, self.config, qkv, cos, sin)
         else:
             out = self.core(qkv, cos, sin)
@@ -166,7 +196,7 @@ class SelfAttention(torch.nn.Module):
         """RoPE and attention: what selective recomputation recomputes from qkv [s, b, .]."""
         s, b, _ = qkv.shape
         qkv = qkv.view(s, b, self.local_groups, self.heads_per_group + 2, self.head_dim)
-        q = qkv[:, :, :, :self.heads_per_group].reshape(s, b, -1, self.head_dim)
+        q = qkv[:, :, :, : self.heads_per_group].reshape(s, b, -1, self.head_dim)
         k, v = qkv[:, :, :, self.heads_per_group], qkv[:, :, :, self.heads_per_group + 1]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -175,16 +205,28 @@ class SelfAttention(torch.nn.Module):
 
 
 class TransformerLayer(torch.nn.Module):
-    def __init__(self, spec: ModelSpec, layer_number: int, config: ModelParallelConfig,
-                 tp_group: TPGroup | None = None):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        layer_number: int,
+        config: ModelParallelConfig,
+        tp_group: TPGroup | None = None,
+    ):
         super().__init__()
         m = spec.model
         self.input_layernorm = torch.nn.RMSNorm(m.hidden_size, eps=m.norm_epsilon)
         self.self_attention = SelfAttention(m, config, spec.tp_size, tp_group)
         self.pre_mlp_layernorm = torch.nn.RMSNorm(m.hidden_size, eps=m.norm_epsilon)
         if layer_number in spec.stem_layers:
-            self.mlp = StemMLP(m.hidden_size, m.ffn_hidden_size, spec.vocab_size, config,
-                               spec.tp_size, tp_group, spec.table_rows)
+            self.mlp = StemMLP(
+                m.hidden_size,
+                m.ffn_hidden_size,
+                spec.vocab_size,
+                config,
+                spec.tp_size,
+                tp_group,
+                spec.table_rows,
+            )
         else:
             self.mlp = SwiGLUMLP(m.hidden_size, m.ffn_hidden_size, config, tp_group)
 
@@ -202,15 +244,16 @@ class GlobalLayers(torch.nn.ModuleDict):
 
 
 class TransformerBlock(torch.nn.Module):
-    def __init__(self, spec: ModelSpec, config: TransformerConfig,
-                 tp_group: TPGroup | None = None):
+    def __init__(self, spec: ModelSpec, config: TransformerConfig, tp_group: TPGroup | None = None):
         super().__init__()
         self.config = config
         self.layers = GlobalLayers(
-            {str(i): TransformerLayer(spec, i, config, tp_group) for i in spec.local_layers})
+            {str(i): TransformerLayer(spec, i, config, tp_group) for i in spec.local_layers}
+        )
         if spec.post_process:
-            self.final_layernorm = torch.nn.RMSNorm(spec.model.hidden_size,
-                                                    eps=spec.model.norm_epsilon)
+            self.final_layernorm = torch.nn.RMSNorm(
+                spec.model.hidden_size, eps=spec.model.norm_epsilon
+            )
 
     def forward(self, x, token_ids, cos, sin):
         """The layers, with full recomputation where the config asks for it (recompute.py)."""
@@ -225,11 +268,16 @@ class StemGPTModel(torch.nn.Module):
             raise ValueError(
                 f"tensor_model_parallel_size ({spec.tp_size}) must divide "
                 f"model.num_query_groups ({m.num_query_groups}) and model.ffn_hidden_size "
-                f"({m.ffn_hidden_size})")
-        if tp_group is not None and (tp_group.size(), tp_group.rank()) != (spec.tp_size,
-                                                                           spec.tp_rank):
-            raise ValueError(f"tp_group is rank {tp_group.rank()} of {tp_group.size()}, the "
-                             f"spec says rank {spec.tp_rank} of {spec.tp_size}")
+                f"({m.ffn_hidden_size})"
+            )
+        if tp_group is not None and (tp_group.size(), tp_group.rank()) != (
+            spec.tp_size,
+            spec.tp_rank,
+        ):
+            raise ValueError(
+                f"tp_group is rank {tp_group.rank()} of {tp_group.size()}, the "
+                f"spec says rank {spec.tp_rank} of {spec.tp_size}"
+            )
         self.spec = spec
         self.config = megatron_config(spec)
         self.model_type = ModelType.encoder_or_decoder  # read by megatron-core's schedules
@@ -237,10 +285,14 @@ class StemGPTModel(torch.nn.Module):
         if spec.pre_process:
             self.embedding = torch.nn.Module()
             self.embedding.word_embeddings = VocabParallelEmbedding(
-                spec.padded_vocab_size, m.hidden_size, init_method=lambda w: None,
-                config=self.config, tp_group=tp_group,
+                spec.padded_vocab_size,
+                m.hidden_size,
+                init_method=lambda w: None,
+                config=self.config,
+                tp_group=tp_group,
                 # SP: [b, s] ids -> [s/TP, b, h], one reduce-scatter instead of an all-reduce
-                reduce_scatter_embeddings=spec.sequence_parallel)
+                reduce_scatter_embeddings=spec.sequence_parallel,
+            )
             set_tp_shard(self.embedding.word_embeddings.weight, TPShard(dim=0))
             if self.tied and not spec.post_process:  # the last stage holds a copy (below)
                 mark_shared_embedding(self.embedding.word_embeddings.weight)
@@ -250,8 +302,9 @@ class StemGPTModel(torch.nn.Module):
             # gradient summed with the first stage's, so the two never part.
             self.embedding = torch.nn.Module()
             self.embedding.word_embeddings = torch.nn.Module()
-            copy = torch.nn.Parameter(torch.empty(
-                spec.padded_vocab_size // spec.tp_size, m.hidden_size))
+            copy = torch.nn.Parameter(
+                torch.empty(spec.padded_vocab_size // spec.tp_size, m.hidden_size)
+            )
             self.embedding.word_embeddings.weight = copy
             set_tp_shard(copy, TPShard(dim=0))
             mark_tied_copy(copy)
@@ -264,13 +317,20 @@ class StemGPTModel(torch.nn.Module):
                     module.weight.sequence_parallel = True
         if spec.post_process:
             self.output_layer = ColumnParallelLinear(
-                m.hidden_size, spec.padded_vocab_size, config=self.config,
-                init_method=lambda w: None, bias=False, gather_output=False,
-                skip_weight_param_allocation=self.tied, tp_group=tp_group)
+                m.hidden_size,
+                spec.padded_vocab_size,
+                config=self.config,
+                init_method=lambda w: None,
+                bias=False,
+                gather_output=False,
+                skip_weight_param_allocation=self.tied,
+                tp_group=tp_group,
+            )
             if not self.tied:
                 set_tp_shard(self.output_layer.weight, TPShard(dim=0))
-        cos, sin = rotary_cos_sin(m.seq_length, m.hidden_size // m.num_attention_heads,
-                                  m.rope_theta, m.rope_scaling)
+        cos, sin = rotary_cos_sin(
+            m.seq_length, m.hidden_size // m.num_attention_heads, m.rope_theta, m.rope_scaling
+        )
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         self.input_tensor: torch.Tensor | None = None
@@ -298,22 +358,31 @@ class StemGPTModel(torch.nn.Module):
     def stem_tables(self) -> dict[str, StemTable]:
         return {name: mod for name, mod in self.named_modules() if isinstance(mod, StemTable)}
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                stem_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        stem_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """input_ids/labels: [b, s]. Returns per-token losses [b, s] when labels are given on
         the last stage, logits [b, s, padded_vocab/TP] without labels, else hidden [s, b, h].
         `stem_ids` ([b, s], default input_ids): the ids the STEM tables are indexed by. On-the-fly
         knowledge editing redirects the lookups this way while the embedding sees the real text."""
         if stem_ids is not None and stem_ids.shape != input_ids.shape:
-            raise ValueError(f"stem_ids {tuple(stem_ids.shape)} must have the shape of input_ids "
-                             f"{tuple(input_ids.shape)}")
+            raise ValueError(
+                f"stem_ids {tuple(stem_ids.shape)} must have the shape of input_ids "
+                f"{tuple(input_ids.shape)}"
+            )
         s = input_ids.shape[1]
         if s > self.rope_cos.shape[0]:
-            raise ValueError(f"sequence of {s} tokens is longer than model.seq_length "
-                             f"({self.rope_cos.shape[0]})")
+            raise ValueError(
+                f"sequence of {s} tokens is longer than model.seq_length ({self.rope_cos.shape[0]})"
+            )
         if self.spec.sequence_parallel and s % self.spec.tp_size:
-            raise ValueError(f"sequence parallelism splits the {s} tokens of a sequence over "
-                             f"{self.spec.tp_size} tensor-parallel ranks: it must divide them")
+            raise ValueError(
+                f"sequence parallelism splits the {s} tokens of a sequence over "
+                f"{self.spec.tp_size} tensor-parallel ranks: it must divide them"
+            )
         if not self.spec.pre_process:
             x = self.input_tensor
         elif self.spec.sequence_parallel:
@@ -355,4 +424,4 @@ class StemGPTModel(torch.nn.Module):
                 full = torch.empty(shape).normal_(0.0, std, generator=param_generator(seed, name))
             local = local_slice(full, get_tp_shard(param), self.spec.tp_rank, self.spec.tp_size)
             block = get_row_block(param)
-            param.copy_(local[block.start:block.end] if block is not None else local)
+            param.copy_(local[block.start : block.end] if block is not None else local)

@@ -30,15 +30,19 @@ def chunk_stages(config: RunConfig) -> list[list[PipelineStage]]:
         raise ConfigError(
             f"parallel.virtual_pipeline_model_parallel_size ({vp}) needs "
             f"pipeline_model_parallel_size > 1 (megatron's interleaved schedule interleaves "
-            f"pipeline stages); unset it or use more pipeline stages")
+            f"pipeline stages); unset it or use more pipeline stages"
+        )
     if p.pipeline_layers is not None:
-        raise ConfigError("parallel.pipeline_layers cannot be combined with "
-                          "parallel.virtual_pipeline_model_parallel_size (the interleaved "
-                          "split is even)")
+        raise ConfigError(
+            "parallel.pipeline_layers cannot be combined with "
+            "parallel.virtual_pipeline_model_parallel_size (the interleaved "
+            "split is even)"
+        )
     if num_layers < pp * vp:
         raise ConfigError(
             f"model.num_layers ({num_layers}) is smaller than pipeline_model_parallel_size x "
             f"virtual_pipeline_model_parallel_size ({pp} x {vp}): every virtual stage needs "
-            f"a layer")
+            f"a layer"
+        )
     virtual = pipeline_stages(num_layers, pp * vp)
     return [[virtual[v * pp + rank] for v in range(vp)] for rank in range(pp)]

@@ -20,22 +20,40 @@ import torch.distributed as dist
 
 # torch.distributed function -> kind reported in metrics
 _KINDS = {
-    "all_reduce": "all_reduce", "all_gather": "all_gather",
-    "all_gather_into_tensor": "all_gather", "reduce_scatter_tensor": "reduce_scatter",
-    "broadcast": "broadcast", "all_to_all": "all_to_all", "all_to_all_single": "all_to_all",
-    "isend": "p2p", "irecv": "p2p", "send": "p2p", "recv": "p2p",
+    "all_reduce": "all_reduce",
+    "all_gather": "all_gather",
+    "all_gather_into_tensor": "all_gather",
+    "reduce_scatter_tensor": "reduce_scatter",
+    "broadcast": "broadcast",
+    "all_to_all": "all_to_all",
+    "all_to_all_single": "all_to_all",
+    "isend": "p2p",
+    "irecv": "p2p",
+    "send": "p2p",
+    "recv": "p2p",
 }
 PURPOSES = ("tp", "pp", "dp-dense", "dp-stem", "other")
 # megatron-core modules that bind the gather/scatter functions at import under their own
 # names (sequence parallelism, DDP buckets): counted as the torch function they alias.
-_ALIASING_MODULES = ("megatron.core.tensor_parallel.mappings",
-                     "megatron.core.tensor_parallel.layers",
-                     "megatron.core.distributed.param_and_grad_buffer")
-_ALIASES = {"dist_all_gather_func": "all_gather_into_tensor",
-            "dist_reduce_scatter_func": "reduce_scatter_tensor"}
+_ALIASING_MODULES = (
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.tensor_parallel.layers",
+    "megatron.core.distributed.param_and_grad_buffer",
+)
+_ALIASES = {
+    "dist_all_gather_func": "all_gather_into_tensor",
+    "dist_reduce_scatter_func": "reduce_scatter_tensor",
+}
 # Position of the `group` argument of the collectives that take one.
-_GROUP_ARG = {"all_reduce": 2, "broadcast": 2, "all_gather": 2, "all_gather_into_tensor": 2,
-              "reduce_scatter_tensor": 3, "all_to_all": 2, "all_to_all_single": 4}
+_GROUP_ARG = {
+    "all_reduce": 2,
+    "broadcast": 2,
+    "all_gather": 2,
+    "all_gather_into_tensor": 2,
+    "reduce_scatter_tensor": 3,
+    "all_to_all": 2,
+    "all_to_all_single": 4,
+}
 
 
 def _payload_bytes(name: str, args, kwargs) -> int:
@@ -45,8 +63,10 @@ def _payload_bytes(name: str, args, kwargs) -> int:
     elif name in ("all_gather_into_tensor", "reduce_scatter_tensor", "all_to_all_single"):
         tensor = args[1] if len(args) > 1 else kwargs.get("input_tensor", kwargs.get("input"))
     elif name == "all_to_all":
-        return sum(t.numel() * t.element_size() for t in (args[1] if len(args) > 1
-                                                          else kwargs["input_tensor_list"]))
+        return sum(
+            t.numel() * t.element_size()
+            for t in (args[1] if len(args) > 1 else kwargs["input_tensor_list"])
+        )
     else:
         tensor = args[0] if args else kwargs["tensor"]
     return tensor.numel() * tensor.element_size()
@@ -66,9 +86,12 @@ class CommMeter:
         originals = {name: getattr(dist, name) for name in _KINDS}
         for name, original in originals.items():
             setattr(dist, name, self._counting(name, original))
-        aliases = [(module, alias, getattr(module, alias), name)
-                   for module in map(importlib.import_module, _ALIASING_MODULES)
-                   for alias, name in _ALIASES.items() if hasattr(module, alias)]
+        aliases = [
+            (module, alias, getattr(module, alias), name)
+            for module in map(importlib.import_module, _ALIASING_MODULES)
+            for alias, name in _ALIASES.items()
+            if hasattr(module, alias)
+        ]
         for module, alias, original, name in aliases:
             setattr(module, alias, self._counting(name, original))
         try:
@@ -133,10 +156,16 @@ class CommMeter:
         """Metrics for the bytes counted since the last call, then reset. Every purpose and
         kind is reported, zeros included: `comm/all_to_all_bytes` 0 is the logged proof that
         no layout uses an all-to-all."""
-        metrics = {f"comm/{p.replace('-', '_')}_bytes": float(self.bytes_by_purpose.get(p, 0))
-                   for p in PURPOSES}
-        metrics.update({f"comm/{kind}_bytes": float(self.bytes_by_kind.get(kind, 0))
-                        for kind in dict.fromkeys(_KINDS.values())})
+        metrics = {
+            f"comm/{p.replace('-', '_')}_bytes": float(self.bytes_by_purpose.get(p, 0))
+            for p in PURPOSES
+        }
+        metrics.update(
+            {
+                f"comm/{kind}_bytes": float(self.bytes_by_kind.get(kind, 0))
+                for kind in dict.fromkeys(_KINDS.values())
+            }
+        )
         self.bytes_by_purpose.clear()
         self.bytes_by_kind.clear()
         return metrics

@@ -169,9 +169,11 @@ def apply() -> bool:
         fn_class = getattr(layers, name)
         # custom_fwd/custom_bwd keep the undecorated function in __wrapped__.
         fn_class.forward = staticmethod(
-            torch.amp.custom_fwd(fn_class.forward.__wrapped__, device_type="cpu"))
+            torch.amp.custom_fwd(fn_class.forward.__wrapped__, device_type="cpu")
+        )
         fn_class.backward = staticmethod(
-            torch.amp.custom_bwd(fn_class.backward.__wrapped__, device_type="cpu"))
+            torch.amp.custom_bwd(fn_class.backward.__wrapped__, device_type="cpu")
+        )
     for module_name, path in _CUDA_TYPE_CHECKS:
         owner = importlib.import_module(module_name)
         *outer, name = path.split(".")

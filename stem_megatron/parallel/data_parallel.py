@@ -17,8 +17,11 @@ from __future__ import annotations
 import contextlib
 
 import torch
-from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
-                                       finalize_model_grads)
+from megatron.core.distributed import (
+    DistributedDataParallel,
+    DistributedDataParallelConfig,
+    finalize_model_grads,
+)
 
 from stem_megatron.config import RunConfig
 from stem_megatron.parallel.comm_meter import CommMeter
@@ -28,9 +31,12 @@ from stem_megatron.stem.table import is_stem_table
 def ddp_config(config: RunConfig) -> DistributedDataParallelConfig:
     p = config.parallel
     return DistributedDataParallelConfig(
-        grad_reduce_in_fp32=p.grad_reduce_in_fp32, overlap_grad_reduce=p.overlap_grad_reduce,
+        grad_reduce_in_fp32=p.grad_reduce_in_fp32,
+        overlap_grad_reduce=p.overlap_grad_reduce,
         use_distributed_optimizer=config.optim.use_distributed_optimizer,
-        bucket_size=p.ddp_bucket_size, check_for_nan_in_grad=True)
+        bucket_size=p.ddp_bucket_size,
+        check_for_nan_in_grad=True,
+    )
 
 
 @contextlib.contextmanager
@@ -49,8 +55,9 @@ def tables_hidden(modules: list[torch.nn.Module]):
             table.requires_grad_(True)
 
 
-def wrap_data_parallel(chunks: list[torch.nn.Module], config: RunConfig,
-                       meter: CommMeter | None = None) -> list[DistributedDataParallel]:
+def wrap_data_parallel(
+    chunks: list[torch.nn.Module], config: RunConfig, meter: CommMeter | None = None
+) -> list[DistributedDataParallel]:
     """Each model chunk in megatron-core's DDP over the data-parallel group (also at DP=1: the
     optimizers read its grad buffers), and the chunks' megatron config wired as Megatron-LM
     wires it for the schedules. `meter` counts the buckets' collectives as `dp-dense`."""
@@ -59,8 +66,9 @@ def wrap_data_parallel(chunks: list[torch.nn.Module], config: RunConfig,
     for index, chunk in enumerate(chunks):
         with tables_hidden([chunk]):
             # As Megatron-LM: only the first chunk's buckets overlap with the backward.
-            ddp = DistributedDataParallel(chunk.config, settings, chunk,
-                                          disable_bucketing=index > 0)
+            ddp = DistributedDataParallel(
+                chunk.config, settings, chunk, disable_bucketing=index > 0
+            )
         if meter is not None:
             for group in ddp.bucket_groups + ddp.expert_parallel_bucket_groups:
                 group.start_grad_sync = meter.attributed("dp-dense", group.start_grad_sync)
@@ -88,7 +96,8 @@ def nan_check_reported_as_divergence():
             if f"found {kind} in local grad norm" in str(e):
                 raise FloatingPointError(
                     f"gradient norm is {kind.lower()}: training diverged (lower optim.lr or "
-                    f"check the data); megatron-core: {e}") from e
+                    f"check the data); megatron-core: {e}"
+                ) from e
         raise
 
 

@@ -23,9 +23,9 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
@@ -35,8 +35,7 @@ from stem_megatron.config import ConfigError, RunConfig
 from stem_megatron.model.accounting import ModelCounts, count_model
 from stem_megatron.model.activation_memory import ActivationSetup
 from stem_megatron.model.dense_memory import DenseSetup
-from stem_megatron.model.memory import (RankMemory, ShardParams, count_shard,
-                                        estimate_rank_memory)
+from stem_megatron.model.memory import RankMemory, ShardParams, count_shard, estimate_rank_memory
 from stem_megatron.model.sharding import RowBlock
 from stem_megatron.model.table_memory import TableSetup
 from stem_megatron.model.transformer import ModelSpec, StemGPTModel, padded_vocab_size
@@ -74,17 +73,30 @@ def _one_process_world() -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def build_rank_shard(config: RunConfig, vocab_size: int, stage: PipelineStage, tp_rank: int,
-                     tp_size: int, vocab_shard: tuple[int, int] | None = None) -> StemGPTModel:
+def build_rank_shard(
+    config: RunConfig,
+    vocab_size: int,
+    stage: PipelineStage,
+    tp_rank: int,
+    tp_size: int,
+    vocab_shard: tuple[int, int] | None = None,
+) -> StemGPTModel:
     """The real model chunk of TP rank `tp_rank` for pipeline (or virtual) `stage`, all
     tensors on meta; `vocab_shard` (dp_rank, dp_size): vocab-sharded STEM tables."""
     vp = virtual_pipeline_size(config)
-    spec = ModelSpec(model=config.model, vocab_size=vocab_size,
-                     stem_layers=tuple(config.stem_layers()), tp_size=tp_size, tp_rank=tp_rank,
-                     pp_size=config.parallel.pipeline_model_parallel_size,
-                     vp_size=vp if vp > 1 else None, layers=stage.layers,
-                     vocab_shard=vocab_shard, pre_process=stage.pre_process,
-                     post_process=stage.post_process)
+    spec = ModelSpec(
+        model=config.model,
+        vocab_size=vocab_size,
+        stem_layers=tuple(config.stem_layers()),
+        tp_size=tp_size,
+        tp_rank=tp_rank,
+        pp_size=config.parallel.pipeline_model_parallel_size,
+        vp_size=vp if vp > 1 else None,
+        layers=stage.layers,
+        vocab_shard=vocab_shard,
+        pre_process=stage.pre_process,
+        post_process=stage.post_process,
+    )
     with _one_process_world(), torch.device("meta"):
         return StemGPTModel(spec, tp_group=LayoutGroup(tp_rank, tp_size))
 
@@ -142,8 +154,10 @@ def resolve_vocab_size(config: RunConfig) -> int:
     if config.model.vocab_size is not None:
         return config.model.vocab_size
     if not Path(config.data.tokenizer).exists():
-        raise ConfigError(f"model.vocab_size is unset and the tokenizer "
-                          f"'{config.data.tokenizer}' does not exist: set model.vocab_size")
+        raise ConfigError(
+            f"model.vocab_size is unset and the tokenizer "
+            f"'{config.data.tokenizer}' does not exist: set model.vocab_size"
+        )
     from stem_megatron.data.tokenizer import load_tokenizer
 
     return load_tokenizer(config.data.tokenizer).vocab_size
@@ -158,8 +172,14 @@ def dp_ranks_by_block(rows: int, dp_size: int) -> list[tuple[int, ...]]:
     return [tuple(ranks) for ranks in groups.values()]
 
 
-def _rank_params(config: RunConfig, vocab: int, stages: list[PipelineStage], tp_rank: int,
-                 tp: int, vocab_shard: tuple[int, int] | None) -> ShardParams:
+def _rank_params(
+    config: RunConfig,
+    vocab: int,
+    stages: list[PipelineStage],
+    tp_rank: int,
+    tp: int,
+    vocab_shard: tuple[int, int] | None,
+) -> ShardParams:
     """Parameters of every chunk of one rank, each chunk built on meta and dropped in turn."""
     params = ShardParams(0, 0, 0, ())
     for stage in stages:
@@ -182,49 +202,91 @@ def dry_run(config: RunConfig, world_size: int | None = None) -> DryRunReport:
     padded = padded_vocab_size(vocab, config.model.make_vocab_size_divisible_by)
     num_microbatches = layout.num_microbatches
     sharded = s.dp_layout == "vocab_sharded" and dp > 1  # as training/model_chunks.py
-    tables = TableSetup(vocab=vocab, dp_size=dp, vocab_sharded=sharded, storage=s.storage,
-                        exact=s.optimizer.mode == "exact", cache_rows=s.cache_rows,
-                        ids_per_microbatch=t.micro_batch_size * config.model.seq_length,
-                        num_microbatches=num_microbatches)
-    dense = DenseSetup(bf16=t.bf16, dp_size=dp, distributed_optimizer=o.use_distributed_optimizer,
-                       grad_reduce_in_fp32=p.grad_reduce_in_fp32,
-                       overlap_grad_reduce=p.overlap_grad_reduce, bucket_size=p.ddp_bucket_size,
-                       offload_fraction=o.optimizer_offload_fraction
-                       if o.optimizer_cpu_offload else 0.0)
-    activations = ActivationSetup(tp_size=tp, sequence_parallel=p.sequence_parallel,
-                                  micro_batch_size=t.micro_batch_size, bf16=t.bf16)
+    tables = TableSetup(
+        vocab=vocab,
+        dp_size=dp,
+        vocab_sharded=sharded,
+        storage=s.storage,
+        exact=s.optimizer.mode == "exact",
+        cache_rows=s.cache_rows,
+        ids_per_microbatch=t.micro_batch_size * config.model.seq_length,
+        num_microbatches=num_microbatches,
+    )
+    dense = DenseSetup(
+        bf16=t.bf16,
+        dp_size=dp,
+        distributed_optimizer=o.use_distributed_optimizer,
+        grad_reduce_in_fp32=p.grad_reduce_in_fp32,
+        overlap_grad_reduce=p.overlap_grad_reduce,
+        bucket_size=p.ddp_bucket_size,
+        offload_fraction=o.optimizer_offload_fraction if o.optimizer_cpu_offload else 0.0,
+    )
+    activations = ActivationSetup(
+        tp_size=tp,
+        sequence_parallel=p.sequence_parallel,
+        micro_batch_size=t.micro_batch_size,
+        bf16=t.bf16,
+    )
     dp_groups = dp_ranks_by_block(vocab, dp) if sharded else [tuple(range(dp))]
     ranks = []
     with _one_process_world():
         for pp_rank, stages in enumerate(per_rank_stages):
             for tp_rank in range(tp):
                 for dp_ranks in dp_groups:
-                    shard = _rank_params(config, vocab, stages, tp_rank, tp,
-                                         (dp_ranks[0], dp) if sharded else None)
+                    shard = _rank_params(
+                        config, vocab, stages, tp_rank, tp, (dp_ranks[0], dp) if sharded else None
+                    )
                     memory = estimate_rank_memory(
-                        shard, config.model, chunk_layers=tuple(len(c.layers) for c in stages),
-                        post_process=stages[-1].post_process, padded_vocab=padded,
-                        pp_rank=pp_rank, pp_size=pp, vp_size=vp,
-                        num_microbatches=num_microbatches, dense=dense,
-                        activations=activations, tables=tables)
-                    ranks.append(RankShard(
-                        pp_rank, tp_rank, dp_ranks, tuple(c.layers for c in stages),
-                        tuple(i for c in stages for i in c.layers if i in stem_layers),
-                        shard, memory))
+                        shard,
+                        config.model,
+                        chunk_layers=tuple(len(c.layers) for c in stages),
+                        post_process=stages[-1].post_process,
+                        padded_vocab=padded,
+                        pp_rank=pp_rank,
+                        pp_size=pp,
+                        vp_size=vp,
+                        num_microbatches=num_microbatches,
+                        dense=dense,
+                        activations=activations,
+                        tables=tables,
+                    )
+                    ranks.append(
+                        RankShard(
+                            pp_rank,
+                            tp_rank,
+                            dp_ranks,
+                            tuple(c.layers for c in stages),
+                            tuple(i for c in stages for i in c.layers if i in stem_layers),
+                            shard,
+                            memory,
+                        )
+                    )
     return DryRunReport(
-        name=config.name, layout=layout, vp_size=vp, vocab_size=vocab, padded_vocab_size=padded,
-        counts=count_model(config.model, vocab, stem_layers), stem_layers=stem_layers,
-        num_microbatches=num_microbatches, vocab_sharded=sharded, storage=s.storage,
-        ranks=tuple(ranks))
+        name=config.name,
+        layout=layout,
+        vp_size=vp,
+        vocab_size=vocab,
+        padded_vocab_size=padded,
+        counts=count_model(config.model, vocab, stem_layers),
+        stem_layers=stem_layers,
+        num_microbatches=num_microbatches,
+        vocab_sharded=sharded,
+        storage=s.storage,
+        ranks=tuple(ranks),
+    )
 
 
-def run_dry_run(config: RunConfig, world_size: int | None = None,
-                json_path: str | Path | None = None) -> int:
+def run_dry_run(
+    config: RunConfig, world_size: int | None = None, json_path: str | Path | None = None
+) -> int:
     """Print the report (and write it as JSON to a new file); 2 with a message on a bad
     layout or an existing JSON path."""
     if json_path is not None and Path(json_path).exists():
-        print(f"error: {json_path} already exists; choose a new --json path (it is never "
-              f"overwritten)", file=sys.stderr)
+        print(
+            f"error: {json_path} already exists; choose a new --json path (it is never "
+            f"overwritten)",
+            file=sys.stderr,
+        )
         return 2
     try:
         report = dry_run(config, world_size)

@@ -33,26 +33,34 @@ def validate_layout(config: RunConfig, world_size: int, vocab_size: int) -> Para
         raise ConfigError(
             f"world size {world_size} is not divisible by tensor_model_parallel_size ({tp}) x "
             f"pipeline_model_parallel_size ({pp}) = {tp * pp}; the data-parallel size must be "
-            f"a whole number")
+            f"a whole number"
+        )
     padded = padded_vocab_size(vocab_size, m.make_vocab_size_divisible_by)
     # Megatron's TP splits heads, KV groups and d_ff (STEM tables with it) and the padded
     # vocab of embedding and head; each must split evenly.
-    for name, value in (("model.num_attention_heads", m.num_attention_heads),
-                        ("model.num_query_groups", m.num_query_groups),
-                        ("model.ffn_hidden_size", m.ffn_hidden_size),
-                        ("the padded vocab size", padded)):
+    for name, value in (
+        ("model.num_attention_heads", m.num_attention_heads),
+        ("model.num_query_groups", m.num_query_groups),
+        ("model.ffn_hidden_size", m.ffn_hidden_size),
+        ("the padded vocab size", padded),
+    ):
         if value % tp:
-            detail = (f" (vocab {vocab_size} rounded up to a multiple of "
-                      f"model.make_vocab_size_divisible_by={m.make_vocab_size_divisible_by})"
-                      if value is padded else "")
-            raise ConfigError(f"tensor_model_parallel_size ({tp}) does not divide {name} "
-                              f"({value}){detail}")
+            detail = (
+                f" (vocab {vocab_size} rounded up to a multiple of "
+                f"model.make_vocab_size_divisible_by={m.make_vocab_size_divisible_by})"
+                if value is padded
+                else ""
+            )
+            raise ConfigError(
+                f"tensor_model_parallel_size ({tp}) does not divide {name} ({value}){detail}"
+            )
     stages = pipeline_stages(m.num_layers, pp, p.pipeline_layers)
     dp = world_size // (tp * pp)
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError(
             f"train.global_batch_size ({t.global_batch_size}) must be a multiple of "
-            f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp})")
+            f"train.micro_batch_size ({t.micro_batch_size}) x data-parallel size ({dp})"
+        )
     microbatches = t.global_batch_size // (t.micro_batch_size * dp)
     if p.virtual_pipeline_model_parallel_size and microbatches % pp:
         # megatron-core's interleaved schedule runs micro-batches in groups of PP.
@@ -61,5 +69,6 @@ def validate_layout(config: RunConfig, world_size: int, vocab_size: int) -> Para
             f"{p.virtual_pipeline_model_parallel_size}) needs the micro-batches per step "
             f"({microbatches} = global_batch_size {t.global_batch_size} / (micro_batch_size "
             f"{t.micro_batch_size} x data-parallel size {dp})) to be a multiple of "
-            f"pipeline_model_parallel_size ({pp})")
+            f"pipeline_model_parallel_size ({pp})"
+        )
     return ParallelLayout(world_size, tp, pp, tuple(stages), microbatches)

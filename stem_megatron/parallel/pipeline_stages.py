@@ -34,35 +34,47 @@ def even_layer_counts(num_layers: int, pp_size: int) -> list[int]:
     return counts
 
 
-def stage_layer_counts(num_layers: int, pp_size: int,
-                       pipeline_layers: list[int] | None = None) -> list[int]:
+def stage_layer_counts(
+    num_layers: int, pp_size: int, pipeline_layers: list[int] | None = None
+) -> list[int]:
     """Layers per stage; raises ConfigError naming the numbers when no valid split exists."""
     if pp_size > num_layers:
         raise ConfigError(
             f"parallel.pipeline_model_parallel_size ({pp_size}) is larger than "
-            f"model.num_layers ({num_layers}): every pipeline stage needs at least one layer")
+            f"model.num_layers ({num_layers}): every pipeline stage needs at least one layer"
+        )
     if pipeline_layers is None:
         return even_layer_counts(num_layers, pp_size)
     if len(pipeline_layers) != pp_size:
         raise ConfigError(
             f"parallel.pipeline_layers {pipeline_layers} has {len(pipeline_layers)} entries; "
-            f"parallel.pipeline_model_parallel_size is {pp_size}")
+            f"parallel.pipeline_model_parallel_size is {pp_size}"
+        )
     if min(pipeline_layers) < 1:
-        raise ConfigError(f"parallel.pipeline_layers {pipeline_layers}: every stage needs at "
-                          f"least one layer")
+        raise ConfigError(
+            f"parallel.pipeline_layers {pipeline_layers}: every stage needs at least one layer"
+        )
     if sum(pipeline_layers) != num_layers:
         raise ConfigError(
             f"parallel.pipeline_layers {pipeline_layers} sums to {sum(pipeline_layers)}; "
-            f"model.num_layers is {num_layers}")
+            f"model.num_layers is {num_layers}"
+        )
     return list(pipeline_layers)
 
 
-def pipeline_stages(num_layers: int, pp_size: int,
-                    pipeline_layers: list[int] | None = None) -> list[PipelineStage]:
+def pipeline_stages(
+    num_layers: int, pp_size: int, pipeline_layers: list[int] | None = None
+) -> list[PipelineStage]:
     counts = stage_layer_counts(num_layers, pp_size, pipeline_layers)
     stages, first = [], 0
     for index, count in enumerate(counts):
-        stages.append(PipelineStage(index, tuple(range(first, first + count)),
-                                    pre_process=index == 0, post_process=index == pp_size - 1))
+        stages.append(
+            PipelineStage(
+                index,
+                tuple(range(first, first + count)),
+                pre_process=index == 0,
+                post_process=index == pp_size - 1,
+            )
+        )
         first += count
     return stages

@@ -87,8 +87,13 @@ class ParallelState:
         return self.rank == 0
 
     @classmethod
-    def initialize(cls, tp_size: int = 1, pp_size: int = 1, vp_size: int | None = None,
-                   timeout_s: float = 600.0) -> "ParallelState":
+    def initialize(
+        cls,
+        tp_size: int = 1,
+        pp_size: int = 1,
+        vp_size: int | None = None,
+        timeout_s: float = 600.0,
+    ) -> ParallelState:
         """Join (or create) the process group from torchrun/SLURM variables, then build
         megatron-core's TP/PP/DP groups. Without launcher variables: a world of one."""
         rank = _env_int("RANK", "SLURM_PROCID", default=0)
@@ -98,7 +103,8 @@ class ParallelState:
             raise ValueError(
                 f"world size {world_size} is not divisible by tensor_model_parallel_size "
                 f"({tp_size}) x pipeline_model_parallel_size ({pp_size}); the data-parallel size "
-                f"must be a whole number: launch a multiple of {tp_size * pp_size} processes")
+                f"must be a whole number: launch a multiple of {tp_size * pp_size} processes"
+            )
         if torch.cuda.is_available():
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
@@ -110,18 +116,21 @@ class ParallelState:
         if not dist.is_initialized():
             timeout = datetime.timedelta(seconds=timeout_s)
             if world_size == 1 and "MASTER_ADDR" not in os.environ:
-                dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
-                                        timeout=timeout)
+                dist.init_process_group(
+                    backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+                )
             else:
-                dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                        timeout=timeout)
+                dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
         if parallel_state.model_parallel_is_initialized():
             parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=tp_size, pipeline_model_parallel_size=pp_size,
-            virtual_pipeline_model_parallel_size=vp_size)
-        return cls(rank=rank, world_size=world_size, tp_size=tp_size, pp_size=pp_size,
-                   device=device)
+            tensor_model_parallel_size=tp_size,
+            pipeline_model_parallel_size=pp_size,
+            virtual_pipeline_model_parallel_size=vp_size,
+        )
+        return cls(
+            rank=rank, world_size=world_size, tp_size=tp_size, pp_size=pp_size, device=device
+        )
 
     def barrier(self) -> None:
         dist.barrier()

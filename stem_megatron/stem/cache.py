@@ -30,7 +30,7 @@ def token_counts(tokens: np.ndarray, vocab_size: int) -> np.ndarray:
     """How often each id occurs in `tokens` (a memmap of any size), as int64 [vocab_size]."""
     counts = np.zeros(vocab_size, dtype=np.int64)
     for start in range(0, tokens.shape[0], _COUNT_BLOCK):
-        block = np.bincount(tokens[start:start + _COUNT_BLOCK], minlength=vocab_size)
+        block = np.bincount(tokens[start : start + _COUNT_BLOCK], minlength=vocab_size)
         counts += block[:vocab_size]
     return counts
 
@@ -44,8 +44,7 @@ def hot_ids(counts: np.ndarray, rows: int) -> torch.Tensor:
 class HotRowCache:
     """Device copies of rows `ids` of each host table (name -> host Parameter [V, d])."""
 
-    def __init__(self, tables: Mapping[str, torch.Tensor], ids: torch.Tensor,
-                 device: torch.device):
+    def __init__(self, tables: Mapping[str, torch.Tensor], ids: torch.Tensor, device: torch.device):
         self.tables = dict(tables)
         self.ids = ids
         self.device = device
@@ -54,8 +53,10 @@ class HotRowCache:
         self.slot_of[ids] = torch.arange(ids.numel())
         # A device copy too, so only the uncached rows' positions need copying per lookup.
         self.slot_of_device = self.slot_of.to(device)
-        self.rows = {name: torch.empty(ids.numel(), t.shape[1], dtype=t.dtype, device=device)
-                     for name, t in self.tables.items()}
+        self.rows = {
+            name: torch.empty(ids.numel(), t.shape[1], dtype=t.dtype, device=device)
+            for name, t in self.tables.items()
+        }
         self.refresh_all()
 
     @property
@@ -66,8 +67,9 @@ class HotRowCache:
         """Positions, in sorted unique host ids, of the ids the cache does not hold."""
         return (self.slot_of[unique] < 0).nonzero().squeeze(1)
 
-    def assemble(self, name: str, unique: torch.Tensor, staged_pos: torch.Tensor,
-                 staged: torch.Tensor) -> torch.Tensor:
+    def assemble(
+        self, name: str, unique: torch.Tensor, staged_pos: torch.Tensor, staged: torch.Tensor
+    ) -> torch.Tensor:
         """Rows of `unique` (device ids) in order: from the cache, except at `staged_pos`,
         where they come from `staged` (the staging buffer's rows of the uncached ids). A new
         tensor, so the staging buffer may be reused once this returns."""

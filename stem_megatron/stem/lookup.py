@@ -54,13 +54,19 @@ class RowGradAccumulator:
         The accumulator takes ownership of `rows_grad` (no copy when it is fp32 already):
         `scale_` may later modify it in place.
         """
-        if unique_ids.dim() != 1 or rows_grad.dim() != 2 or rows_grad.shape[0] != unique_ids.numel():
+        if (
+            unique_ids.dim() != 1
+            or rows_grad.dim() != 2
+            or rows_grad.shape[0] != unique_ids.numel()
+        ):
             raise ValueError(
                 f"RowGradAccumulator.add expects ids [n] and rows [n, d], got "
                 f"{tuple(unique_ids.shape)} and {tuple(rows_grad.shape)}"
             )
         if self._dim is not None and rows_grad.shape[1] != self._dim:
-            raise ValueError(f"row width {rows_grad.shape[1]} does not match accumulator width {self._dim}")
+            raise ValueError(
+                f"row width {rows_grad.shape[1]} does not match accumulator width {self._dim}"
+            )
         self._dim = rows_grad.shape[1]
         self._device = rows_grad.device
         grad = rows_grad.detach().to(_accum_dtype(rows_grad.dtype))
@@ -91,7 +97,9 @@ class RowGradAccumulator:
             all_ids = torch.cat([c[0] for c in self._chunks])
             all_grad = torch.cat([c[1] for c in self._chunks])
             ids, inverse = torch.unique(all_ids, sorted=True, return_inverse=True)
-            grad = all_grad.new_zeros(ids.numel(), all_grad.shape[1]).index_add_(0, inverse, all_grad)
+            grad = all_grad.new_zeros(ids.numel(), all_grad.shape[1]).index_add_(
+                0, inverse, all_grad
+            )
         # Collapse to one chunk so scale_ and later adds work on the merged rows.
         self._chunks = [(ids, grad)]
         self._held_rows = self._merged_rows = ids.numel()
@@ -168,8 +176,14 @@ class _StagedLookup(torch.autograd.Function):
     only so that autograd records the lookup; the backward is the same as `_StemLookup`'s."""
 
     @staticmethod
-    def forward(ctx, table: Tensor, ids: Tensor, unique_ids: Tensor, rows: Tensor,  # type: ignore[override]
-                accumulator: RowGradAccumulator) -> Tensor:
+    def forward(
+        ctx,
+        table: Tensor,
+        ids: Tensor,
+        unique_ids: Tensor,
+        rows: Tensor,  # type: ignore[override]
+        accumulator: RowGradAccumulator,
+    ) -> Tensor:
         inverse = torch.searchsorted(unique_ids, ids.reshape(-1))
         out = rows.index_select(0, inverse).view(*ids.shape, rows.shape[1])
         ctx.save_for_backward(unique_ids, inverse)
@@ -194,8 +208,13 @@ def stem_lookup(table: torch.nn.Parameter, ids: Tensor, accumulator: RowGradAccu
     return _StemLookup.apply(table, ids, accumulator)
 
 
-def staged_lookup(table: torch.nn.Parameter, ids: Tensor, unique_ids: Tensor, rows: Tensor,
-                  accumulator: RowGradAccumulator) -> Tensor:
+def staged_lookup(
+    table: torch.nn.Parameter,
+    ids: Tensor,
+    unique_ids: Tensor,
+    rows: Tensor,
+    accumulator: RowGradAccumulator,
+) -> Tensor:
     """`stem_lookup` for a table whose rows for `unique_ids` (sorted, exactly the distinct values of
     `ids`) were staged as `rows` on the compute device. The output is a new tensor, so the
     staging buffer behind `rows` may be reused once this returns."""

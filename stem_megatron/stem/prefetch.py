@@ -53,7 +53,7 @@ class RowRequest:
     plan: object = None  # handed to the lookup with the rows (vocab-sharded: its LookupPlan)
 
     @classmethod
-    def of_ids(cls, ids: torch.Tensor) -> "RowRequest":
+    def of_ids(cls, ids: torch.Tensor) -> RowRequest:
         """A micro-batch that reads the rows of its own ids (the replicated layout)."""
         return cls(ids, ids.numel())
 
@@ -92,8 +92,12 @@ class RowPrefetcher:
     `prefetcher.finish()` (joins the thread, checks every lookup happened, returns metrics).
     `cache`: hot rows of the same tables kept on `device`, not staged."""
 
-    def __init__(self, tables: Mapping[str, torch.Tensor], device: torch.device,
-                 cache: HotRowCache | None = None):
+    def __init__(
+        self,
+        tables: Mapping[str, torch.Tensor],
+        device: torch.device,
+        cache: HotRowCache | None = None,
+    ):
         self.tables = dict(tables)
         self.cache = cache
         self.engine = CopyEngine(device)
@@ -138,11 +142,15 @@ class RowPrefetcher:
         self._join()
         short = {n: s for n, s in self._served.items() if s != len(self._requests)}
         if short:
-            raise RuntimeError(f"host tables looked up fewer times than the "
-                               f"{len(self._requests)} prefetched micro-batches: {short}")
-        metrics = {"stem/bytes_h2d": float(self.bytes_h2d),
-                   "stem/prefetch_stall_ms": self.stall_s * 1e3,
-                   "stem/cache_hit_rate": self.rows_cached / max(self.rows_looked_up, 1)}
+            raise RuntimeError(
+                f"host tables looked up fewer times than the "
+                f"{len(self._requests)} prefetched micro-batches: {short}"
+            )
+        metrics = {
+            "stem/bytes_h2d": float(self.bytes_h2d),
+            "stem/prefetch_stall_ms": self.stall_s * 1e3,
+            "stem/cache_hit_rate": self.rows_cached / max(self.rows_looked_up, 1),
+        }
         self.bytes_h2d, self.stall_s = 0, 0.0
         self.rows_looked_up, self.rows_cached = 0, 0
         return metrics
@@ -182,20 +190,26 @@ class RowPrefetcher:
                 if self._error is not None:
                     raise RuntimeError("staging host table rows failed") from self._error
                 if index >= len(self._requests):
-                    raise RuntimeError(f"table {name}: lookup {index + 1} in a step of "
-                                       f"{len(self._requests)} prefetched micro-batches")
+                    raise RuntimeError(
+                        f"table {name}: lookup {index + 1} in a step of "
+                        f"{len(self._requests)} prefetched micro-batches"
+                    )
                 self._cond.wait()
             rows, slot = self._ready.pop((name, index))
         self.stall_s += time.perf_counter() - start
         if rows.num_ids != num_ids:
-            raise RuntimeError(f"table {name}: a lookup of {num_ids} ids, but micro-batch {index} "
-                               f"was staged with {rows.num_ids}: micro-batches out of order")
+            raise RuntimeError(
+                f"table {name}: a lookup of {num_ids} ids, but micro-batch {index} "
+                f"was staged with {rows.num_ids}: micro-batches out of order"
+            )
         pos = rows.staged_pos
         self.engine.compute_waits(slot.copied, rows.unique_ids, *(() if pos is None else (pos,)))
         if pos is not None:
             rows = dataclasses.replace(
-                rows, rows=self.cache.assemble(name, rows.unique_ids, pos, rows.rows),
-                staged_pos=None)
+                rows,
+                rows=self.cache.assemble(name, rows.unique_ids, pos, rows.rows),
+                staged_pos=None,
+            )
         yield rows
         with self._cond:
             slot.released = self.engine.compute_marker()
@@ -225,8 +239,9 @@ class RowPrefetcher:
             while (task := self._next_task(pending)) is not None:
                 index, name = task
                 if index not in unique:
-                    unique[index] = torch.unique(self._requests[index].rows.reshape(-1),
-                                                 sorted=True)
+                    unique[index] = torch.unique(
+                        self._requests[index].rows.reshape(-1), sorted=True
+                    )
                 staged = self._stage(name, index, unique[index])
                 with self._cond:
                     self._ready[(name, index)] = staged

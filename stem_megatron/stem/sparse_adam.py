@@ -46,7 +46,9 @@ def exact_tail_steps(betas: tuple[float, float], rel_tol: float = 2.0**-24) -> i
     if beta1 == 0.0:
         return 1
     if beta1**2 >= beta2:
-        raise ValueError(f"exact mode needs beta1^2 < beta2 for the momentum tail to vanish, got {betas}")
+        raise ValueError(
+            f"exact mode needs beta1^2 < beta2 for the momentum tail to vanish, got {betas}"
+        )
     r = beta1 / math.sqrt(beta2)
     c = 1.0 / math.sqrt((1 - beta2) * (1 - beta1**2 / beta2))
     return max(1, math.ceil(math.log(rel_tol * (1 - r) / c) / math.log(r)) - 1)
@@ -119,10 +121,14 @@ class SparseRowAdamW:
         if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
             raise ValueError(f"betas must be in [0, 1), got {betas}")
         if lr < 0.0 or eps < 0.0 or weight_decay < 0.0:
-            raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
+            raise ValueError(
+                f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}"
+            )
         for name, table in tables.items():
             if table.dim() != 2:
-                raise ValueError(f"table {name!r} must be 2-D [vocab, d], got shape {tuple(table.shape)}")
+                raise ValueError(
+                    f"table {name!r} must be 2-D [vocab, d], got shape {tuple(table.shape)}"
+                )
         self.tables: dict[str, torch.nn.Parameter] = dict(tables)
         self.lr = lr
         self.betas = betas
@@ -135,12 +141,18 @@ class SparseRowAdamW:
         self.exp_avg_sq: dict[str, Tensor] = {}
         for name, table in self.tables.items():
             for state in (self.exp_avg, self.exp_avg_sq):
-                state[name] = (allocate(tuple(table.shape), torch.float32) if allocate else
-                               torch.zeros(table.shape, dtype=torch.float32, device=table.device))
+                state[name] = (
+                    allocate(tuple(table.shape), torch.float32)
+                    if allocate
+                    else torch.zeros(table.shape, dtype=torch.float32, device=table.device)
+                )
         if mode == "exact":
             self._tail = exact_tail_steps(betas)
             # Step each row's state is current at; all rows are current at step `_base`.
-            self._settled = {n: torch.zeros(t.shape[0], dtype=torch.long, device=t.device) for n, t in self.tables.items()}
+            self._settled = {
+                n: torch.zeros(t.shape[0], dtype=torch.long, device=t.device)
+                for n, t in self.tables.items()
+            }
             self._reset_history()
 
     @torch.no_grad()
@@ -205,8 +217,19 @@ class SparseRowAdamW:
             # from the single-tensor path by a few ulps, as AdamW(fused=True) does.
             step_t = torch.tensor(float(step), device=p.device)
             torch._fused_adamw_(
-                [p], [g], [m], [v], [], [step_t], lr=lr, beta1=beta1, beta2=beta2,
-                weight_decay=self.weight_decay, eps=self.eps, amsgrad=False, maximize=False,
+                [p],
+                [g],
+                [m],
+                [v],
+                [],
+                [step_t],
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                weight_decay=self.weight_decay,
+                eps=self.eps,
+                amsgrad=False,
+                maximize=False,
             )
             return
         if self.weight_decay != 0:
@@ -228,25 +251,42 @@ class SparseRowAdamW:
         step = row_kernel.StepArgs()  # settling alone: unused (and t may still be 0)
         if grad is not None:
             step = row_kernel.StepArgs(
-                wd_factor=1 - lr * self.weight_decay, lerp_weight=1 - beta1, beta2=beta2,
-                one_minus_beta2=1 - beta2, neg_step_size=-(lr / (1 - beta1**t)),
-                bc2_sqrt=(1 - beta2**t) ** 0.5, eps=self.eps,
+                wd_factor=1 - lr * self.weight_decay,
+                lerp_weight=1 - beta1,
+                beta2=beta2,
+                one_minus_beta2=1 - beta2,
+                neg_step_size=-(lr / (1 - beta1**t)),
+                bc2_sqrt=(1 - beta2**t) ** 0.5,
+                eps=self.eps,
             )
         settle = row_kernel.SettleArgs()
         if self.mode == "exact":
             h = self._hist
             settle = row_kernel.SettleArgs(
                 settled=row_kernel.ptr(self._settled[name], ctypes.c_int64),
-                upto=t - 1 if grad is not None else t, base=self._base,
-                step_size=_row_ptr(h[_STEP_SIZE]), inv_bc2_sqrt=_row_ptr(h[_INV_BC2_SQRT]),
-                decay=_row_ptr(h[_DECAY]), log_decay=_row_ptr(h[_LOG_DECAY]), tail=self._tail,
-                beta1_idle=1 - _f32(1 - beta1), beta2_idle=_f32(beta2), eps=self.eps, settled_to=t,
+                upto=t - 1 if grad is not None else t,
+                base=self._base,
+                step_size=_row_ptr(h[_STEP_SIZE]),
+                inv_bc2_sqrt=_row_ptr(h[_INV_BC2_SQRT]),
+                decay=_row_ptr(h[_DECAY]),
+                log_decay=_row_ptr(h[_LOG_DECAY]),
+                tail=self._tail,
+                beta1_idle=1 - _f32(1 - beta1),
+                beta2_idle=_f32(beta2),
+                eps=self.eps,
+                settled_to=t,
             )
         ids = ids.contiguous()
         row_kernel.load().stem_row_adamw(
-            self.tables[name].data.data_ptr(), self.exp_avg[name].data_ptr(),
-            self.exp_avg_sq[name].data_ptr(), self.tables[name].shape[1], ids.data_ptr(), ids.numel(),
-            None if grad is None else grad.data_ptr(), ctypes.byref(step), ctypes.byref(settle),
+            self.tables[name].data.data_ptr(),
+            self.exp_avg[name].data_ptr(),
+            self.exp_avg_sq[name].data_ptr(),
+            self.tables[name].shape[1],
+            ids.data_ptr(),
+            ids.numel(),
+            None if grad is None else grad.data_ptr(),
+            ctypes.byref(step),
+            ctypes.byref(settle),
             torch.get_num_threads(),
         )
 
@@ -297,7 +337,9 @@ class SparseRowAdamW:
         lrs = torch.from_numpy(self._hist[_LR]).to(p.device)
         for j in range(1, int(replay[0]) + 1):
             n = active[j]
-            self._idle_step(p[:n], m[:n], v[:n], lrs[settled[:n] + j - 1 - self._base], settled[:n] + j)
+            self._idle_step(
+                p[:n], m[:n], v[:n], lrs[settled[:n] + j - 1 - self._base], settled[:n] + j
+            )
         # The remaining idle steps only decay: m, v by powers of the fp32 betas torch applies,
         # p by the prefix product of its fp32 weight-decay factors.
         beta1, beta2 = self.betas
@@ -350,8 +392,10 @@ class SparseRowAdamW:
         write (none in lazy mode)."""
         if self.mode != "exact":
             return {name: ids[:0] for name, ids in rows.items()}
-        return {name: ids[self._settled[name].index_select(0, ids) < self.step_count]
-                for name, ids in rows.items()}
+        return {
+            name: ids[self._settled[name].index_select(0, ids) < self.step_count]
+            for name, ids in rows.items()
+        }
 
     def settle(self) -> None:
         """Exact mode: bring every row of every table up to the current step (a no-op in lazy mode)."""
@@ -364,7 +408,9 @@ class SparseRowAdamW:
             # In blocks: settling gathers fp32 copies of the rows' param and moments.
             for start in range(0, table.shape[0], self._SETTLE_BLOCK):
                 stop = min(start + self._SETTLE_BLOCK, table.shape[0])
-                self._settle_rows(name, torch.arange(start, stop, device=table.device), self.step_count)
+                self._settle_rows(
+                    name, torch.arange(start, stop, device=table.device), self.step_count
+                )
         self._reset_history()
 
     @staticmethod
@@ -381,7 +427,9 @@ class SparseRowAdamW:
         if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
             raise ValueError(f"table {name!r}: row ids must be sorted and unique")
         if int(ids[0]) < 0 or int(ids[-1]) >= table.shape[0]:
-            raise IndexError(f"table {name!r}: row ids must lie in [0, {table.shape[0]}), got {int(ids[0])}..{int(ids[-1])}")
+            raise IndexError(
+                f"table {name!r}: row ids must lie in [0, {table.shape[0]}), got {int(ids[0])}..{int(ids[-1])}"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         """{"step": int, "tables": {name: {"exp_avg": [V, d], "exp_avg_sq": [V, d]}}}.
@@ -412,7 +460,9 @@ class SparseRowAdamW:
             for key in ("exp_avg", "exp_avg_sq"):
                 want, got = tuple(self.tables[name].shape), tuple(entry[key].shape)
                 if got != want:
-                    raise ValueError(f"table {name!r} {key}: checkpoint shape {got} != table shape {want}")
+                    raise ValueError(
+                        f"table {name!r} {key}: checkpoint shape {got} != table shape {want}"
+                    )
         for name, entry in tables.items():
             self.exp_avg[name].copy_(entry["exp_avg"])
             self.exp_avg_sq[name].copy_(entry["exp_avg_sq"])

@@ -61,7 +61,8 @@ def check_host_fits(needed: int, what: str, available: int | None = None) -> Non
         raise MemoryError(
             f"{what} needs {needed:,} bytes of host memory but only {available:,} bytes are "
             f"available; use fewer or narrower tables, more tensor/pipeline parallelism, or "
-            f"stem.storage=device")
+            f"stem.storage=device"
+        )
 
 
 class MmapFiles:
@@ -81,7 +82,8 @@ class MmapFiles:
         except OSError as exc:
             raise PermissionError(
                 f"stem.mmap_dir {self.directory} is not writable ({exc.strerror}): set "
-                f"stem.mmap_dir to a writable directory on a local disk") from None
+                f"stem.mmap_dir to a writable directory on a local disk"
+            ) from None
 
     def free_bytes(self) -> int:
         return shutil.disk_usage(self.directory).free
@@ -92,7 +94,8 @@ class MmapFiles:
             raise MemoryError(
                 f"{what} needs {needed:,} bytes on disk in {self.directory} but only {free:,} "
                 f"bytes are free; set stem.mmap_dir to a larger local disk, or use fewer or "
-                f"narrower tables")
+                f"narrower tables"
+            )
 
     def zeros(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         numel = 1
@@ -128,7 +131,9 @@ class CopyEngine:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def context(self):
-        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        return (
+            torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+        )
 
     def copy_marker(self):
         """Marks the copies issued so far on the copy stream."""

@@ -22,15 +22,16 @@ def gather_union_ids(ids: torch.Tensor, group: dist.ProcessGroup) -> torch.Tenso
     dist.all_gather(counts, count, group=group)
     longest = int(max(c.item() for c in counts))
     padded = torch.full((longest,), -1, dtype=torch.long, device=ids.device)
-    padded[:ids.numel()] = ids
+    padded[: ids.numel()] = ids
     gathered = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded, group=group)
-    every = torch.cat([g[:int(c.item())] for g, c in zip(gathered, counts)])
+    every = torch.cat([g[: int(c.item())] for g, c in zip(gathered, counts)])
     return torch.unique(every, sorted=True)
 
 
-def sync_replicated_row_grads(accumulator: RowGradAccumulator, group: dist.ProcessGroup,
-                              width: int, device: torch.device) -> int:
+def sync_replicated_row_grads(
+    accumulator: RowGradAccumulator, group: dist.ProcessGroup, width: int, device: torch.device
+) -> int:
     """Average a table's row gradient over the DP group in place; returns the union size."""
     world = dist.get_world_size(group)
     ids, grad = accumulator.reduce()

@@ -36,18 +36,27 @@ class StemTable(torch.nn.Module):
     (or a memory-mapped file), where lookups read rows staged on the compute device by the
     trainer's `RowPrefetcher`."""
 
-    def __init__(self, vocab_size: int, ffn_hidden_size: int, tp_size: int = 1,
-                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                 row_block: RowBlock | None = None):
+    def __init__(
+        self,
+        vocab_size: int,
+        ffn_hidden_size: int,
+        tp_size: int = 1,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        row_block: RowBlock | None = None,
+    ):
         super().__init__()
         if ffn_hidden_size % tp_size:
-            raise ValueError(f"ffn_hidden_size ({ffn_hidden_size}) is not divisible by "
-                             f"tensor_model_parallel_size ({tp_size})")
+            raise ValueError(
+                f"ffn_hidden_size ({ffn_hidden_size}) is not divisible by "
+                f"tensor_model_parallel_size ({tp_size})"
+            )
         self.vocab_size = vocab_size
         self.ffn_hidden_size = ffn_hidden_size
         rows = vocab_size if row_block is None else row_block.end - row_block.start
         self.weight = torch.nn.Parameter(
-            torch.empty(rows, ffn_hidden_size // tp_size, device=device, dtype=dtype))
+            torch.empty(rows, ffn_hidden_size // tp_size, device=device, dtype=dtype)
+        )
         set_tp_shard(self.weight, TPShard(dim=1))
         set_row_block(self.weight, row_block)
         self.weight.is_stem_table = True
@@ -63,8 +72,9 @@ class StemTable(torch.nn.Module):
     def on_host(self) -> bool:
         return self.compute_device is not None
 
-    def move_to_host(self, compute_device: torch.device | str,
-                     files: MmapFiles | None = None) -> None:
+    def move_to_host(
+        self, compute_device: torch.device | str, files: MmapFiles | None = None
+    ) -> None:
         """Keep the table in host memory (in a memory-mapped file of `files`, the `mmap`
         tier, when given); lookups return rows on `compute_device`. Moving the model to a
         device afterwards leaves the table where it is (`_apply`), so a model can be built
@@ -95,8 +105,9 @@ class StemTable(torch.nn.Module):
                     self.replay.keep(self, staged)
                 return self._lookup(token_ids, staged)
         if self.row_block is None:  # a lookup outside a prefetched step (e.g. generation)
-            return self._lookup(token_ids, stage_now(self.weight.detach(), token_ids,
-                                                     self.compute_device))
+            return self._lookup(
+                token_ids, stage_now(self.weight.detach(), token_ids, self.compute_device)
+            )
         return self._lookup(token_ids, None)
 
     def _lookup(self, token_ids: torch.Tensor, staged: StagedRows | None) -> torch.Tensor:
@@ -104,12 +115,20 @@ class StemTable(torch.nn.Module):
         the vocab-sharded layout this rank's share of them, with their plan)."""
         if self.row_block is not None:
             plan, rows = (None, None) if staged is None else (staged.plan, staged.rows)
-            return vocab_sharded_lookup(self.weight, token_ids, self.row_block, self.dp_group,
-                                        self.grad_accumulator, plan, rows)
+            return vocab_sharded_lookup(
+                self.weight,
+                token_ids,
+                self.row_block,
+                self.dp_group,
+                self.grad_accumulator,
+                plan,
+                rows,
+            )
         if staged is None:
             return stem_lookup(self.weight, token_ids, self.grad_accumulator)
-        return staged_lookup(self.weight, token_ids, staged.unique_ids, staged.rows,
-                             self.grad_accumulator)
+        return staged_lookup(
+            self.weight, token_ids, staged.unique_ids, staged.rows, self.grad_accumulator
+        )
 
     def extra_repr(self) -> str:
         return f"vocab_size={self.vocab_size}, local_shape={tuple(self.weight.shape)}"

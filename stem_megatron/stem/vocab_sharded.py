@@ -40,29 +40,39 @@ class LookupPlan:
 
     def owned(self, rank: int, block: RowBlock) -> torch.Tensor:
         """Local row indices, in `block`, of the union rows `rank` owns (sorted)."""
-        return self.union[self.bounds[rank]:self.bounds[rank + 1]] - block.start
+        return self.union[self.bounds[rank] : self.bounds[rank + 1]] - block.start
 
 
 def plan_lookup(ids: torch.Tensor, block: RowBlock, group: dist.ProcessGroup) -> LookupPlan:
     """Collective over `group`: which rows every rank needs for `ids` and who owns them."""
     world = dist.get_world_size(group)
     union = gather_union_ids(torch.unique(ids.reshape(-1)), group)
-    starts = torch.tensor([RowBlock.of(block.rows, r, world).start for r in range(world)]
-                          + [block.rows], device=union.device)
+    starts = torch.tensor(
+        [RowBlock.of(block.rows, r, world).start for r in range(world)] + [block.rows],
+        device=union.device,
+    )
     return LookupPlan(union, torch.searchsorted(union, starts).tolist())
 
 
 def _padded(segments: list[torch.Tensor], longest: int, width: int, like: torch.Tensor):
     out = like.new_zeros(len(segments), longest, width)
     for r, seg in enumerate(segments):
-        out[r, :seg.shape[0]] = seg
+        out[r, : seg.shape[0]] = seg
     return out
 
 
 class _ShardedLookup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, table, ids, block: RowBlock, group, accumulator: RowGradAccumulator,
-                plan: LookupPlan | None, owned_rows: torch.Tensor | None):
+    def forward(
+        ctx,
+        table,
+        ids,
+        block: RowBlock,
+        group,
+        accumulator: RowGradAccumulator,
+        plan: LookupPlan | None,
+        owned_rows: torch.Tensor | None,
+    ):
         plan = plan if plan is not None else plan_lookup(ids, block, group)
         unique, inverse = torch.unique(ids.reshape(-1), sorted=True, return_inverse=True)
         local_pos = torch.searchsorted(plan.union, unique)  # this rank's rows in the union
@@ -71,12 +81,11 @@ class _ShardedLookup(torch.autograd.Function):
         if owned_rows is None:  # a host table is read here when nothing staged its rows
             owned_rows = table.index_select(0, plan.owned(rank, block).to(table.device))
         send = torch.zeros(plan.longest, width, dtype=table.dtype, device=ids.device)
-        send[:owned_rows.shape[0]] = owned_rows
+        send[: owned_rows.shape[0]] = owned_rows
         gathered = send.new_empty(world * plan.longest, width)  # gloo wants it flat
         dist.all_gather_into_tensor(gathered, send, group=group)
         gathered = gathered.view(world, plan.longest, width)
-        rows = torch.cat([gathered[r, :plan.bounds[r + 1] - plan.bounds[r]]
-                          for r in range(world)])
+        rows = torch.cat([gathered[r, : plan.bounds[r + 1] - plan.bounds[r]] for r in range(world)])
         ctx.plan, ctx.block, ctx.group, ctx.accumulator = plan, block, group, accumulator
         ctx.save_for_backward(local_pos, inverse)
         return rows[local_pos][inverse].view(*ids.shape, width)
@@ -87,8 +96,9 @@ class _ShardedLookup(torch.autograd.Function):
         local_pos, inverse = ctx.saved_tensors
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         width = grad_out.shape[-1]
-        rows_grad = torch.zeros(local_pos.numel(), width, dtype=torch.float32,
-                                device=grad_out.device)
+        rows_grad = torch.zeros(
+            local_pos.numel(), width, dtype=torch.float32, device=grad_out.device
+        )
         rows_grad.index_add_(0, inverse, grad_out.reshape(-1, width).float())
         union_grad = rows_grad.new_zeros(plan.union.numel(), width)
         union_grad[local_pos] = rows_grad
@@ -103,10 +113,15 @@ class _ShardedLookup(torch.autograd.Function):
         return None, None, None, None, None, None, None
 
 
-def vocab_sharded_lookup(table: torch.nn.Parameter, ids: torch.Tensor, block: RowBlock,
-                         group: dist.ProcessGroup, accumulator: RowGradAccumulator,
-                         plan: LookupPlan | None = None,
-                         owned_rows: torch.Tensor | None = None) -> torch.Tensor:
+def vocab_sharded_lookup(
+    table: torch.nn.Parameter,
+    ids: torch.Tensor,
+    block: RowBlock,
+    group: dist.ProcessGroup,
+    accumulator: RowGradAccumulator,
+    plan: LookupPlan | None = None,
+    owned_rows: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Rows for `ids` (on the compute device) from a table whose rows are spread over
     `group`; this rank holds `block`. Every rank of the group must call it together
     (micro-batches run in lockstep). The accumulator receives the gradient of this rank's own

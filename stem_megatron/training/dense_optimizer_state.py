@@ -23,8 +23,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from megatron.core.optimizer import (DistributedOptimizer, Float16OptimizerWithFloat16Params,
-                                     FP32Optimizer, MegatronOptimizer)
+from megatron.core.optimizer import (
+    DistributedOptimizer,
+    Float16OptimizerWithFloat16Params,
+    FP32Optimizer,
+    MegatronOptimizer,
+)
 from megatron.core.optimizer.cpu_offloading import HybridDeviceOptimizer
 from megatron.core.optimizer.optimizer import MixedPrecisionOptimizer
 
@@ -55,20 +59,26 @@ def _parts(optimizer: MegatronOptimizer) -> list[MegatronOptimizer]:
     return getattr(optimizer, "chained_optimizers", [optimizer])
 
 
-def _param_and_main(part: MegatronOptimizer) -> Iterator[tuple[torch.nn.Parameter, torch.Tensor, int]]:
+def _param_and_main(
+    part: MegatronOptimizer,
+) -> Iterator[tuple[torch.nn.Parameter, torch.Tensor, int]]:
     """(model parameter, its main values, their flat offset in it) for each parameter `part`
     steps on this rank."""
     if getattr(part, "is_stub_optimizer", False):
         return
     if isinstance(part, DistributedOptimizer):
-        pairs = ((part.model_float16_groups, part.shard_fp32_from_float16_groups),
-                 (part.model_fp32_groups, part.shard_fp32_groups))
+        pairs = (
+            (part.model_float16_groups, part.shard_fp32_from_float16_groups),
+            (part.model_fp32_groups, part.shard_fp32_groups),
+        )
         for params, mains in pairs:
             for param, main in zip(itertools.chain(*params), itertools.chain(*mains)):
                 yield param, main, part._get_model_param_range_map(param)["param"].start
     elif isinstance(part, Float16OptimizerWithFloat16Params):
-        pairs = ((part.float16_groups, part.fp32_from_float16_groups),
-                 (part.fp32_from_fp32_groups, part.fp32_from_fp32_groups))
+        pairs = (
+            (part.float16_groups, part.fp32_from_float16_groups),
+            (part.fp32_from_fp32_groups, part.fp32_from_fp32_groups),
+        )
         for params, mains in pairs:
             for param, main in zip(itertools.chain(*params), itertools.chain(*mains)):
                 yield param, main, 0
@@ -77,8 +87,9 @@ def _param_and_main(part: MegatronOptimizer) -> Iterator[tuple[torch.nn.Paramete
             for param in group["params"]:
                 yield param, param, 0
     else:
-        raise TypeError(f"checkpoints cannot read the state of megatron-core's "
-                        f"{type(part).__name__}")
+        raise TypeError(
+            f"checkpoints cannot read the state of megatron-core's {type(part).__name__}"
+        )
 
 
 def _state_holders(adam: torch.optim.Optimizer) -> dict[int, tuple]:
@@ -89,8 +100,12 @@ def _state_holders(adam: torch.optim.Optimizer) -> dict[int, tuple]:
     if not isinstance(adam, HybridDeviceOptimizer):
         return {id(p): (adam, p, g) for g in adam.param_groups for p in g["params"]}
     inner = {id(copy): main for main, copy in adam.param_to_inner_param.items()}
-    return {id(inner[id(p)]): (sub, p, g) for sub in adam.sub_optimizers
-            for g in sub.param_groups for p in g["params"]}
+    return {
+        id(inner[id(p)]): (sub, p, g)
+        for sub in adam.sub_optimizers
+        for g in sub.param_groups
+        for p in g["params"]
+    }
 
 
 def _per_param_step(adam: torch.optim.Optimizer) -> bool:
@@ -103,8 +118,12 @@ class DenseOptimizerState:
     `params`, the dense parameters by name. Build one per save or load: it reads the
     optimizer's current tensors."""
 
-    def __init__(self, optimizer: MegatronOptimizer, params: dict[str, torch.nn.Parameter],
-                 meshes: CheckpointMeshes):
+    def __init__(
+        self,
+        optimizer: MegatronOptimizer,
+        params: dict[str, torch.nn.Parameter],
+        meshes: CheckpointMeshes,
+    ):
         self.params, self.meshes = params, meshes
         self.parts = _parts(optimizer)
         names = {id(p): name for name, p in params.items()}
@@ -152,16 +171,19 @@ class DenseOptimizerState:
             state = held.adam.state[held.key]
             if not state:
                 self._create_state(held, state)
-            views[name] = {"step": self._step(held, state),
-                           "exp_avg": self._view(state["exp_avg"], held),
-                           "exp_avg_sq": self._view(state["exp_avg_sq"], held)}
+            views[name] = {
+                "step": self._step(held, state),
+                "exp_avg": self._view(state["exp_avg"], held),
+                "exp_avg_sq": self._view(state["exp_avg_sq"], held),
+            }
         return views
 
     def _create_state(self, held: _Held, state: dict) -> None:
         if _per_param_step(held.adam):
             on_device = held.group.get("fused") or held.group.get("capturable")
-            state["step"] = torch.zeros((), dtype=torch.float32,
-                                        device=held.key.device if on_device else "cpu")
+            state["step"] = torch.zeros(
+                (), dtype=torch.float32, device=held.key.device if on_device else "cpu"
+            )
         state["exp_avg"] = torch.zeros_like(held.key, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(held.key, memory_format=torch.preserve_format)
         self._created.append(held)

@@ -65,9 +65,7 @@ class LRSchedule:
         if not self.max_lr > 0:  # also rejects NaN; factor() divides by it
             raise ValueError(f"max_lr={self.max_lr} must be > 0")
         if not 0 <= self.min_lr <= self.max_lr:
-            raise ValueError(
-                f"min_lr={self.min_lr} must be in [0, max_lr={self.max_lr}]"
-            )
+            raise ValueError(f"min_lr={self.min_lr} must be in [0, max_lr={self.max_lr}]")
         if self.warmup_iters < 0:
             raise ValueError(f"warmup_iters={self.warmup_iters} must be >= 0")
         if self.decay_iters < 0:

@@ -110,9 +110,7 @@ class MetricsLogger:
         if self._writer is None or self._jsonl is None:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._jsonl = open(self.jsonl_path, "a", encoding="utf-8")
-            self._writer = SummaryWriter(
-                log_dir=str(self.tb_dir), purge_step=self._purge_step
-            )
+            self._writer = SummaryWriter(log_dir=str(self.tb_dir), purge_step=self._purge_step)
             self._purge_step = None
         return self._writer, self._jsonl
 
@@ -129,8 +127,7 @@ def _to_float(tag: str, value: float | int | torch.Tensor) -> float:
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(
-                f"metric {tag!r}: expected a scalar, got a tensor of shape "
-                f"{tuple(value.shape)}"
+                f"metric {tag!r}: expected a scalar, got a tensor of shape {tuple(value.shape)}"
             )
         return float(value.item())
     return float(value)

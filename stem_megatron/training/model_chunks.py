@@ -19,8 +19,9 @@ from stem_megatron.stem.storage import MmapFiles, check_host_fits, host_table_by
 from stem_megatron.stem.table import is_stem_table
 
 
-def build_model_chunks(config: RunConfig, parallel: ParallelState,
-                       vocab_size: int) -> list[StemGPTModel]:
+def build_model_chunks(
+    config: RunConfig, parallel: ParallelState, vocab_size: int
+) -> list[StemGPTModel]:
     """This rank's chunks, initialised from the seed (the same values as the matching
     parameters of the single-process model)."""
     validate_layout(config, parallel.world_size, vocab_size)
@@ -39,13 +40,21 @@ def build_model_chunks(config: RunConfig, parallel: ParallelState,
         _check_tables_fit(config, parallel, rows, my_stages, files)
     chunks = []
     for stage in my_stages:
-        spec = ModelSpec(model=config.model, vocab_size=vocab_size,
-                         stem_layers=tuple(config.stem_layers()), tp_size=parallel.tp_size,
-                         tp_rank=parallel.tp_rank, pp_size=pp, vp_size=vp if vp > 1 else None,
-                         layers=stage.layers, vocab_shard=vocab_shard,
-                         pre_process=stage.pre_process, post_process=stage.post_process,
-                         bf16=config.train.bf16,
-                         sequence_parallel=config.parallel.sequence_parallel)
+        spec = ModelSpec(
+            model=config.model,
+            vocab_size=vocab_size,
+            stem_layers=tuple(config.stem_layers()),
+            tp_size=parallel.tp_size,
+            tp_rank=parallel.tp_rank,
+            pp_size=pp,
+            vp_size=vp if vp > 1 else None,
+            layers=stage.layers,
+            vocab_shard=vocab_shard,
+            pre_process=stage.pre_process,
+            post_process=stage.post_process,
+            bf16=config.train.bf16,
+            sequence_parallel=config.parallel.sequence_parallel,
+        )
         chunk = StemGPTModel(spec)  # on the CPU: off-device tables never visit the device
         for table in chunk.stem_tables().values():
             table.dp_group = parallel.dp_group  # vocab-sharded lookups gather over it
@@ -72,16 +81,23 @@ def table_files(config: RunConfig) -> MmapFiles | None:
     return MmapFiles(config.mmap_dir) if config.stem.storage == "mmap" else None
 
 
-def _check_tables_fit(config: RunConfig, parallel: ParallelState, rows: int,
-                      stages: list[PipelineStage], files: MmapFiles | None) -> None:
+def _check_tables_fit(
+    config: RunConfig,
+    parallel: ParallelState,
+    rows: int,
+    stages: list[PipelineStage],
+    files: MmapFiles | None,
+) -> None:
     """Refuse host tables (with their optimizer state) of `rows` rows each larger than free
     host RAM, or mmap tables larger than the free disk, before any is allocated."""
     stem = set(config.stem_layers())
     tables = sum(1 for stage in stages for layer in stage.layers if layer in stem)
     width = config.model.ffn_hidden_size // parallel.tp_size
     exact = config.stem.optimizer.mode == "exact"
-    what = (f"{tables} {config.stem.storage}-tier STEM tables of [{rows}, {width}] with their "
-            f"optimizer state")
+    what = (
+        f"{tables} {config.stem.storage}-tier STEM tables of [{rows}, {width}] with their "
+        f"optimizer state"
+    )
     if files is None:
         check_host_fits(tables * host_table_bytes(rows, width, torch.float32, exact), what)
     else:  # exact mode's per-row steps stay in RAM; tables and moments are mapped

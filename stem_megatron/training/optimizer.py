@@ -36,26 +36,41 @@ def dense_optimizer_config(config: RunConfig) -> OptimizerConfig:
     megatron's rule: none for biases and 1-D parameters (norms)."""
     o, bf16 = config.optim, config.train.bf16
     return OptimizerConfig(
-        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
-        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps, clip_grad=0.0,
-        bf16=bf16, params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        optimizer="adam",
+        lr=o.lr,
+        min_lr=o.min_lr,
+        weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1,
+        adam_beta2=o.adam_beta2,
+        adam_eps=o.adam_eps,
+        clip_grad=0.0,
+        bf16=bf16,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
         use_distributed_optimizer=o.use_distributed_optimizer,
         optimizer_cpu_offload=o.optimizer_cpu_offload,
-        optimizer_offload_fraction=o.optimizer_offload_fraction)
+        optimizer_offload_fraction=o.optimizer_offload_fraction,
+    )
 
 
 class TrainingOptimizer:
-    def __init__(self, wrapped_chunks: list[torch.nn.Module], chunks: list[torch.nn.Module],
-                 config: RunConfig, parallel: ParallelState):
+    def __init__(
+        self,
+        wrapped_chunks: list[torch.nn.Module],
+        chunks: list[torch.nn.Module],
+        config: RunConfig,
+        parallel: ParallelState,
+    ):
         """`wrapped_chunks`: `chunks` in megatron-core's DDP (parallel/data_parallel.py)."""
         o = config.optim
         self.parallel = parallel
         self.clip_grad = o.clip_grad
         self.tables: dict[str, StemTable] = {
-            name: mod for name, mod in named_modules(chunks) if isinstance(mod, StemTable)}
+            name: mod for name, mod in named_modules(chunks) if isinstance(mod, StemTable)
+        }
         table_params = {id(t.weight) for t in self.tables.values()}
-        self.dense_params = [p for _, p in named_parameters(chunks)
-                             if id(p) not in table_params and p.requires_grad]
+        self.dense_params = [
+            p for _, p in named_parameters(chunks) if id(p) not in table_params and p.requires_grad
+        ]
         self.base_lr, self.weight_decay = o.lr, o.weight_decay
         with tables_hidden(chunks):
             self.dense = get_megatron_optimizer(dense_optimizer_config(config), wrapped_chunks)
@@ -63,13 +78,22 @@ class TrainingOptimizer:
         self.table_lr = s.lr if s.lr is not None else o.lr
         files = table_files(config)  # the mmap tier maps the moments beside the tables
         self.sparse = SparseRowAdamW(
-            {name: t.weight for name, t in self.tables.items()}, lr=self.table_lr,
-            betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps, weight_decay=s.weight_decay,
-            mode=s.mode, allocate=files.zeros if files else None)
+            {name: t.weight for name, t in self.tables.items()},
+            lr=self.table_lr,
+            betas=(o.adam_beta1, o.adam_beta2),
+            eps=o.adam_eps,
+            weight_decay=s.weight_decay,
+            mode=s.mode,
+            allocate=files.zeros if files else None,
+        )
         self.overlap = None
-        if (s.overlap_update and o.clip_grad == 0 and self.tables
-                and all(t.on_host for t in self.tables.values())
-                and (parallel.dp_size == 1 or self.vocab_sharded)):
+        if (
+            s.overlap_update
+            and o.clip_grad == 0
+            and self.tables
+            and all(t.on_host for t in self.tables.values())
+            and (parallel.dp_size == 1 or self.vocab_sharded)
+        ):
             self.overlap = OverlappedTableUpdate(self.sparse, self.tables)
         self._updated_early: set[str] = set()
         # Set by the trainer when host tables have a hot-row cache: every host row this
@@ -81,8 +105,9 @@ class TrainingOptimizer:
         """Copy to the cache the cached rows among `rows` (None: all of them), after the host
         rows were written."""
         if self.cache is not None:
-            self._refresh_bytes += (self.cache.refresh_all() if rows is None
-                                    else self.cache.refresh(rows))
+            self._refresh_bytes += (
+                self.cache.refresh_all() if rows is None else self.cache.refresh(rows)
+            )
 
     @contextlib.contextmanager
     def overlapping_table_updates(self, lr_factor: float, micro_batches: int):
@@ -152,8 +177,12 @@ class TrainingOptimizer:
             return
         for table in self.tables.values():
             # On the compute device whatever the table's storage: the collective runs there.
-            sync_replicated_row_grads(table.grad_accumulator, self.parallel.dp_group,
-                                      table.weight.shape[1], self.parallel.device)
+            sync_replicated_row_grads(
+                table.grad_accumulator,
+                self.parallel.dp_group,
+                table.weight.shape[1],
+                self.parallel.device,
+            )
 
     def grad_norm(self) -> float:
         """L2 norm over every dense gradient (megatron-core's norm of the main gradients: TP
@@ -168,7 +197,7 @@ class TrainingOptimizer:
             dist.all_reduce(tables, group=self.parallel.dp_group)
         if self.parallel.tp_size * self.parallel.pp_size > 1:
             dist.all_reduce(tables, group=self.parallel.model_parallel_group)
-        return math.sqrt(dense ** 2 + tables.item())
+        return math.sqrt(dense**2 + tables.item())
 
     def step(self, lr_factor: float) -> dict[str, float]:
         """Sync table rows over DP, clip, then update dense parameters and touched table rows.
@@ -178,12 +207,12 @@ class TrainingOptimizer:
         self.dense.prepare_grads()  # main gradients from the DDP buffers (no loss scaling)
         norm = self.grad_norm()
         if not math.isfinite(norm):
-            raise FloatingPointError(f"gradient norm is {norm}: training diverged "
-                                     f"(lower optim.lr or check the data)")
+            raise FloatingPointError(
+                f"gradient norm is {norm}: training diverged (lower optim.lr or check the data)"
+            )
         if self.clip_grad > 0 and norm > self.clip_grad:
             for part in self.dense_parts:
-                clip_grads.clip_grad_by_total_norm_fp32(part.get_parameters(), self.clip_grad,
-                                                        norm)
+                clip_grads.clip_grad_by_total_norm_fp32(part.get_parameters(), self.clip_grad, norm)
             for table in self.tables.values():
                 table.grad_accumulator.scale_(self.clip_grad / (norm + 1e-6))
         # What megatron's OptimizerParamScheduler sets: its groups carry multipliers (no
@@ -192,11 +221,17 @@ class TrainingOptimizer:
             group["lr"] = self.base_lr * lr_factor * group.get("lr_mult", 1.0)
             group["weight_decay"] = self.weight_decay * group.get("wd_mult", 1.0)
         self.dense.step_with_ready_grads()
-        grads = {name: t.grad_accumulator.reduce() for name, t in self.tables.items()
-                 if not t.grad_accumulator.is_empty}
+        grads = {
+            name: t.grad_accumulator.reduce()
+            for name, t in self.tables.items()
+            if not t.grad_accumulator.is_empty
+        }
         # Host tables: the sparse optimizer moves the row gradients (ids and rows) to host.
-        bytes_d2h = sum(ids.numel() * ids.element_size() + grad.numel() * grad.element_size()
-                        for name, (ids, grad) in grads.items() if self.tables[name].on_host)
+        bytes_d2h = sum(
+            ids.numel() * ids.element_size() + grad.numel() * grad.element_size()
+            for name, (ids, grad) in grads.items()
+            if self.tables[name].on_host
+        )
         synchronize(self.parallel.device)  # time the table update alone, not queued compute
         start = time.perf_counter()
         if self.overlap is None:
@@ -213,9 +248,13 @@ class TrainingOptimizer:
             self._updated_early = set()
         self.refresh_cache({name: ids for name, (ids, _) in grads.items()})
         refresh_bytes, self._refresh_bytes = self._refresh_bytes, 0
-        return {"optim/grad_norm": norm, "optim/lr": self.base_lr * lr_factor,
-                "optim/table_lr": self.table_lr * lr_factor, "stem/unique_rows": unique_rows,
-                "stem/bytes_d2h": float(bytes_d2h), "stem/sparse_optim_ms": sparse_ms,
-                "stem/overlapped_tables": float(overlapped),
-                "stem/cache_refresh_bytes": float(refresh_bytes)}
-
+        return {
+            "optim/grad_norm": norm,
+            "optim/lr": self.base_lr * lr_factor,
+            "optim/table_lr": self.table_lr * lr_factor,
+            "stem/unique_rows": unique_rows,
+            "stem/bytes_d2h": float(bytes_d2h),
+            "stem/sparse_optim_ms": sparse_ms,
+            "stem/overlapped_tables": float(overlapped),
+            "stem/cache_refresh_bytes": float(refresh_bytes),
+        }

@@ -24,7 +24,7 @@ class StopRequest:
         self.received: int | None = None
         self._previous: dict[int, object] = {}
 
-    def __enter__(self) -> "StopRequest":
+    def __enter__(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():  # signals go to main only
             for sig in SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)

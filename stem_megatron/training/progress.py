@@ -43,9 +43,7 @@ class TrainingProgress:
         if log_interval < 1:
             raise ValueError(f"log_interval={log_interval} must be >= 1")
         if not 0 <= start_step <= train_iters:
-            raise ValueError(
-                f"start_step={start_step} must be in [0, train_iters={train_iters}]"
-            )
+            raise ValueError(f"start_step={start_step} must be in [0, train_iters={train_iters}]")
         self.train_iters = train_iters
         self.start_step = start_step
         self.log_interval = log_interval
@@ -86,9 +84,7 @@ class TrainingProgress:
         tokens_per_s = self._interval_tokens / max(now - self._interval_start, 1e-9)
 
         if self._bar is not None:
-            self._bar.set_postfix_str(
-                f"loss {loss:.4f}, {tokens_per_s:,.0f} tok/s", refresh=False
-            )
+            self._bar.set_postfix_str(f"loss {loss:.4f}, {tokens_per_s:,.0f} tok/s", refresh=False)
             self._bar.update(step - self._bar.n)
         elif step % self.log_interval == 0 or step == self.train_iters:
             elapsed = now - self._start_time

@@ -26,10 +26,10 @@ def full_parameters(trainer) -> dict[str, torch.Tensor]:
         if block is not None:  # vocab-sharded table: rows live on the DP ranks
             longest = -(-block.rows // parallel.dp_size)
             padded = local.new_zeros(longest, local.shape[1])
-            padded[:local.shape[0]] = local
+            padded[: local.shape[0]] = local
             pieces = [torch.empty_like(padded) for _ in range(parallel.dp_size)]
             dist.all_gather(pieces, padded, group=parallel.dp_group)
-            local = torch.cat(pieces)[:block.rows]
+            local = torch.cat(pieces)[: block.rows]
         out[name] = local.clone()
     return out
 
@@ -39,14 +39,27 @@ def built_layout(trainer) -> dict:
     chunks, tables), not from the config: a test comparing layouts checks it got the one it
     asked for."""
     parallel = trainer.parallel
-    chunk_layers = [sorted({int(name.split(".")[2]) for name, _ in chunk.named_parameters()
-                            if name.startswith("decoder.layers.")})
-                    for chunk in trainer.chunks]
-    return {"tp_rank": parallel.tp_rank, "tp_size": dist.get_world_size(parallel.tp_group),
-            "pp_rank": parallel.pp_rank, "pp_size": dist.get_world_size(parallel.pp_group),
-            "dp_rank": parallel.dp_rank, "dp_size": dist.get_world_size(parallel.dp_group),
-            "vp_size": len(trainer.chunks), "chunk_layers": chunk_layers,
-            "dp_layout": "vocab_sharded" if trainer.optimizer.vocab_sharded else "replicated"}
+    chunk_layers = [
+        sorted(
+            {
+                int(name.split(".")[2])
+                for name, _ in chunk.named_parameters()
+                if name.startswith("decoder.layers.")
+            }
+        )
+        for chunk in trainer.chunks
+    ]
+    return {
+        "tp_rank": parallel.tp_rank,
+        "tp_size": dist.get_world_size(parallel.tp_group),
+        "pp_rank": parallel.pp_rank,
+        "pp_size": dist.get_world_size(parallel.pp_group),
+        "dp_rank": parallel.dp_rank,
+        "dp_size": dist.get_world_size(parallel.dp_group),
+        "vp_size": len(trainer.chunks),
+        "chunk_layers": chunk_layers,
+        "dp_layout": "vocab_sharded" if trainer.optimizer.vocab_sharded else "replicated",
+    }
 
 
 def train_steps(overrides: list[str], steps: int, save_at: int | None = None) -> dict:
@@ -57,9 +70,11 @@ def train_steps(overrides: list[str], steps: int, save_at: int | None = None) ->
     from stem_megatron.training.trainer import Trainer
 
     config = load_config(None, overrides)
-    parallel = ParallelState.initialize(config.parallel.tensor_model_parallel_size,
-                                        config.parallel.pipeline_model_parallel_size,
-                                        config.parallel.virtual_pipeline_model_parallel_size)
+    parallel = ParallelState.initialize(
+        config.parallel.tensor_model_parallel_size,
+        config.parallel.pipeline_model_parallel_size,
+        config.parallel.virtual_pipeline_model_parallel_size,
+    )
     try:
         trainer = Trainer(config, parallel)
         start = trainer.step
@@ -73,9 +88,14 @@ def train_steps(overrides: list[str], steps: int, save_at: int | None = None) ->
                 trainer.state.save(trainer.checkpointer, trainer.step, config)
         tables = sum(t.weight.numel() for t in trainer.optimizer.tables.values())
         dense = sum(p.numel() for p in trainer.optimizer.dense_params)
-        return {"start": start, "losses": losses, "params": full_parameters(trainer),
-                "comm": comm, "unique_rows": unique_rows,
-                "counts": {"table_params": tables, "dense_params": dense},
-                "layout": built_layout(trainer)}
+        return {
+            "start": start,
+            "losses": losses,
+            "params": full_parameters(trainer),
+            "comm": comm,
+            "unique_rows": unique_rows,
+            "counts": {"table_params": tables, "dense_params": dense},
+            "layout": built_layout(trainer),
+        }
     finally:
         parallel.destroy()

@@ -20,8 +20,12 @@ import torch.distributed as dist
 from stem_megatron.checkpoint.dcp import Checkpointer, resolve
 from stem_megatron.checkpoint.errors import CheckpointMismatchError
 from stem_megatron.checkpoint.layout import METADATA_JSON, read_json
-from stem_megatron.checkpoint.model_state import (CheckpointMeshes, model_state, unwrap,
-                                                  wrap_optimizer_states)
+from stem_megatron.checkpoint.model_state import (
+    CheckpointMeshes,
+    model_state,
+    unwrap,
+    wrap_optimizer_states,
+)
 from stem_megatron.checkpoint.safe_io import read_dcp_metadata
 from stem_megatron.config import RunConfig
 from stem_megatron.data.sampler import PackedSampleStream
@@ -37,8 +41,13 @@ MODEL_ONLY = "model_only"
 
 
 class TrainingState:
-    def __init__(self, chunks: list[torch.nn.Module], optimizer: TrainingOptimizer,
-                 train_stream: PackedSampleStream, parallel: ParallelState):
+    def __init__(
+        self,
+        chunks: list[torch.nn.Module],
+        optimizer: TrainingOptimizer,
+        train_stream: PackedSampleStream,
+        parallel: ParallelState,
+    ):
         self.chunks, self.optimizer = chunks, optimizer
         self.train_stream, self.parallel = train_stream, parallel
         self.loss_window = LossWindow()
@@ -55,8 +64,9 @@ class TrainingState:
     def _model(self, dense: DenseOptimizerState, saving: bool) -> dict[str, torch.Tensor]:
         """`model.*`: the dense parameters' fp32 values (DenseOptimizerState.model_views),
         the tables and any other parameter as they are."""
-        others = ((name, p) for name, p in named_parameters(self.chunks)
-                  if name not in dense.params)
+        others = (
+            (name, p) for name, p in named_parameters(self.chunks) if name not in dense.params
+        )
         return {**model_state(others, self.meshes), **dense.model_views(saving)}
 
     def _state(self, dense: DenseOptimizerState, saving: bool) -> dict:
@@ -65,14 +75,20 @@ class TrainingState:
         return {
             "model": self._model(dense, saving),
             "optim": dense.optimizer_views(saving),
-            "stem_optim": {"step": sparse["step"],
-                           "tables": wrap_optimizer_states(sparse["tables"], tables, self.meshes)},
+            "stem_optim": {
+                "step": sparse["step"],
+                "tables": wrap_optimizer_states(sparse["tables"], tables, self.meshes),
+            },
             "rng": {self._rng_key(): torch.get_rng_state()},
         }
 
     def save(self, checkpointer: Checkpointer, step: int, config: RunConfig) -> Path:
-        metadata = {"step": step, "data": self.train_stream.state_dict(),
-                    "loss_window": self.loss_window.state_dict(), "config": config.to_dict()}
+        metadata = {
+            "step": step,
+            "data": self.train_stream.state_dict(),
+            "loss_window": self.loss_window.state_dict(),
+            "config": config.to_dict(),
+        }
         path = checkpointer.save(step, self._state(self._dense(), saving=True), metadata)
         self.optimizer.refresh_cache()  # exact mode: the save settled every host row
         return path
@@ -84,8 +100,9 @@ class TrainingState:
         Adam's initial moments, which a fresh (e.g. finetuning) optimizer must not have yet."""
         dense = self._dense()
         try:
-            checkpointer.check_can_save(self._state(dense, saving=True),
-                                        list(range(step + 1, train_iters + 1)))
+            checkpointer.check_can_save(
+                self._state(dense, saving=True), list(range(step + 1, train_iters + 1))
+            )
         finally:
             dense.forget_created()
 
@@ -95,13 +112,16 @@ class TrainingState:
         the run, so it is refused before anything is read. So is resuming a model-only one."""
         saved = read_json(checkpoint, METADATA_JSON)
         if saved.get(MODEL_ONLY):
-            raise ValueError(f"checkpoint {checkpoint} holds model weights only (no optimizer "
-                             f"or data state): start from it with checkpoint.finetune=true")
+            raise ValueError(
+                f"checkpoint {checkpoint} holds model weights only (no optimizer "
+                f"or data state): start from it with checkpoint.finetune=true"
+            )
         mode = saved.get("config", {}).get("stem", {}).get("optimizer", {}).get("mode")
         if mode is not None and mode != self.optimizer.sparse.mode:
             raise ValueError(
                 f"checkpoint {checkpoint} was trained with stem.optimizer.mode={mode}, this run "
-                f"uses {self.optimizer.sparse.mode}: resume with stem.optimizer.mode={mode}")
+                f"uses {self.optimizer.sparse.mode}: resume with stem.optimizer.mode={mode}"
+            )
 
     def load(self, checkpointer: Checkpointer, path: str) -> int:
         """Restore everything from the checkpoint at `path`; returns its step. A checkpoint
@@ -111,8 +131,11 @@ class TrainingState:
         dense = self._dense()
         state = self._state(dense, saving=False)
         stored = read_dcp_metadata(resolve(path)).state_dict_metadata
-        state["rng"] = {key.split(".", 1)[1]: torch.empty(tuple(meta.size), dtype=torch.uint8)
-                        for key, meta in stored.items() if key.startswith("rng.")}
+        state["rng"] = {
+            key.split(".", 1)[1]: torch.empty(tuple(meta.size), dtype=torch.uint8)
+            for key, meta in stored.items()
+            if key.startswith("rng.")
+        }
         metadata = checkpointer.load(path, state)  # model and Adam states load in place
         dense.loaded()
         self.optimizer.sparse.load_state_dict(unwrap(state["stem_optim"]))
@@ -140,9 +163,12 @@ class TrainingState:
             raise CheckpointMismatchError(
                 f"checkpoint {resolve(path)} lacks model parameters this run has "
                 f"({len(missing)}): {', '.join(missing[:10])}; the model config (stem.layers, "
-                f"model.*) must match the checkpoint's", missing=missing)
+                f"model.*) must match the checkpoint's",
+                missing=missing,
+            )
         dense = self._dense()
         Checkpointer(resolve(path).parent).load(
-            path, {"model": self._model(dense, saving=False)}, strict=False)
+            path, {"model": self._model(dense, saving=False)}, strict=False
+        )
         dense.loaded()
         self.optimizer.refresh_cache()  # host tables: cached rows were replaced

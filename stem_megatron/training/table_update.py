@@ -47,8 +47,9 @@ class OverlappedTableUpdate:
     def _on_add(self, name: str, adds: int) -> None:
         if adds == self._micro_batches:  # the step's last backward through this table
             ids, grad = self.tables[name].grad_accumulator.reduce()
-            self._futures[name] = self._worker.submit(self.sparse.update_table, name, ids,
-                                                      grad, self.lr)
+            self._futures[name] = self._worker.submit(
+                self.sparse.update_table, name, ids, grad, self.lr
+            )
 
     def finish(self) -> set[str]:
         """Wait for the started updates (re-raising their errors); disarm the hooks."""

@@ -30,8 +30,11 @@ from stem_megatron.data.tokenizer import load_tokenizer
 from stem_megatron.model.accounting import count_model
 from stem_megatron.model.transformer import StemGPTModel
 from stem_megatron.parallel.comm_meter import CommMeter
-from stem_megatron.parallel.data_parallel import (nan_check_reported_as_divergence,
-                                                  wrap_data_parallel, zero_grad_buffers)
+from stem_megatron.parallel.data_parallel import (
+    nan_check_reported_as_divergence,
+    wrap_data_parallel,
+    zero_grad_buffers,
+)
 from stem_megatron.parallel.state import ParallelState
 from stem_megatron.stem.cache import HotRowCache, hot_ids, token_counts
 from stem_megatron.stem.prefetch import RowPrefetcher, RowRequest
@@ -40,8 +43,8 @@ from stem_megatron.training.lr_schedule import LRSchedule
 from stem_megatron.training.metrics import MetricsLogger
 from stem_megatron.training.model_chunks import build_model_chunks
 from stem_megatron.training.optimizer import TrainingOptimizer
-from stem_megatron.training.progress import TrainingProgress
 from stem_megatron.training.preemption import StopRequest
+from stem_megatron.training.progress import TrainingProgress
 from stem_megatron.training.state import TrainingState
 
 
@@ -79,29 +82,47 @@ class Trainer:
         torch.manual_seed(c.train.seed)
         self.stem_layers = tuple(c.stem_layers())
         self.chunks = build_model_chunks(c, parallel, self.vocab_size)
-        self.comm = CommMeter(parallel.tp_group, parallel.dp_group, parallel.dp_size,
-                              parallel.embedding_group if parallel.pp_size > 1 else None)
+        self.comm = CommMeter(
+            parallel.tp_group,
+            parallel.dp_group,
+            parallel.dp_size,
+            parallel.embedding_group if parallel.pp_size > 1 else None,
+        )
         # What the schedule runs: the chunks in megatron-core's DDP.
         self.wrapped_chunks = wrap_data_parallel(self.chunks, c, self.comm)
         self.optimizer = TrainingOptimizer(self.wrapped_chunks, self.chunks, c, parallel)
         self.prefetcher = self._host_table_prefetcher(train_data.tokens)
         self.schedule = LRSchedule.from_megatron(
-            lr=c.optim.lr, min_lr=c.optim.min_lr, lr_warmup_iters=c.optim.lr_warmup_iters,
-            train_iters=c.train.train_iters, lr_decay_iters=c.optim.lr_decay_iters,
-            lr_decay_style=c.optim.lr_decay_style)
+            lr=c.optim.lr,
+            min_lr=c.optim.min_lr,
+            lr_warmup_iters=c.optim.lr_warmup_iters,
+            train_iters=c.train.train_iters,
+            lr_decay_iters=c.optim.lr_decay_iters,
+            lr_decay_style=c.optim.lr_decay_style,
+        )
         self.counts = count_model(c.model, self.vocab_size, self.stem_layers)
         self.num_microbatches = c.train.global_batch_size // (
-            c.train.micro_batch_size * parallel.dp_size)
+            c.train.micro_batch_size * parallel.dp_size
+        )
         self.train_stream = PackedSampleStream(
-            train_data.tokens, c.model.seq_length, c.train.micro_batch_size,
-            seed=c.train.seed, dp_rank=parallel.dp_rank, dp_size=parallel.dp_size)
+            train_data.tokens,
+            c.model.seq_length,
+            c.train.micro_batch_size,
+            seed=c.train.seed,
+            dp_rank=parallel.dp_rank,
+            dp_size=parallel.dp_size,
+        )
         self.val_batches = None
         if self.val_data is not None:
             # eval_iters global batches (Megatron's meaning): the same samples in any layout.
             self.val_batches = ValidationBatches(
-                self.val_data.tokens, c.model.seq_length, c.train.micro_batch_size,
-                c.train.eval_iters * self.num_microbatches, dp_rank=parallel.dp_rank,
-                dp_size=parallel.dp_size)
+                self.val_data.tokens,
+                c.model.seq_length,
+                c.train.micro_batch_size,
+                c.train.eval_iters * self.num_microbatches,
+                dp_rank=parallel.dp_rank,
+                dp_size=parallel.dp_size,
+            )
         self.checkpointer = Checkpointer(c.save_dir)
         self.state = TrainingState(self.chunks, self.optimizer, self.train_stream, parallel)
         self.step = 0
@@ -121,8 +142,9 @@ class Trainer:
     def _open_data(self, prefix: str):
         """The indexed dataset at `prefix`, its ids checked against the vocab and (when it
         records one) its tokenizer against ours."""
-        data = open_dataset(prefix, vocab_size=self.vocab_size,
-                            require_meta=self.config.data.require_meta)
+        data = open_dataset(
+            prefix, vocab_size=self.vocab_size, require_meta=self.config.data.require_meta
+        )
         if data.meta is not None:
             check_vocab(data, self.vocab_size, self.tokenizer)
         return data
@@ -147,7 +169,8 @@ class Trainer:
             raise ValueError(
                 f"{self.config.save_dir} already holds checkpoints (latest: {latest.name}); "
                 f"resume with checkpoint.load=auto, or start a new run with another "
-                f"logging.run_dir or checkpoint.save")
+                f"logging.run_dir or checkpoint.save"
+            )
         return load, False
 
     def _host_table_prefetcher(self, train_tokens: np.ndarray) -> RowPrefetcher | None:
@@ -163,9 +186,10 @@ class Trainer:
         if self.config.stem.cache_rows:
             counts = token_counts(train_tokens, self.vocab_size)
             if self.host_row_block is not None:
-                counts = counts[self.host_row_block.start:self.host_row_block.end]
-            cache = HotRowCache(weights, hot_ids(counts, self.config.stem.cache_rows),
-                                self.parallel.device)
+                counts = counts[self.host_row_block.start : self.host_row_block.end]
+            cache = HotRowCache(
+                weights, hot_ids(counts, self.config.stem.cache_rows), self.parallel.device
+            )
             self.optimizer.cache = cache
         prefetcher = RowPrefetcher(weights, self.parallel.device, cache)
         for name, table in tables.items():
@@ -210,9 +234,12 @@ class Trainer:
         outputs = forward_backward(
             forward_step_func=self._forward_step,
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
-            model=self.wrapped_chunks, num_microbatches=len(batches),
+            model=self.wrapped_chunks,
+            num_microbatches=len(batches),
             seq_length=self.config.model.seq_length,
-            micro_batch_size=self.config.train.micro_batch_size, forward_only=forward_only)
+            micro_batch_size=self.config.train.micro_batch_size,
+            forward_only=forward_only,
+        )
         p = self.parallel
         loss = torch.zeros((), dtype=torch.float32, device=p.device)
         if outputs:  # the last pipeline stage holds the losses
@@ -237,8 +264,11 @@ class Trainer:
         with self.comm.counting():
             self.optimizer.settle_rows_to_read(self._input_ids(batches))
             lr_factor = self.schedule.factor(self.step)
-            with self.optimizer.overlapping_table_updates(lr_factor, len(batches)), \
-                    self._prefetching(batches, metrics), nan_check_reported_as_divergence():
+            with (
+                self.optimizer.overlapping_table_updates(lr_factor, len(batches)),
+                self._prefetching(batches, metrics),
+                nan_check_reported_as_divergence(),
+            ):
                 # The schedule ends with megatron-core's finalize_model_grads: DP reduction,
                 # the tied embedding over PP, norm weights over TP under SP.
                 metrics["loss/train"] = self._run_schedule(batches, forward_only=False)
@@ -267,12 +297,17 @@ class Trainer:
     def run(self) -> RunResult:
         c = self.config
         tokens_per_step = c.train.global_batch_size * c.model.seq_length
-        static = {"params/total": float(self.counts.total_params),
-                  "params/active": float(self.counts.active_params),
-                  "throughput/flops_per_token": float(self.counts.flops_per_token)}
-        progress = TrainingProgress(c.train.train_iters, start_step=self.step,
-                                    log_interval=c.logging.log_interval,
-                                    enabled=self.parallel.is_main)
+        static = {
+            "params/total": float(self.counts.total_params),
+            "params/active": float(self.counts.active_params),
+            "throughput/flops_per_token": float(self.counts.flops_per_token),
+        }
+        progress = TrainingProgress(
+            c.train.train_iters,
+            start_step=self.step,
+            log_interval=c.logging.log_interval,
+            enabled=self.parallel.is_main,
+        )
         window, timed_steps, window_start = self.state.loss_window, 0, time.perf_counter()
         run_start, run_start_step = time.perf_counter(), self.step
         val_loss, metrics, stopped_by = None, {}, None
@@ -281,14 +316,23 @@ class Trainer:
                 metrics = self.train_step()
                 window.add(metrics["loss/train"])
                 timed_steps += 1
-                progress.update(self.step, loss=window.mean, tokens=tokens_per_step,
-                                lr=metrics["optim/lr"], grad_norm=metrics["optim/grad_norm"])
+                progress.update(
+                    self.step,
+                    loss=window.mean,
+                    tokens=tokens_per_step,
+                    lr=metrics["optim/lr"],
+                    grad_norm=metrics["optim/grad_norm"],
+                )
                 last = self.step == c.train.train_iters
                 record = {}  # one metrics.jsonl object per step: train and val together
                 if self.step % c.logging.log_interval == 0 or last:
                     elapsed = time.perf_counter() - window_start
-                    record = {**metrics, **static, "loss/train": window.take(),
-                              "throughput/tokens_per_s": tokens_per_step * timed_steps / elapsed}
+                    record = {
+                        **metrics,
+                        **static,
+                        "loss/train": window.take(),
+                        "throughput/tokens_per_s": tokens_per_step * timed_steps / elapsed,
+                    }
                     timed_steps = 0
                 if (c.train.eval_interval and self.step % c.train.eval_interval == 0) or last:
                     val_loss = self.evaluate()
@@ -298,8 +342,9 @@ class Trainer:
                 self.metrics.log(self.step, record)
                 if not timed_steps:  # the next throughput window starts after evaluation
                     window_start = time.perf_counter()
-                saved = (c.checkpoint.save_interval
-                         and self.step % c.checkpoint.save_interval == 0) or last
+                saved = (
+                    c.checkpoint.save_interval and self.step % c.checkpoint.save_interval == 0
+                ) or last
                 if saved:
                     path = self.state.save(self.checkpointer, self.step, c)
                     progress.message(f"step {self.step} | saved {path}")
@@ -307,12 +352,16 @@ class Trainer:
                     stopped_by = stop.name
                     if not saved:
                         path = self.state.save(self.checkpointer, self.step, c)
-                    progress.message(f"step {self.step} | stopping on {stopped_by}: "
-                                     f"checkpoint {path}")
+                    progress.message(
+                        f"step {self.step} | stopping on {stopped_by}: checkpoint {path}"
+                    )
                     break
         elapsed = time.perf_counter() - run_start
         steps = self.step - run_start_step
-        return RunResult(step=self.step, train_loss=metrics.get("loss/train", math.nan),
-                         val_loss=val_loss,
-                         tokens_per_s=tokens_per_step * steps / elapsed if steps else 0.0,
-                         stopped_by=stopped_by)
+        return RunResult(
+            step=self.step,
+            train_loss=metrics.get("loss/train", math.nan),
+            val_loss=val_loss,
+            tokens_per_s=tokens_per_step * steps / elapsed if steps else 0.0,
+            stopped_by=stopped_by,
+        )

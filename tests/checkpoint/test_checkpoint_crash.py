@@ -77,7 +77,9 @@ def test_killed_save_keeps_previous_checkpoint(tmp_path: Path, hang_in: str) -> 
 
     ckpt = Checkpointer(root)  # a requeued run resuming with checkpoint.load=auto
     lines = ckpt.recover_strays()
-    assert [line.split(":")[0] for line in lines] == ([f"adopted {root / 'step_2'}"] if committed else [])
+    assert [line.split(":")[0] for line in lines] == (
+        [f"adopted {root / 'step_2'}"] if committed else []
+    )
     state = {"w": torch.zeros(4), "big": torch.full((1 << 20,), 7.0)}
     step = 2 if committed else 1
     assert ckpt.load(tmp_path, state) == {"step": step}

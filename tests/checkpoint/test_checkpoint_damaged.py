@@ -23,7 +23,8 @@ SHARD = "__0_0.distcp"
 
 def _saved(tmp_path: Path, manifest: bool = True) -> Path:
     final = Checkpointer(tmp_path / "checkpoints").save(
-        4, {"w": torch.arange(8192.0), "b": torch.ones(16)}, {"step": 4})
+        4, {"w": torch.arange(8192.0), "b": torch.ones(16)}, {"step": 4}
+    )
     if not manifest:  # as saved before manifests existed
         (final / MANIFEST_JSON).unlink()
     return final
@@ -36,8 +37,13 @@ def _truncate(path: Path) -> None:
 def _scribble(path: Path, offset: int, size: int) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
-        f.write(torch.randint(0, 256, (size,), generator=torch.Generator().manual_seed(0),
-                              dtype=torch.uint8).numpy().tobytes())
+        f.write(
+            torch.randint(
+                0, 256, (size,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+            )
+            .numpy()
+            .tobytes()
+        )
 
 
 def _load(final: Path) -> None:
@@ -58,7 +64,9 @@ READERS = [_load, _read_offline]
 def test_truncated_shard(tmp_path: Path, read, manifest: bool) -> None:
     final = _saved(tmp_path, manifest)
     _truncate(final / SHARD)
-    with pytest.raises(CheckpointCorruptError, match=f"{final} is damaged: {SHARD} .*copy the checkpoint again"):
+    with pytest.raises(
+        CheckpointCorruptError, match=f"{final} is damaged: {SHARD} .*copy the checkpoint again"
+    ):
         read(final)
 
 
@@ -104,4 +112,3 @@ def test_intact_checkpoints_load_with_and_without_manifest(tmp_path: Path) -> No
         assert Checkpointer(final.parent).load(final, state) == {"step": 4}
         assert torch.equal(state["w"], torch.arange(8192.0))
         assert torch.equal(OfflineCheckpoint(final).read("b"), torch.ones(16))
-

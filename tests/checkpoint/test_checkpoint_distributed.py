@@ -33,14 +33,26 @@ def _state(rank: int, filled: bool) -> dict:
     table = torch.full((rank + 2, 3), float(rank + 1))
     shared = torch.arange(6.0).reshape(2, 3)
     return {
-        "model": {"shared.weight": shared if filled else torch.zeros(2, 3), f"rank{rank}.table": table if filled else torch.zeros_like(table)},
+        "model": {
+            "shared.weight": shared if filled else torch.zeros(2, 3),
+            f"rank{rank}.table": table if filled else torch.zeros_like(table),
+        },
         "rng": {f"rank{rank}": rng if filled else torch.zeros_like(rng)},
-        "sparse": {f"rank{rank}.last_settled": 10 + rank if filled else 0, "lr": 0.5 if filled else 0.0},
+        "sparse": {
+            f"rank{rank}.last_settled": 10 + rank if filled else 0,
+            "lr": 0.5 if filled else 0.0,
+        },
     }
 
 
 def _worker(rank: int, root: Path, init_file: Path) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD, timeout=timedelta(seconds=60))
+    dist.init_process_group(
+        "gloo",
+        init_method=f"file://{init_file}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=60),
+    )
     try:
         ckpt = Checkpointer(root)
         saved = _state(rank, filled=True)
@@ -66,7 +78,11 @@ def _worker(rank: int, root: Path, init_file: Path) -> None:
             wrong["model"]["rank1.table"] = torch.zeros(5, 3)
         with pytest.raises(CheckpointMismatchError) as info:
             ckpt.load(root / "step_1", wrong)
-        assert (info.value.key, info.value.checkpoint_shape, info.value.expected_shape) == ("model.rank1.table", (3, 3), (5, 3))
+        assert (info.value.key, info.value.checkpoint_shape, info.value.expected_shape) == (
+            "model.rank1.table",
+            (3, 3),
+            (5, 3),
+        )
 
         # A shared key with per-rank values is refused on every rank, before writing.
         conflicting = _state(rank, filled=True)
@@ -83,7 +99,9 @@ def _worker(rank: int, root: Path, init_file: Path) -> None:
 
 def _run(root: Path, init_file: Path, timeout_s: float = 60) -> None:
     multiprocessing.set_forkserver_preload(["torch", "stem_megatron.checkpoint.dcp"])
-    ctx = tmp.start_processes(_worker, args=(root, init_file), nprocs=WORLD, join=False, start_method="forkserver")
+    ctx = tmp.start_processes(
+        _worker, args=(root, init_file), nprocs=WORLD, join=False, start_method="forkserver"
+    )
     deadline = time.monotonic() + timeout_s
     try:
         while not ctx.join(timeout=0.5):
@@ -105,7 +123,13 @@ def test_two_ranks_save_load_and_fail_together(tmp_path: Path) -> None:
     step = root / "step_1"
     assert sorted(p.name for p in step.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
     tensors = read_dcp_metadata(step).state_dict_metadata
-    assert sorted(tensors) == ["model.rank0.table", "model.rank1.table", "model.shared.weight", "rng.rank0", "rng.rank1"]
+    assert sorted(tensors) == [
+        "model.rank0.table",
+        "model.rank1.table",
+        "model.shared.weight",
+        "rng.rank0",
+        "rng.rank1",
+    ]
     assert len(tensors["model.shared.weight"].chunks) == 1
     assert json.loads((step / "scalars.json").read_text()) == {
         "sparse.rank0.last_settled": 10,

@@ -13,7 +13,11 @@ from stem_megatron.checkpoint.errors import CheckpointMismatchError
 def ckpt(tmp_path: Path) -> Checkpointer:
     c = Checkpointer(tmp_path / "checkpoints")
     state = {
-        "model": {"embed.weight": torch.ones(10, 4), "fc1.weight": torch.ones(8, 4), "fc2.weight": torch.ones(4, 8)},
+        "model": {
+            "embed.weight": torch.ones(10, 4),
+            "fc1.weight": torch.ones(8, 4),
+            "fc2.weight": torch.ones(4, 8),
+        },
         "sparse": {"step": 3},
     }
     c.save(1, state, {"step": 1})
@@ -21,7 +25,11 @@ def ckpt(tmp_path: Path) -> Checkpointer:
 
 
 def _expected(**overrides: torch.Tensor) -> dict:
-    model = {"embed.weight": torch.zeros(10, 4), "fc1.weight": torch.zeros(8, 4), "fc2.weight": torch.zeros(4, 8)}
+    model = {
+        "embed.weight": torch.zeros(10, 4),
+        "fc1.weight": torch.zeros(8, 4),
+        "fc2.weight": torch.zeros(4, 8),
+    }
     model.update(overrides)
     return {"model": model, "sparse": {"step": 0}}
 
@@ -31,7 +39,11 @@ def test_first_shape_mismatch_named_with_both_shapes(ckpt: Checkpointer) -> None
     with pytest.raises(CheckpointMismatchError) as info:
         ckpt.load(ckpt.dir, state)
     err = info.value
-    assert (err.key, err.checkpoint_shape, err.expected_shape) == ("model.fc1.weight", (8, 4), (16, 4))
+    assert (err.key, err.checkpoint_shape, err.expected_shape) == (
+        "model.fc1.weight",
+        (8, 4),
+        (16, 4),
+    )
     assert "'model.fc1.weight'" in str(err) and "[8, 4]" in str(err) and "[16, 4]" in str(err)
     # Nothing was loaded: tensors whose shapes matched are still zero, scalars untouched.
     assert torch.count_nonzero(state["model"]["embed.weight"]) == 0
@@ -55,7 +67,10 @@ def test_missing_and_unexpected_keys_named(ckpt: Checkpointer) -> None:
 def test_tensor_where_scalar_expected_is_refused(ckpt: Checkpointer) -> None:
     state = _expected()
     state["sparse"]["step"] = torch.zeros(())
-    with pytest.raises(CheckpointMismatchError, match="'sparse.step' is a scalar in the checkpoint, expected a tensor"):
+    with pytest.raises(
+        CheckpointMismatchError,
+        match="'sparse.step' is a scalar in the checkpoint, expected a tensor",
+    ):
         ckpt.load(ckpt.dir, state)
 
 

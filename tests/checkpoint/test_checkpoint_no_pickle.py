@@ -55,10 +55,16 @@ def test_stock_dcp_runs_the_bytes_payload(bytes_item_checkpoint: tuple[Path, Pat
 
 @pytest.mark.parametrize(
     "state",
-    [{"w": torch.zeros(2), "x": torch.zeros(1)}, {"w": torch.zeros(2), "x": 0}, {"w": torch.zeros(2)}],
+    [
+        {"w": torch.zeros(2), "x": torch.zeros(1)},
+        {"w": torch.zeros(2), "x": 0},
+        {"w": torch.zeros(2)},
+    ],
     ids=["as-tensor", "as-scalar", "not-requested"],
 )
-def test_checkpointer_never_unpickles_bytes_items(bytes_item_checkpoint: tuple[Path, Path], state: dict) -> None:
+def test_checkpointer_never_unpickles_bytes_items(
+    bytes_item_checkpoint: tuple[Path, Path], state: dict
+) -> None:
     step_dir, marker = bytes_item_checkpoint
     with pytest.raises(CheckpointMismatchError, match="'x'"):
         Checkpointer(step_dir.parent).load(step_dir, state)
@@ -77,7 +83,11 @@ def test_planner_refuses_bytes_even_if_asked(bytes_item_checkpoint: tuple[Path, 
     # Defence in depth: our reader + planner with DCP driving, bypassing the pre-check.
     step_dir, marker = bytes_item_checkpoint
     with pytest.raises(CheckpointException) as info:
-        dcp.load({"x": None}, storage_reader=SafeFileSystemReader(step_dir), planner=TensorOnlyLoadPlanner())
+        dcp.load(
+            {"x": None},
+            storage_reader=SafeFileSystemReader(step_dir),
+            planner=TensorOnlyLoadPlanner(),
+        )
     error, _ = info.value.failures[0]
     assert isinstance(error, UnsafeCheckpointError) and "'x' as pickled bytes" in str(error)
     assert not marker.exists()

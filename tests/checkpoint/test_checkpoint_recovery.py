@@ -18,7 +18,7 @@ def _run(root: Path) -> Checkpointer:
 
 
 def _names(root: Path) -> list[str]:
-    return sorted(p.name[:len("stray-step_6")] for p in root.iterdir())
+    return sorted(p.name[: len("stray-step_6")] for p in root.iterdir())
 
 
 def test_complete_step_newer_than_latest_is_adopted(tmp_path: Path) -> None:
@@ -42,11 +42,20 @@ def test_untrustworthy_strays_are_moved_aside_newest_first(tmp_path: Path) -> No
 
     lines = ckpt.recover_strays()
     assert [line.split(" aside")[0] for line in lines] == [
-        "moved step_10", "moved step_8", "moved step_6"]
+        "moved step_10",
+        "moved step_8",
+        "moved step_6",
+    ]
     assert "no manifest.json" in lines[0] and "missing .metadata" in lines[1]
     assert "records step 4" in lines[2]
-    assert _names(tmp_path) == ["latest", "step_2", "step_4", "stray-step_1", "stray-step_6",
-                                "stray-step_8"]
+    assert _names(tmp_path) == [
+        "latest",
+        "step_2",
+        "step_4",
+        "stray-step_1",
+        "stray-step_6",
+        "stray-step_8",
+    ]
     assert resolve(tmp_path) == tmp_path / "step_4"
     # The next save of step 6 now succeeds instead of failing on every requeue.
     ckpt.save(6, {"w": torch.zeros(64)}, {"step": 6})

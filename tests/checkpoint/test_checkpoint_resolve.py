@@ -52,7 +52,9 @@ def test_latest_with_garbage(run: Path) -> None:
 @pytest.mark.parametrize("removed", [".metadata", "metadata.json", "scalars.json"])
 def test_incomplete_checkpoint(run: Path, removed: str) -> None:
     (run / "checkpoints" / "step_20" / removed).unlink()
-    with pytest.raises(CheckpointNotFoundError, match=f"not a complete checkpoint: missing {removed}"):
+    with pytest.raises(
+        CheckpointNotFoundError, match=f"not a complete checkpoint: missing {removed}"
+    ):
         resolve(run)
     with pytest.raises(CheckpointNotFoundError, match="not a complete checkpoint"):
         resolve(run / "checkpoints" / "step_20")

@@ -22,7 +22,9 @@ def _trained(seed: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     return model, opt
 
 
-def _state(model: torch.nn.Module, opt: torch.optim.Optimizer, rows: torch.Tensor, step: int) -> dict:
+def _state(
+    model: torch.nn.Module, opt: torch.optim.Optimizer, rows: torch.Tensor, step: int
+) -> dict:
     return {
         "model": model.state_dict(),
         "optim": opt.state_dict(),
@@ -35,7 +37,11 @@ def test_raw_state_dicts_round_trip_in_place(tmp_path: Path) -> None:
     model, opt = _trained(0)
     saved = _state(model, opt, torch.randn(7, 4), step=11)
     ckpt = Checkpointer(tmp_path / "checkpoints")
-    metadata = {"step": 2, "config": {"lr": 1e-2, "layers": [1, 3]}, "data": {"epoch": 0, "index": 96}}
+    metadata = {
+        "step": 2,
+        "config": {"lr": 1e-2, "layers": [1, 3]},
+        "data": {"epoch": 0, "index": 96},
+    }
     final = ckpt.save(2, saved, metadata)
 
     assert final == tmp_path / "checkpoints" / "step_2"
@@ -78,7 +84,9 @@ def test_resumed_training_matches_uninterrupted(tmp_path: Path) -> None:
     fresh_model_sd, fresh_optim_sd = get_state_dict(fresh, fresh_opt)
     state = {"model": fresh_model_sd, "optim": fresh_optim_sd}
     ckpt.load(tmp_path / "checkpoints", state)
-    set_state_dict(fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(
+        fresh, fresh_opt, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
 
     batch = torch.randn(4, 6)
     for m, o in ((model, opt), (fresh, fresh_opt)):

@@ -33,12 +33,15 @@ def test_save_dir_that_is_a_file_is_refused_before_training(tiny_config, paralle
 def test_a_step_the_run_will_save_already_taken_is_refused(tiny_config, parallel, tmp_path):
     Trainer(tiny_config("train.train_iters=4", "checkpoint.save_interval=2"), parallel).run()
     step_2 = tmp_path / "run" / "checkpoints" / "step_2"
-    with pytest.raises(CheckpointExistsError, match="step_4 already exists, and this run would save"):
+    with pytest.raises(
+        CheckpointExistsError, match="step_4 already exists, and this run would save"
+    ):
         Trainer(tiny_config("train.train_iters=4", f"checkpoint.load={step_2}"), parallel)
 
 
-def test_stray_step_newer_than_latest_is_moved_aside_and_saved_again(tiny_config, parallel,
-                                                                   tmp_path, capsys):
+def test_stray_step_newer_than_latest_is_moved_aside_and_saved_again(
+    tiny_config, parallel, tmp_path, capsys
+):
     Trainer(tiny_config("train.train_iters=4"), parallel).run()
     root = tmp_path / "run" / "checkpoints"
     shutil.copytree(root / "step_4", root / "step_6")  # a stray that records step 4
@@ -69,7 +72,10 @@ def test_failed_write_removes_its_partial_save(tmp_path: Path) -> None:
     child.start()
     child.join(120)
     message = (tmp_path / "error.txt").read_text()
-    assert message.startswith(f"saving {root / 'step_2'} failed (") and "removed the partial save" in message
+    assert (
+        message.startswith(f"saving {root / 'step_2'} failed (")
+        and "removed the partial save" in message
+    )
     assert "\n" not in message
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_1"]
 
@@ -79,8 +85,11 @@ def small_disk(tmp_path: Path):
     """A 3 MB tmpfs (needs root and mount permission)."""
     mount = tmp_path / "disk"
     mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
     yield mount
@@ -93,23 +102,34 @@ def _fill(disk: Path, leave: int) -> None:
 
 
 @pytest.mark.slow  # three tiny runs
-def test_full_disk_is_refused_before_training_and_before_each_save(tiny_config, parallel,
-                                                                   small_disk, capsys):
+def test_full_disk_is_refused_before_training_and_before_each_save(
+    tiny_config, parallel, small_disk, capsys
+):
     _fill(small_disk, 100 << 10)
-    with pytest.raises(CheckpointSaveError, match=f"{small_disk}.* free, a checkpoint of this run "
-                                                  "needs about .*; free space there"):
+    with pytest.raises(
+        CheckpointSaveError,
+        match=f"{small_disk}.* free, a checkpoint of this run needs about .*; free space there",
+    ):
         Trainer(tiny_config(f"checkpoint.save={small_disk / 'ck'}"), parallel)
 
     (small_disk / "filler").unlink()
     save = f"checkpoint.save={small_disk / 'ck'}"
-    probe = Trainer(tiny_config(save, "train.train_iters=1", "optim.lr_warmup_iters=0",
-                                "train.eval_interval=0"), parallel)
+    probe = Trainer(
+        tiny_config(
+            save, "train.train_iters=1", "optim.lr_warmup_iters=0", "train.eval_interval=0"
+        ),
+        parallel,
+    )
     probe.run()
     one = sum(f.stat().st_size for f in (small_disk / "ck" / "step_1").iterdir())
     shutil.rmtree(small_disk / "ck")
     _fill(small_disk, int(one * 1.5) + (1 << 20))  # room for one checkpoint, not two
-    trainer = Trainer(tiny_config(save, "checkpoint.save_interval=1", "train.train_iters=3",
-                                  "train.eval_interval=0"), parallel)
+    trainer = Trainer(
+        tiny_config(
+            save, "checkpoint.save_interval=1", "train.train_iters=3", "train.eval_interval=0"
+        ),
+        parallel,
+    )
     with pytest.raises(CheckpointSaveError, match="not saving step_2: .* free"):
         trainer.run()
     assert sorted(p.name for p in (small_disk / "ck").iterdir()) == ["latest", "step_1"]

@@ -25,9 +25,13 @@ SHARD = "__0_0.distcp"
 def trained(tmp_path_factory, small_corpus):
     from tests.conftest import tiny_run_config, train_in_process
 
-    config = tiny_run_config(small_corpus, tmp_path_factory.mktemp("run") / "run",
-                             "train.train_iters=2", "optim.lr_warmup_iters=0",
-                             "train.eval_interval=0")
+    config = tiny_run_config(
+        small_corpus,
+        tmp_path_factory.mktemp("run") / "run",
+        "train.train_iters=2",
+        "optim.lr_warmup_iters=0",
+        "train.eval_interval=0",
+    )
     train_in_process(config)
     return config
 
@@ -43,9 +47,14 @@ def _damaged(trained, tmp_path: Path, damage: str) -> Path:
     else:  # 4 KB (or all of a smaller file) of seeded random bytes, in place
         size = min(4096, len(data))
         start = min(8192, len(data) - size)
-        noise = torch.randint(0, 256, (size,), generator=torch.Generator().manual_seed(0),
-                              dtype=torch.uint8).numpy().tobytes()
-        data[start:start + size] = noise
+        noise = (
+            torch.randint(
+                0, 256, (size,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+            )
+            .numpy()
+            .tobytes()
+        )
+        data[start : start + size] = noise
     path.write_bytes(bytes(data))
     return ck
 
@@ -64,22 +73,29 @@ DAMAGES = [f"{SHARD}:truncate", f"{SHARD}:scribble", ".metadata:scribble", "meta
 def test_train_reports_the_damaged_file(trained, tmp_path, capsys, damage):
     ck = _damaged(trained, tmp_path, damage)
     overrides = as_overrides(trained.to_dict()) + [
-        f"logging.run_dir={tmp_path / 'resumed'}", f"checkpoint.load={ck}",
-        "checkpoint.save=null", "train.train_iters=3"]
+        f"logging.run_dir={tmp_path / 'resumed'}",
+        f"checkpoint.load={ck}",
+        "checkpoint.save=null",
+        "train.train_iters=3",
+    ]
     rc = train_main(overrides + ["--sample-prompt", ""])
     _one_error_line(capsys, rc, ck, damage.split(":")[0])
 
 
 TOOLS = {
-    "generate": lambda ck, out: generate.main(["--checkpoint", str(ck), "--prompt", "a",
-                                               "--max-new-tokens", "1"]),
+    "generate": lambda ck, out: generate.main(
+        ["--checkpoint", str(ck), "--prompt", "a", "--max-new-tokens", "1"]
+    ),
     "inspect": lambda ck, out: inspect_checkpoint.main([str(ck), "--pairs", "10"]),
     "to-safetensors": lambda ck, out: convert_checkpoint.main(
-        ["to-safetensors", str(ck), str(out), "--quiet"]),
-    "edit": lambda ck, out: edit_knowledge.main(["--checkpoint", str(ck), "--output", str(out),
-                                                 "--swap", "a=b", "--rule", "pick"]),
-    "hf-export": lambda ck, out: hf_checkpoint.main(["export", "--checkpoint", str(ck),
-                                                     "--out", str(out)]),
+        ["to-safetensors", str(ck), str(out), "--quiet"]
+    ),
+    "edit": lambda ck, out: edit_knowledge.main(
+        ["--checkpoint", str(ck), "--output", str(out), "--swap", "a=b", "--rule", "pick"]
+    ),
+    "hf-export": lambda ck, out: hf_checkpoint.main(
+        ["export", "--checkpoint", str(ck), "--out", str(out)]
+    ),
 }
 
 
@@ -100,13 +116,23 @@ def test_a_crafted_metadata_pickle_is_one_error_line(trained, tmp_path, capsys, 
     (ck / "manifest.json").unlink()  # a crafted checkpoint would not carry a matching one
     (ck / ".metadata").write_bytes(b"cos\nsystem\n(S'true'\ntR.")  # pickle calling os.system
     if entry == "train":
-        rc = train_main(as_overrides(trained.to_dict()) + [
-            f"logging.run_dir={tmp_path / 'resumed'}", f"checkpoint.load={ck}",
-            "checkpoint.save=null", "train.train_iters=3", "--sample-prompt", ""])
+        rc = train_main(
+            as_overrides(trained.to_dict())
+            + [
+                f"logging.run_dir={tmp_path / 'resumed'}",
+                f"checkpoint.load={ck}",
+                "checkpoint.save=null",
+                "train.train_iters=3",
+                "--sample-prompt",
+                "",
+            ]
+        )
     else:
         rc = TOOLS[entry](ck, tmp_path / "out")
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert rc != 0 and "Traceback" not in err
-    assert errors == ["error: checkpoint .metadata references os.system, which is not part of DCP "
-                      "metadata; refusing to unpickle it"]
+    assert errors == [
+        "error: checkpoint .metadata references os.system, which is not part of DCP "
+        "metadata; refusing to unpickle it"
+    ]

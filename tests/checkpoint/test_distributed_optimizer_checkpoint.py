@@ -39,14 +39,26 @@ FC2_ADAM = "optim.decoder.layers.0.mlp.linear_fc2.weight.exp_avg_sq"
 @pytest.fixture(scope="module")
 def base(small_corpus):
     return [
-        "model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64",
-        "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=32",
-        "model.make_vocab_size_divisible_by=64", "stem.layers=[1]",
-        "train.micro_batch_size=2", "train.global_batch_size=8", "train.train_iters=20",
-        "optim.lr_warmup_iters=2", "optim.lr=0.003", "optim.min_lr=0.0003",
-        "optim.clip_grad=0.5", "optim.adam_eps=1e-5",  # eps: see test_equivalence.py
+        "model.num_layers=2",
+        "model.hidden_size=32",
+        "model.ffn_hidden_size=64",
+        "model.num_attention_heads=4",
+        "model.num_query_groups=2",
+        "model.seq_length=32",
+        "model.make_vocab_size_divisible_by=64",
+        "stem.layers=[1]",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=8",
+        "train.train_iters=20",
+        "optim.lr_warmup_iters=2",
+        "optim.lr=0.003",
+        "optim.min_lr=0.0003",
+        "optim.clip_grad=0.5",
+        "optim.adam_eps=1e-5",  # eps: see test_equivalence.py
         f"data.tokenizer={small_corpus['tokenizer']}",
-        f"data.train_data={small_corpus['train']}", f"data.valid_data={small_corpus['val']}"]
+        f"data.train_data={small_corpus['train']}",
+        f"data.valid_data={small_corpus['val']}",
+    ]
 
 
 def _run(world: int, overrides: list[str], steps: int, save_at: int | None = None) -> dict:
@@ -81,16 +93,32 @@ def _save_and_go_on(tmp_path, base, world: int, extra: list[str]) -> tuple[dict,
 
 
 def _resume(tmp_path, base, name: str, world: int, extra: list[str]) -> dict:
-    resumed = _run(world, base + extra + [f"logging.run_dir={tmp_path / name}",
-                                          f"checkpoint.load={tmp_path / 'saved'}"],
-                   STEPS - SAVE_AT)
+    resumed = _run(
+        world,
+        base
+        + extra
+        + [f"logging.run_dir={tmp_path / name}", f"checkpoint.load={tmp_path / 'saved'}"],
+        STEPS - SAVE_AT,
+    )
     assert resumed["start"] == SAVE_AT
     return resumed
 
 
-@pytest.mark.parametrize("shape, start, end", [
-    ((5, 7), 0, 35), ((5, 7), 3, 4), ((5, 7), 3, 30), ((5, 7), 7, 14), ((5, 7), 9, 13),
-    ((2, 3, 4), 5, 23), ((2, 3, 4), 0, 12), ((2, 3, 4), 13, 24), ((6,), 2, 5), ((4, 4), 5, 5)])
+@pytest.mark.parametrize(
+    "shape, start, end",
+    [
+        ((5, 7), 0, 35),
+        ((5, 7), 3, 4),
+        ((5, 7), 3, 30),
+        ((5, 7), 7, 14),
+        ((5, 7), 9, 13),
+        ((2, 3, 4), 5, 23),
+        ((2, 3, 4), 0, 12),
+        ((2, 3, 4), 13, 24),
+        ((6,), 2, 5),
+        ((4, 4), 5, 5),
+    ],
+)
 def test_flat_range_boxes_are_the_range_in_order(shape, start, end):
     """Each box is a contiguous run of the range's elements, in order, covering it exactly."""
     index = torch.arange(math.prod(shape)).view(shape)
@@ -119,13 +147,18 @@ def _flat_ranges_worker(root: str, ranges: dict[str, list[tuple[int, int]]]) -> 
     meshes = CheckpointMeshes(DeviceMesh.from_group(solo[rank], "cpu"))
 
     def flats(pick: int, fill: bool) -> dict[str, torch.Tensor]:
-        return {key: full.reshape(-1)[slice(*ranges[key][pick])].clone() if fill
-                else torch.zeros(ranges[key][pick][1] - ranges[key][pick][0])
-                for key, (_, full) in FULL.items()}
+        return {
+            key: full.reshape(-1)[slice(*ranges[key][pick])].clone()
+            if fill
+            else torch.zeros(ranges[key][pick][1] - ranges[key][pick][0])
+            for key, (_, full) in FULL.items()
+        }
 
     def views(flat: dict[str, torch.Tensor], pick: int) -> dict:
-        return {key: flat_shard_view(flat[key], FULL[key][0], ranges[key][pick][0], meshes)
-                for key in FULL}
+        return {
+            key: flat_shard_view(flat[key], FULL[key][0], ranges[key][pick][0], meshes)
+            for key in FULL
+        }
 
     Checkpointer(root).save(1, views(flats(rank, fill=True), rank), {"step": 1})
     loaded = flats(1 - rank, fill=False)
@@ -140,9 +173,11 @@ def _fc1_like() -> torch.Tensor:
     return like
 
 
-FULL = {"matrix": (torch.empty(5, 7), torch.arange(35.0).reshape(5, 7)),
-        "fc1": (_fc1_like(), torch.arange(24.0).reshape(4, 6)),
-        "norm": (torch.empty(9), torch.arange(9.0))}
+FULL = {
+    "matrix": (torch.empty(5, 7), torch.arange(35.0).reshape(5, 7)),
+    "fc1": (_fc1_like(), torch.arange(24.0).reshape(4, 6)),
+    "norm": (torch.empty(9), torch.arange(9.0)),
+}
 
 
 def test_flat_ranges_save_and_load_as_the_full_tensor(tmp_path):
@@ -170,8 +205,12 @@ def test_distributed_optimizer_checkpoint_resumes_without_it_in_one_process(tmp_
 
 
 # Saved under DP=4 with the distributed optimizer, resumed as (world, overrides).
-FROM_DP4 = {"dp2": (2, []), "tp2": (2, TP2), "pp2xdp2-distributed": (4, PP2 + DIST_OPT),
-            "tp2xdp2-distributed": (4, TP2 + DIST_OPT)}
+FROM_DP4 = {
+    "dp2": (2, []),
+    "tp2": (2, TP2),
+    "pp2xdp2-distributed": (4, PP2 + DIST_OPT),
+    "tp2xdp2-distributed": (4, TP2 + DIST_OPT),
+}
 
 
 @pytest.fixture(scope="module")
@@ -182,8 +221,9 @@ def dp4_distributed(base, tmp_path_factory) -> tuple[Path, dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", FROM_DP4)
-def test_dp4_distributed_optimizer_checkpoint_resumes_under_another_layout(dp4_distributed,
-                                                                           base, case):
+def test_dp4_distributed_optimizer_checkpoint_resumes_under_another_layout(
+    dp4_distributed, base, case
+):
     root, reference = dp4_distributed
     world, extra = FROM_DP4[case]
     worst = _worst_difference(_resume(root, base, case, world, extra), reference)
@@ -221,8 +261,7 @@ def bf16_distributed(base, tmp_path_factory) -> tuple[Path, dict]:
     return root, _save_and_go_on(root, base, 2, BF16 + DIST_OPT)[1]
 
 
-def test_bf16_distributed_checkpoint_resumes_exactly_with_fp32_main_weights(
-        bf16_distributed, base):
+def test_bf16_distributed_checkpoint_resumes_exactly_with_fp32_main_weights(bf16_distributed, base):
     """bf16 with the distributed optimizer: the resume is bitwise the uninterrupted run, and
     the checkpoint's weights are the fp32 main values (not bf16-rounded)."""
     root, reference = bf16_distributed
@@ -235,22 +274,35 @@ def test_bf16_distributed_checkpoint_resumes_exactly_with_fp32_main_weights(
     assert not torch.equal(weight, weight.bfloat16().float())  # main values, not the bf16 copy
 
 
-def test_tools_read_a_distributed_optimizer_checkpoint(bf16_distributed, parallel, tmp_path,
-                                                       capsys):
+def test_tools_read_a_distributed_optimizer_checkpoint(
+    bf16_distributed, parallel, tmp_path, capsys
+):
     """convert_checkpoint (reshard to one process without the distributed optimizer, and
     to-safetensors), the HF export and edit_knowledge on a checkpoint whose main values and
     moments each DP rank saved as its range."""
     source = bf16_distributed[0] / "saved" / "checkpoints" / f"step_{SAVE_AT}"
     src = OfflineCheckpoint(source)
-    assert convert_checkpoint.main(["reshard", str(source), str(tmp_path / "one"),
-                                    "optim.use_distributed_optimizer=false", "--quiet"]) == 0
+    assert (
+        convert_checkpoint.main(
+            [
+                "reshard",
+                str(source),
+                str(tmp_path / "one"),
+                "optim.use_distributed_optimizer=false",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     one = OfflineCheckpoint(tmp_path / "one")
     assert one.config_dict["optim"]["use_distributed_optimizer"] is False
     for key in src.keys():  # loaded whole from the ranges and saved again: bitwise
         assert torch.equal(one.read(key), src.read(key)), key
 
-    assert convert_checkpoint.main(["to-safetensors", str(source), str(tmp_path / "st"),
-                                    "--quiet"]) == 0
+    assert (
+        convert_checkpoint.main(["to-safetensors", str(source), str(tmp_path / "st"), "--quiet"])
+        == 0
+    )
     with safe_open(tmp_path / "st" / "checkpoint.safetensors", framework="pt") as f:
         assert set(f.keys()) == set(src.keys())
         assert torch.equal(f.get_tensor(FC2_ADAM), src.read(FC2_ADAM))
@@ -260,9 +312,21 @@ def test_tools_read_a_distributed_optimizer_checkpoint(bf16_distributed, paralle
     assert torch.equal(exported, src.read(FC2))  # the fp32 main values
 
     word = "the"  # one token of the small corpus's BPE, as " the"
-    assert edit_knowledge.main(["--checkpoint", str(source), "--output", str(tmp_path / "edit"),
-                                "--swap", f"{word}=and", "--layers", "1"]) == 0, \
-        capsys.readouterr().err
+    assert (
+        edit_knowledge.main(
+            [
+                "--checkpoint",
+                str(source),
+                "--output",
+                str(tmp_path / "edit"),
+                "--swap",
+                f"{word}=and",
+                "--layers",
+                "1",
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     edited = OfflineCheckpoint(tmp_path / "edit")
     for key in src.keys():
         if not key.startswith((table_key(1), OPTIM_PREFIX.format(layer=1))):

@@ -42,8 +42,9 @@ def test_lists_and_reads_full_tensors(trained):
     assert sum(1 for _ in ckpt.tensors()) == len(ckpt.keys())
 
 
-def test_written_checkpoint_loads_for_inference_and_training(trained, tiny_config, parallel,
-                                                              tmp_path):
+def test_written_checkpoint_loads_for_inference_and_training(
+    trained, tiny_config, parallel, tmp_path
+):
     config, _ = trained
     ckpt = OfflineCheckpoint(config.run_dir)
     tensors = dict(ckpt.tensors())
@@ -58,16 +59,25 @@ def test_written_checkpoint_loads_for_inference_and_training(trained, tiny_confi
         assert torch.equal(written.read(key), tensors[key]), key
 
     loaded = load_for_inference(str(out))
-    assert torch.equal(dict(loaded.model.named_parameters())[TABLE[len("model."):]], tensors[TABLE])
-    resumed = tiny_config(f"checkpoint.load={out}", f"logging.run_dir={tmp_path / 'resumed'}",
-                          "train.train_iters=4", "train.eval_interval=0")
+    assert torch.equal(
+        dict(loaded.model.named_parameters())[TABLE[len("model.") :]], tensors[TABLE]
+    )
+    resumed = tiny_config(
+        f"checkpoint.load={out}",
+        f"logging.run_dir={tmp_path / 'resumed'}",
+        "train.train_iters=4",
+        "train.eval_interval=0",
+    )
     trainer = Trainer(resumed, parallel)
     assert trainer.step == 3
-    assert torch.equal(dict(trainer.chunks[0].named_parameters())[TABLE[len("model."):]],
-                       tensors[TABLE])
+    assert torch.equal(
+        dict(trainer.chunks[0].named_parameters())[TABLE[len("model.") :]], tensors[TABLE]
+    )
     trainer.run()
     assert OfflineCheckpoint(tmp_path / "resumed").step == 4
-    assert torch.equal(OfflineCheckpoint(config.run_dir).read(TABLE), ckpt.read(TABLE))  # input kept
+    assert torch.equal(
+        OfflineCheckpoint(config.run_dir).read(TABLE), ckpt.read(TABLE)
+    )  # input kept
 
 
 def test_bad_paths(trained, tmp_path):
@@ -76,7 +86,9 @@ def test_bad_paths(trained, tmp_path):
         OfflineCheckpoint(tmp_path / "nowhere")
     partial = tmp_path / "partial" / "step_3"
     partial.mkdir(parents=True)
-    (partial / ".metadata").write_bytes((config.run_dir / "checkpoints/step_3/.metadata").read_bytes())
+    (partial / ".metadata").write_bytes(
+        (config.run_dir / "checkpoints/step_3/.metadata").read_bytes()
+    )
     with pytest.raises(CheckpointNotFoundError, match="missing scalars.json, metadata.json"):
         OfflineCheckpoint(partial)
     ckpt = OfflineCheckpoint(config.run_dir)

@@ -31,13 +31,23 @@ def train(config):
 
 @pytest.fixture
 def trained(tiny_config):
-    return train(tiny_config("train.train_iters=3", "train.eval_interval=0", "stem.layers=[0,1]",
-                             "optim.lr_warmup_iters=0", "stem.optimizer.mode=exact"))
+    return train(
+        tiny_config(
+            "train.train_iters=3",
+            "train.eval_interval=0",
+            "stem.layers=[0,1]",
+            "optim.lr_warmup_iters=0",
+            "stem.optimizer.mode=exact",
+        )
+    )
 
 
 def digest(path) -> dict[str, str]:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }
 
 
 def run_tool(capsys, *args) -> tuple[int, str]:
@@ -55,8 +65,9 @@ def ids_of(run_dir, *words) -> list[int]:
 def test_swap_moves_rows_with_their_moments_and_nothing_else(trained, tmp_path, capsys):
     before = digest(trained)
     out = tmp_path / "edited"
-    assert run_tool(capsys, "--checkpoint", trained, "--output", out, "--swap", f"{A}={B}",
-                    "--layers", "0") == (0, "")
+    assert run_tool(
+        capsys, "--checkpoint", trained, "--output", out, "--swap", f"{A}={B}", "--layers", "0"
+    ) == (0, "")
     assert digest(trained) == before  # the input is never modified
     a, b = ids_of(trained, A, B)
     src, dst = OfflineCheckpoint(trained), OfflineCheckpoint(out)
@@ -75,8 +86,12 @@ def test_swap_moves_rows_with_their_moments_and_nothing_else(trained, tmp_path, 
             assert torch.equal(new, old), key
     # Swapping back restores every tensor bit for bit.
     back = tmp_path / "back"
-    assert run_tool(capsys, "--checkpoint", out, "--output", back, "--swap", f"{B}={A}",
-                    "--layers", "0")[0] == 0
+    assert (
+        run_tool(
+            capsys, "--checkpoint", out, "--output", back, "--swap", f"{B}={A}", "--layers", "0"
+        )[0]
+        == 0
+    )
     restored = OfflineCheckpoint(back)
     assert all(torch.equal(restored.read(k), t) for k, t in src.tensors())
 
@@ -85,9 +100,15 @@ def test_training_resumes_from_an_edited_exact_checkpoint(trained, tiny_config, 
     out = tmp_path / "edited"
     assert run_tool(capsys, "--checkpoint", trained, "--output", out, "--swap", f"{A}={B}")[0] == 0
     edited = OfflineCheckpoint(out)
-    config = tiny_config("train.train_iters=5", "train.eval_interval=0", "stem.layers=[0,1]",
-                         "optim.lr_warmup_iters=0", "stem.optimizer.mode=exact",
-                         f"checkpoint.load={out}", f"logging.run_dir={tmp_path / 'resumed'}")
+    config = tiny_config(
+        "train.train_iters=5",
+        "train.eval_interval=0",
+        "stem.layers=[0,1]",
+        "optim.lr_warmup_iters=0",
+        "stem.optimizer.mode=exact",
+        f"checkpoint.load={out}",
+        f"logging.run_dir={tmp_path / 'resumed'}",
+    )
     parallel = ParallelState.initialize()
     try:
         trainer = Trainer(config, parallel)
@@ -114,7 +135,10 @@ def test_bad_input_is_refused_with_the_fix(trained, tiny_config, tmp_path, capsy
     out = tmp_path / "never"
     cases = [
         (["--output", exists, "--swap", f"{A}={B}"], "already exists"),
-        (["--output", out, "--swap", f"{A}={B}", "--layers", "0,3"], "layers [3] are not STEM layers"),
+        (
+            ["--output", out, "--swap", f"{A}={B}", "--layers", "0,3"],
+            "layers [3] are not STEM layers",
+        ),
         (["--output", out, "--swap", f"{A}=id:99999"], "not in the vocabulary"),
         (["--output", out, "--swap", f"{A}=Romeo"], "--rule repeat, pick or average"),
         (["--output", out, "--copy", "the"], "expected A=B"),
@@ -122,14 +146,24 @@ def test_bad_input_is_refused_with_the_fix(trained, tiny_config, tmp_path, capsy
     for args, message in cases:
         code, err = run_tool(capsys, *base, *args)
         assert code == 1 and message in err, (args, err)
-    code, err = run_tool(capsys, "--checkpoint", tmp_path / "missing", "--output", out,
-                         "--swap", f"{A}={B}")
+    code, err = run_tool(
+        capsys, "--checkpoint", tmp_path / "missing", "--output", out, "--swap", f"{A}={B}"
+    )
     assert code == 1 and "no such checkpoint path" in err
-    dense = train(tiny_config("train.train_iters=1", "train.eval_interval=0", "stem.enabled=false", "optim.lr_warmup_iters=0",
-                              f"logging.run_dir={tmp_path / 'dense'}"))
+    dense = train(
+        tiny_config(
+            "train.train_iters=1",
+            "train.eval_interval=0",
+            "stem.enabled=false",
+            "optim.lr_warmup_iters=0",
+            f"logging.run_dir={tmp_path / 'dense'}",
+        )
+    )
     code, err = run_tool(capsys, "--checkpoint", dense, "--output", out, "--swap", f"{A}={B}")
     assert code == 1 and "no STEM tables" in err
-    code = generate.main(["--checkpoint", str(dense), "--prompt", "the", "--stem-remap", f"{A}={B}"])
+    code = generate.main(
+        ["--checkpoint", str(dense), "--prompt", "the", "--stem-remap", f"{A}={B}"]
+    )
     assert code == 1 and "dense model" in capsys.readouterr().err
     assert not out.exists() and list(exists.iterdir()) == []
 
@@ -148,8 +182,11 @@ def test_remapped_lookups_equal_the_swapped_checkpoint(trained_stem_run, tmp_pat
         remap = parse_remap(tok, [f"{A}={B}", f"{B}={A}"])
         prompt = tok.encode(f"To be {A} king {B} queen")
         first = next(i for i, (a, b) in enumerate(zip(prompt, remap(prompt))) if a != b)
-        reference = ReferenceGPT(spec.model, spec.stem_layers, {
-            k: t for k, t in edited.model.state_dict().items() if isinstance(t, torch.Tensor)})
+        reference = ReferenceGPT(
+            spec.model,
+            spec.stem_layers,
+            {k: t for k, t in edited.model.state_dict().items() if isinstance(t, torch.Tensor)},
+        )
         ids = torch.tensor([prompt])
         with torch.no_grad():
             redirected = original.model(ids, stem_ids=torch.tensor([remap(prompt)]))
@@ -159,16 +196,32 @@ def test_remapped_lookups_equal_the_swapped_checkpoint(trained_stem_run, tmp_pat
         # Causal: the scores before the first redirected token stay, every later one moves.
         torch.testing.assert_close(redirected[:, :first], plain[:, :first], rtol=0, atol=1e-6)
         assert (redirected - plain)[0, first:].abs().amax(-1).min() > 1e-3
-        kwargs = dict(max_new_tokens=24, vocab_size=spec.vocab_size, seq_length=spec.model.seq_length)
+        kwargs = dict(
+            max_new_tokens=24, vocab_size=spec.vocab_size, seq_length=spec.model.seq_length
+        )
         remapped = generate_ids(original.model, prompt, stem_ids=remap, **kwargs)
         assert remapped == generate_ids(edited.model, prompt, **kwargs)
         assert remapped != generate_ids(original.model, prompt, **kwargs)  # the edit shows
-        assert len(set(remapped[len(prompt):])) >= 8  # varied text, not one repeated token
+        assert len(set(remapped[len(prompt) :])) >= 8  # varied text, not one repeated token
     finally:
         parallel.destroy()
     # The same through the command line.
-    text = [generate.main(["--checkpoint", str(ckpt), "--prompt", f"To be {A} king {B} queen",
-                           "--max-new-tokens", "8", *extra]) or capsys.readouterr().out
-            for ckpt, extra in ((trained, ["--stem-remap", f"{A}={B}", "--stem-remap", f"{B}={A}"]),
-                                (out, []))]
+    text = [
+        generate.main(
+            [
+                "--checkpoint",
+                str(ckpt),
+                "--prompt",
+                f"To be {A} king {B} queen",
+                "--max-new-tokens",
+                "8",
+                *extra,
+            ]
+        )
+        or capsys.readouterr().out
+        for ckpt, extra in (
+            (trained, ["--stem-remap", f"{A}={B}", "--stem-remap", f"{B}={A}"]),
+            (out, []),
+        )
+    ]
     assert text[0] == text[1]

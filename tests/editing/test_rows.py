@@ -7,8 +7,13 @@ import sentencepiece as spm
 import torch
 
 from stem_megatron.data.tokenizer import load_tokenizer
-from stem_megatron.editing.entities import (EditError, Entity, StrictLengthError, align,
-                                            resolve_entity)
+from stem_megatron.editing.entities import (
+    EditError,
+    Entity,
+    StrictLengthError,
+    align,
+    resolve_entity,
+)
 from stem_megatron.editing.remap import parse_remap
 from stem_megatron.editing.rows import apply_plan, build_plan
 
@@ -22,23 +27,29 @@ def ent(ids: tuple[int, ...], spec: str = "x") -> Entity:
     return Entity(spec, (ids,))
 
 
-@pytest.mark.parametrize("rule,dest,source,expected", [
-    ("strict", (1, 2), (7, 8), [(7,), (8,)]),
-    ("repeat", (1, 2, 3), (7,), [(7,), (7,), (7,)]),
-    ("repeat", (1, 2, 3), (7, 8), [(7,), (8,), (8,)]),
-    ("repeat", (1,), (7, 8, 9), [(9,)]),
-    ("repeat", (1, 2), (7, 8, 9), [(8,), (9,)]),
-    ("pick", (1, 2), (7, 8, 9), [(9,), (9,)]),
-    ("average", (1, 2), (7, 8, 9), [(7, 8, 9), (7, 8, 9)]),
-])
+@pytest.mark.parametrize(
+    "rule,dest,source,expected",
+    [
+        ("strict", (1, 2), (7, 8), [(7,), (8,)]),
+        ("repeat", (1, 2, 3), (7,), [(7,), (7,), (7,)]),
+        ("repeat", (1, 2, 3), (7, 8), [(7,), (8,), (8,)]),
+        ("repeat", (1,), (7, 8, 9), [(9,)]),
+        ("repeat", (1, 2), (7, 8, 9), [(8,), (9,)]),
+        ("pick", (1, 2), (7, 8, 9), [(9,), (9,)]),
+        ("average", (1, 2), (7, 8, 9), [(7, 8, 9), (7, 8, 9)]),
+    ],
+)
 def test_alignment_rules(rule, dest, source, expected):
     assert align(dest, source, rule) == expected
 
 
 def test_strict_rule_refuses_different_lengths():
     # No flag in the message: each tool names its own option for the rule.
-    with pytest.raises(StrictLengthError, match=r"\(2 tokens\) vs \[7\] \(1 tokens\) and the strict "
-                                               r"rule needs equal lengths$"):
+    with pytest.raises(
+        StrictLengthError,
+        match=r"\(2 tokens\) vs \[7\] \(1 tokens\) and the strict "
+        r"rule needs equal lengths$",
+    ):
         align((1, 2), (7,), "strict")
     with pytest.raises(EditError, match="pick index 5"):
         align((1,), (7, 8), "pick", pick=5)
@@ -93,8 +104,9 @@ def test_entities_from_text_and_ids(tokenizer):
 def test_text_a_sentencepiece_vocabulary_cannot_spell_is_refused(tmp_path):
     corpus = tmp_path / "text.txt"
     corpus.write_text("the capital of spain is madrid\nthe capital of france is paris\n" * 50)
-    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"),
-                                   vocab_size=20, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=20, minloglevel=2
+    )
     sp = load_tokenizer(tmp_path / "sp.model")
     assert resolve_entity(sp, "spain").forms == (tuple(sp.encode("spain")),)
     with pytest.raises(EditError, match="not in the tokenizer's vocabulary"):
@@ -107,11 +119,13 @@ def test_remap_redirects_every_occurrence_and_nothing_else(tokenizer):
     ids = tokenizer.encode("O Romeo, Romeo, wherefore art thou Romeo")
     lookup = remap(ids)
     assert len(lookup) == len(ids)
-    starts = [i for i in range(len(ids)) if ids[i:i + len(romeo)] == romeo]
+    starts = [i for i in range(len(ids)) if ids[i : i + len(romeo)] == romeo]
     assert len(starts) == 3
     expected = list(ids)
     for s in starts:
-        expected[s:s + len(romeo)] = [ids_[0] for ids_ in align(tuple(romeo), tuple(juliet), "repeat")]
+        expected[s : s + len(romeo)] = [
+            ids_[0] for ids_ in align(tuple(romeo), tuple(juliet), "repeat")
+        ]
     assert lookup == expected
     with pytest.raises(EditError, match="average rule"):
         parse_remap(tokenizer, ["Romeo=Juliet"], rule="average")
@@ -125,8 +139,17 @@ def test_command_line_edit_syntax():
     assert EditSpec.parse("swap", "Spain=Germany").entities == ("Spain", "Germany")
     assert EditSpec.parse("copy", "Spain=Germany").entities == ("Spain", "Germany")
     assert EditSpec.parse("average", "Spain+France+Italy").entities == ("Spain", "France", "Italy")
-    assert EditSpec.parse("inject", "Atlantis=Greece+Crete").entities == ("Atlantis", "Greece", "Crete")
-    for operation, text in [("swap", "Spain"), ("swap", "A=B+C"), ("copy", "=B"),
-                            ("average", "Spain"), ("inject", "X=")]:
+    assert EditSpec.parse("inject", "Atlantis=Greece+Crete").entities == (
+        "Atlantis",
+        "Greece",
+        "Crete",
+    )
+    for operation, text in [
+        ("swap", "Spain"),
+        ("swap", "A=B+C"),
+        ("copy", "=B"),
+        ("average", "Spain"),
+        ("inject", "X="),
+    ]:
         with pytest.raises(EditError, match="expected"):
             EditSpec.parse(operation, text)

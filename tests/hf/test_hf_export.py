@@ -34,15 +34,20 @@ def logit_diff(ours: torch.nn.Module, theirs: torch.nn.Module, vocab: int, what:
 def test_dense_export_loads_as_llama_with_equal_logits(tiny_config, parallel, tmp_path, untie):
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
-    run, _ = train(tiny_config, parallel, "stem.enabled=false",
-                   f"model.untie_embeddings_and_output_weights={str(untie).lower()}")
+    run, _ = train(
+        tiny_config,
+        parallel,
+        "stem.enabled=false",
+        f"model.untie_embeddings_and_output_weights={str(untie).lower()}",
+    )
     out = export_checkpoint(str(run), tmp_path / "hf", log=lambda _: None)
     assert not (out / "modeling_stem_llama.py").exists()
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     assert type(hf) is LlamaForCausalLM and hf.config.tie_word_embeddings is not untie
     ours = load_for_inference(str(run))
-    assert logit_diff(ours.model, hf, ours.model.spec.vocab_size,
-                      f"export dense untie={untie}") < 1e-5
+    assert (
+        logit_diff(ours.model, hf, ours.model.spec.vocab_size, f"export dense untie={untie}") < 1e-5
+    )
     tokenizer = AutoTokenizer.from_pretrained(out)
     text = "ROMEO. What light through yonder window breaks?"
     assert tokenizer(text, add_special_tokens=False)["input_ids"] == ours.tokenizer.encode(text)
@@ -67,8 +72,12 @@ def test_stem_export_loads_with_our_modeling_file(trained_stem_export, parallel)
 
 
 def test_exact_mode_tables_are_settled_in_the_saved_checkpoint(tiny_config, parallel, tmp_path):
-    config = tiny_config("train.train_iters=4", "train.eval_interval=0",
-                         "stem.optimizer.mode=exact", "optim.lr_warmup_iters=0")
+    config = tiny_config(
+        "train.train_iters=4",
+        "train.eval_interval=0",
+        "stem.optimizer.mode=exact",
+        "optim.lr_warmup_iters=0",
+    )
     trainer = Trainer(config, parallel)
     for _ in range(4):
         trainer.train_step()
@@ -81,6 +90,7 @@ def test_exact_mode_tables_are_settled_in_the_saved_checkpoint(tiny_config, para
     assert not torch.equal(live.weight[idle], before[idle])  # the save settled them
     out = export_checkpoint(str(config.run_dir), tmp_path / "hf", log=lambda _: None)
     from safetensors.torch import load_file
+
     layer = name.split(".")[2]
     exported = load_file(out / "model.safetensors")[f"model.layers.{layer}.mlp.stem_table.weight"]
     assert torch.equal(exported, live.weight.detach())
@@ -114,8 +124,10 @@ def test_import_then_export_round_trip(hf_llama, parallel, tmp_path, stem):
     with torch.no_grad():
         mine, theirs = ours.model(ids)[..., :520], hf(ids).logits
     diff = (mine - theirs).abs().max().item()
-    print(f"round trip stem={stem}: max abs logit diff {diff:.3g}, max |logit| "
-          f"{mine.abs().max().item():.3g}")
+    print(
+        f"round trip stem={stem}: max abs logit diff {diff:.3g}, max |logit| "
+        f"{mine.abs().max().item():.3g}"
+    )
     assert mine.abs().max() > 1.0 and diff < 1e-5
     if not stem:  # the same weights as the model we started from
         for name, p in original.state_dict().items():

@@ -20,15 +20,20 @@ def models(trained_stem_export, parallel):
     """(ours, theirs): our checkpoint and its export loaded by transformers."""
     from transformers import AutoModelForCausalLM
 
-    theirs = AutoModelForCausalLM.from_pretrained(trained_stem_export.hf_dir,
-                                                  trust_remote_code=True).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(
+        trained_stem_export.hf_dir, trust_remote_code=True
+    ).eval()
     return load_for_inference(str(trained_stem_export.run)), theirs
 
 
 def our_greedy(ours, prompt: list[int]) -> list[int]:
-    return generate_ids(ours.model, prompt, max_new_tokens=NEW_TOKENS,
-                        vocab_size=ours.model.spec.vocab_size,
-                        seq_length=ours.config.model.seq_length)
+    return generate_ids(
+        ours.model,
+        prompt,
+        max_new_tokens=NEW_TOKENS,
+        vocab_size=ours.model.spec.vocab_size,
+        seq_length=ours.config.model.seq_length,
+    )
 
 
 @pytest.mark.parametrize("text", PROMPTS)
@@ -38,20 +43,28 @@ def test_each_cached_step_scores_as_the_full_recomputation(models, text):
     ours, theirs = models
     prompt = ours.tokenizer.encode(text)
     expected = our_greedy(ours, prompt)
-    new = expected[len(prompt):]
+    new = expected[len(prompt) :]
     # What gives the test its power: the next token differs from the last one at most steps,
     # so the current and the previous token index different table rows.
     assert len(set(new)) >= 5 and sum(a != b for a, b in zip(new, new[1:])) >= NEW_TOKENS // 2
-    out = theirs.generate(torch.tensor([prompt]), max_new_tokens=NEW_TOKENS, do_sample=False,
-                          use_cache=True, output_logits=True, return_dict_in_generate=True)
+    out = theirs.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
+        use_cache=True,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     cached = torch.cat(out.logits)  # [NEW_TOKENS, vocab]: one row per decoding step
     vocab = cached.shape[-1]
     with torch.no_grad():
-        full = ours.model(torch.tensor([expected]))[0, len(prompt) - 1:-1, :vocab]
+        full = ours.model(torch.tensor([expected]))[0, len(prompt) - 1 : -1, :vocab]
     diff = (cached - full).abs().max().item()
-    print(f"transformers {__version__}, {text!r}: {ours.tokenizer.decode(new)!r}; max abs diff "
-          f"of cached step scores from full recomputation {diff:.3g}, max |score| "
-          f"{full.abs().max().item():.3g}")
+    print(
+        f"transformers {__version__}, {text!r}: {ours.tokenizer.decode(new)!r}; max abs diff "
+        f"of cached step scores from full recomputation {diff:.3g}, max |score| "
+        f"{full.abs().max().item():.3g}"
+    )
     assert diff < 1e-4
     assert out.sequences[0].tolist() == expected
 
@@ -65,7 +78,8 @@ def test_left_padded_batch_generates_as_each_prompt_alone(models):
     pad = ours.tokenizer.eod_id
     ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    out = theirs.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False,
-                          pad_token_id=pad)
+    out = theirs.generate(
+        ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=pad
+    )
     for row, prompt in zip(out, prompts):
-        assert row[width:].tolist() == our_greedy(ours, prompt)[len(prompt):]
+        assert row[width:].tolist() == our_greedy(ours, prompt)[len(prompt) :]

@@ -15,20 +15,31 @@ from stem_megatron.training.trainer import Trainer
 from tests.config_overrides import as_overrides
 
 
-def test_imported_model_finetunes_identically_under_tp2(hf_llama, parallel, tmp_path,
-                                                       small_corpus):
+def test_imported_model_finetunes_identically_under_tp2(hf_llama, parallel, tmp_path, small_corpus):
     hf_dir, _ = hf_llama()
     out = import_llama(hf_dir, tmp_path / "imported", ["stem.layers=[1,2]"], log=lambda _: None)
     overrides = as_overrides(yaml.safe_load((out / "config.yaml").read_text())) + [
-        f"data.train_data={small_corpus['train']}", f"data.valid_data={small_corpus['val']}",
-        "train.train_iters=2", "train.micro_batch_size=2", "train.global_batch_size=4",
-        "train.eval_interval=0", "optim.lr=1e-3", "stem.optimizer.lr=1e-2"]
-    single = Trainer(load_config(None, overrides + [f"logging.run_dir={tmp_path / 'one'}"]),
-                     parallel)
+        f"data.train_data={small_corpus['train']}",
+        f"data.valid_data={small_corpus['val']}",
+        "train.train_iters=2",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=4",
+        "train.eval_interval=0",
+        "optim.lr=1e-3",
+        "stem.optimizer.lr=1e-2",
+    ]
+    single = Trainer(
+        load_config(None, overrides + [f"logging.run_dir={tmp_path / 'one'}"]), parallel
+    )
     losses = [single.train_step()["loss/train"] for _ in range(2)]
     expected = full_parameters(single)
-    tp2 = run_local_workers(2, train_steps, overrides + [
-        "parallel.tensor_model_parallel_size=2", f"logging.run_dir={tmp_path / 'tp2'}"], 2)
+    tp2 = run_local_workers(
+        2,
+        train_steps,
+        overrides
+        + ["parallel.tensor_model_parallel_size=2", f"logging.run_dir={tmp_path / 'tp2'}"],
+        2,
+    )
     for rank in tp2:
         assert rank["start"] == 0  # finetune: step 0, not the checkpoint's
         assert rank["losses"] == pytest.approx(losses, rel=1e-5)

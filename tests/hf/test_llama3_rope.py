@@ -23,12 +23,28 @@ from stem_megatron.model.transformer import ModelSpec, StemGPTModel
 VOCAB, SEQ, ORIGINAL, THETA = 520, 48, 32, 5000.0
 # head_dim 16 and theta 5000: with the original context of 32 tokens the 8 frequencies make
 # 5.1, 1.8, 0.6, ... turns, so one is kept, one blended and six divided by the factor.
-LLAMA3 = {"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": ORIGINAL}
-SCALING = RopeScalingConfig(type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                            original_max_position_embeddings=ORIGINAL)
-MODEL = dict(hidden_size=64, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
-             max_position_embeddings=SEQ, rope_theta=THETA)
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 4.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": ORIGINAL,
+}
+SCALING = RopeScalingConfig(
+    type="llama3",
+    factor=4.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=ORIGINAL,
+)
+MODEL = dict(
+    hidden_size=64,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=SEQ,
+    rope_theta=THETA,
+)
 
 
 @pytest.fixture
@@ -72,17 +88,37 @@ def test_llama_3_2_1b_shaped_config_maps_with_transformers_frequencies():
 
     from stem_megatron.hf.llama_config import model_config_from_hf
 
-    scaling = {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
-               "original_max_position_embeddings": 8192, "rope_type": "llama3"}
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048,
-           "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-           "num_key_value_heads": 8, "head_dim": 64, "max_position_embeddings": 131072,
-           "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "rope_scaling": scaling,
-           "tie_word_embeddings": True, "vocab_size": 128256}
+    scaling = {
+        "factor": 32.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    }
+    cfg = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "rope_scaling": scaling,
+        "tie_word_embeddings": True,
+        "vocab_size": 128256,
+    }
     m = model_config_from_hf(cfg, "Llama-3.2-1B")
     assert m.rope_theta == 500000.0 and m.rope_scaling == RopeScalingConfig(
-        type="llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=8192)
+        type="llama3",
+        factor=32.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=8192,
+    )
     theirs = LlamaRotaryEmbedding(config=LlamaConfig(**cfg)).inv_freq.double()
     ours = inverse_frequencies(64, m.rope_theta, m.rope_scaling)
     plain = inverse_frequencies(64, m.rope_theta, RopeScalingConfig())
@@ -97,9 +133,11 @@ def test_import_matches_transformers_logits(llama3, parallel, tmp_path, layout):
     config = json.loads((hf_dir / "config.json").read_text())
     config.pop("rope_parameters", None)
     config.pop("rope_scaling", None)
-    spelling = {"rope_parameters": {"rope_parameters": {**LLAMA3, "rope_theta": THETA}},
-                # as Llama 3.x config.json files on the hub (and transformers 4) write it
-                "rope_scaling": {"rope_theta": THETA, "rope_scaling": LLAMA3}}[layout]
+    spelling = {
+        "rope_parameters": {"rope_parameters": {**LLAMA3, "rope_theta": THETA}},
+        # as Llama 3.x config.json files on the hub (and transformers 4) write it
+        "rope_scaling": {"rope_theta": THETA, "rope_scaling": LLAMA3},
+    }[layout]
     (hf_dir / "config.json").write_text(json.dumps({**config, **spelling}))
     out = import_llama(hf_dir, tmp_path / "imported", ["stem.enabled=false"], log=lambda _: None)
     loaded = load_for_inference(str(out / "checkpoints"))
@@ -121,21 +159,37 @@ def test_export_applies_llama3_in_transformers(llama3, parallel, tmp_path, stem)
     assert config["rope_parameters"] == {**LLAMA3, "rope_theta": THETA}
     hf = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=stem).eval()
     assert (type(hf) is LlamaForCausalLM) is not stem
-    torch.testing.assert_close(hf.model.rotary_emb.inv_freq.double(),
-                               inverse_frequencies(16, THETA, SCALING), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        hf.model.rotary_emb.inv_freq.double(),
+        inverse_frequencies(16, THETA, SCALING),
+        rtol=1e-6,
+        atol=0,
+    )
     ours = load_for_inference(str(imported / "checkpoints")).model
     assert logit_diff(ours, hf, f"llama3 export stem={stem}") < 1e-5
 
 
 def test_model_matches_reference_with_llama3(parallel):
-    m = ModelConfig(num_layers=3, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
-                    num_query_groups=2, seq_length=SEQ, make_vocab_size_divisible_by=64,
-                    rope_theta=THETA, rope_scaling=SCALING)
+    m = ModelConfig(
+        num_layers=3,
+        hidden_size=64,
+        ffn_hidden_size=96,
+        num_attention_heads=4,
+        num_query_groups=2,
+        seq_length=SEQ,
+        make_vocab_size_divisible_by=64,
+        rope_theta=THETA,
+        rope_scaling=SCALING,
+    )
     model = StemGPTModel(ModelSpec(model=m, vocab_size=100, stem_layers=(1,)))
     model.init_parameters(11)
-    plain = StemGPTModel(ModelSpec(model=ModelConfig(**{**m.__dict__,
-                                                         "rope_scaling": RopeScalingConfig()}),
-                                   vocab_size=100, stem_layers=(1,)))
+    plain = StemGPTModel(
+        ModelSpec(
+            model=ModelConfig(**{**m.__dict__, "rope_scaling": RopeScalingConfig()}),
+            vocab_size=100,
+            stem_layers=(1,),
+        )
+    )
     assert not torch.allclose(model.rope_cos, plain.rope_cos, atol=1e-3)  # scaling is on
     state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     ids = torch.randint(0, 100, (2, SEQ), generator=torch.Generator().manual_seed(2))
@@ -148,29 +202,34 @@ def test_model_matches_reference_with_llama3(parallel):
 def test_other_scaling_types_and_bad_values_are_refused(hf_llama, parallel, tmp_path):
     hf_dir, _ = hf_llama(**MODEL)
     config = json.loads((hf_dir / "config.json").read_text())
-    bad = {"RoPE scaling 'yarn' is not supported.*'llama3'": {"rope_type": "yarn", "factor": 2.0},
-           "'linear' is not supported": {"type": "linear", "factor": 2.0},
-           "factor must be positive, got 0.0": {**LLAMA3, "factor": 0},
-           "needs numbers for low_freq_factor": {**LLAMA3, "low_freq_factor": None},
-           "high_freq_factor .* greater than": {**LLAMA3, "high_freq_factor": 0.5}}
+    bad = {
+        "RoPE scaling 'yarn' is not supported.*'llama3'": {"rope_type": "yarn", "factor": 2.0},
+        "'linear' is not supported": {"type": "linear", "factor": 2.0},
+        "factor must be positive, got 0.0": {**LLAMA3, "factor": 0},
+        "needs numbers for low_freq_factor": {**LLAMA3, "low_freq_factor": None},
+        "high_freq_factor .* greater than": {**LLAMA3, "high_freq_factor": 0.5},
+    }
     for message, scaling in bad.items():
         (hf_dir / "config.json").write_text(json.dumps({**config, "rope_scaling": scaling}))
         with pytest.raises(HFFormatError, match=f"config.json: .*{message}"):
             import_llama(hf_dir, tmp_path / "out", log=lambda _: None)
     (hf_dir / "config.json").write_text(json.dumps({**config, "rope_scaling": LLAMA3}))
     with pytest.raises(ConfigError, match="model.rope_scaling cannot be overridden"):
-        import_llama(hf_dir, tmp_path / "out", ["model.rope_scaling.factor=8"],
-                     log=lambda _: None)
+        import_llama(hf_dir, tmp_path / "out", ["model.rope_scaling.factor=8"], log=lambda _: None)
     assert not (tmp_path / "out").exists()
 
-    llama3 = [f"model.rope_scaling.{k}={v}" for k, v in
-              {**LLAMA3, "type": "llama3"}.items() if k != "rope_type"]
+    llama3 = [
+        f"model.rope_scaling.{k}={v}"
+        for k, v in {**LLAMA3, "type": "llama3"}.items()
+        if k != "rope_type"
+    ]
     for overrides, message in [
-            (["model.rope_scaling.type=yarn"], "type must be one of 'none', 'llama3', got 'yarn'"),
-            ([*llama3, "model.rope_scaling.factor=-1"], "factor must be positive, got -1.0"),
-            ([*llama3, "model.rope_scaling.factor=0"], "factor must be positive, got 0.0"),
-            (["model.rope_scaling.type=llama3"], "factor must be set"),
-            (["model.rope_scaling.factor=8"], "factor given but .*type is 'none'")]:
+        (["model.rope_scaling.type=yarn"], "type must be one of 'none', 'llama3', got 'yarn'"),
+        ([*llama3, "model.rope_scaling.factor=-1"], "factor must be positive, got -1.0"),
+        ([*llama3, "model.rope_scaling.factor=0"], "factor must be positive, got 0.0"),
+        (["model.rope_scaling.type=llama3"], "factor must be set"),
+        (["model.rope_scaling.factor=8"], "factor given but .*type is 'none'"),
+    ]:
         with pytest.raises(ConfigError, match=f"model.rope_scaling.{message}"):
             load_config(None, overrides)
     assert load_config(None, llama3).model.rope_scaling == SCALING

@@ -23,9 +23,17 @@ def write_task(root: Path, name: str, rows: list[dict], **task) -> None:
     data = root / f"{name}.jsonl"
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     (root / "tasks").mkdir(exist_ok=True)
-    (root / "tasks" / f"{name}.yaml").write_text(yaml.safe_dump({
-        "task": name, "dataset_path": "json", "test_split": "test",
-        "dataset_kwargs": {"data_files": {"test": str(data)}}, **task}))
+    (root / "tasks" / f"{name}.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "task": name,
+                "dataset_path": "json",
+                "test_split": "test",
+                "dataset_kwargs": {"data_files": {"test": str(data)}},
+                **task,
+            }
+        )
+    )
 
 
 def our_loglikelihood(ours, context: str, continuation: str) -> tuple[float, bool]:
@@ -34,15 +42,18 @@ def our_loglikelihood(ours, context: str, continuation: str) -> tuple[float, boo
     whole = ours.tokenizer.encode(context + continuation)
     start = len(ours.tokenizer.encode(context))
     with torch.no_grad():
-        logits = ours.model(torch.tensor([whole]))[0, :, :ours.model.spec.vocab_size]
-    scores = logits[start - 1:-1].float().log_softmax(-1)
+        logits = ours.model(torch.tensor([whole]))[0, :, : ours.model.spec.vocab_size]
+    scores = logits[start - 1 : -1].float().log_softmax(-1)
     targets = torch.tensor(whole[start:])
-    return (scores.gather(1, targets[:, None]).sum().item(),
-            bool((scores.argmax(-1) == targets).all()))
+    return (
+        scores.gather(1, targets[:, None]).sum().item(),
+        bool((scores.argmax(-1) == targets).all()),
+    )
 
 
-def test_lm_eval_hf_backend_scores_and_generates_as_our_model(trained_stem_export, parallel,
-                                                             tmp_path, monkeypatch):
+def test_lm_eval_hf_backend_scores_and_generates_as_our_model(
+    trained_stem_export, parallel, tmp_path, monkeypatch
+):
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.setenv(name, "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "datasets_cache"))
@@ -54,36 +65,57 @@ def test_lm_eval_hf_backend_scores_and_generates_as_our_model(trained_stem_expor
 
     def greedy_text(prompt: str, tokens: int) -> str:
         ids = ours.tokenizer.encode(prompt)
-        return ours.tokenizer.decode(generate_ids(ours.model, ids, max_new_tokens=tokens,
-                                                  vocab_size=vocab, seq_length=seq)[len(ids):])
+        return ours.tokenizer.decode(
+            generate_ids(ours.model, ids, max_new_tokens=tokens, vocab_size=vocab, seq_length=seq)[
+                len(ids) :
+            ]
+        )
 
-    pairs = [(p, greedy_text(p, 4)) for p in PROMPTS] + [(p, " through yonder window")
-                                                         for p in PROMPTS]
-    write_task(tmp_path, "stem_loglikelihood",
-               [{"context": c, "continuation": t} for c, t in pairs],
-               output_type="loglikelihood", doc_to_text="{{context}}",
-               doc_to_target="{{continuation}}", metric_list=[{"metric": "perplexity"}])
-    write_task(tmp_path, "stem_generation", [{"prompt": p} for p in PROMPTS],
-               output_type="generate_until", doc_to_text="{{prompt}}", doc_to_target="",
-               generation_kwargs={"until": [NEVER], "max_gen_toks": GEN_TOKENS,
-                                  "do_sample": False},
-               metric_list=[{"metric": "exact_match"}])
+    pairs = [(p, greedy_text(p, 4)) for p in PROMPTS] + [
+        (p, " through yonder window") for p in PROMPTS
+    ]
+    write_task(
+        tmp_path,
+        "stem_loglikelihood",
+        [{"context": c, "continuation": t} for c, t in pairs],
+        output_type="loglikelihood",
+        doc_to_text="{{context}}",
+        doc_to_target="{{continuation}}",
+        metric_list=[{"metric": "perplexity"}],
+    )
+    write_task(
+        tmp_path,
+        "stem_generation",
+        [{"prompt": p} for p in PROMPTS],
+        output_type="generate_until",
+        doc_to_text="{{prompt}}",
+        doc_to_target="",
+        generation_kwargs={"until": [NEVER], "max_gen_toks": GEN_TOKENS, "do_sample": False},
+        metric_list=[{"metric": "exact_match"}],
+    )
     results = lm_eval.simple_evaluate(
-        model="hf", model_args=f"pretrained={trained_stem_export.hf_dir},"
-                               "trust_remote_code=True,dtype=float32",
-        tasks=["stem_loglikelihood", "stem_generation"], device="cpu", batch_size=2,
-        task_manager=TaskManager(include_path=str(tmp_path / "tasks")), log_samples=True,
-        bootstrap_iters=0)
+        model="hf",
+        model_args=f"pretrained={trained_stem_export.hf_dir},trust_remote_code=True,dtype=float32",
+        tasks=["stem_loglikelihood", "stem_generation"],
+        device="cpu",
+        batch_size=2,
+        task_manager=TaskManager(include_path=str(tmp_path / "tasks")),
+        log_samples=True,
+        bootstrap_iters=0,
+    )
 
     scored = results["samples"]["stem_loglikelihood"]
     assert len(scored) == len(pairs)
     greedy_seen = False
     for sample in scored:
-        (theirs, theirs_greedy), = sample["filtered_resps"]
-        mine, mine_greedy = our_loglikelihood(ours, sample["doc"]["context"],
-                                              sample["doc"]["continuation"])
-        print(f"{sample['doc']}: lm_eval {theirs:.5f} ({theirs_greedy}), ours {mine:.5f} "
-              f"({mine_greedy})")
+        ((theirs, theirs_greedy),) = sample["filtered_resps"]
+        mine, mine_greedy = our_loglikelihood(
+            ours, sample["doc"]["context"], sample["doc"]["continuation"]
+        )
+        print(
+            f"{sample['doc']}: lm_eval {theirs:.5f} ({theirs_greedy}), ours {mine:.5f} "
+            f"({mine_greedy})"
+        )
         assert abs(theirs - mine) < 1e-3 and theirs_greedy == mine_greedy
         greedy_seen |= mine_greedy
     assert greedy_seen  # both outcomes of the greedy check occur (" through yonder" is not)

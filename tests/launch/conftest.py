@@ -36,15 +36,28 @@ def run_overrides(small_corpus) -> list[str]:
     """A 2-layer model at seq 32 saving every 2 steps; adam_eps 1e-5 keeps DP=2 within
     rounding of the single process. Options come last (train.py takes positionals first)."""
     return [
-        "model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64",
-        "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=32",
-        "model.make_vocab_size_divisible_by=64", "stem.layers=[1]",
-        "train.micro_batch_size=2", "train.global_batch_size=4",
-        f"train.train_iters={TRAIN_ITERS}", "train.eval_interval=0", "train.eval_iters=1",
-        "optim.lr_warmup_iters=2", "optim.lr=0.003", "optim.min_lr=0.0003",
-        "optim.adam_eps=1e-5", "logging.log_interval=1", "checkpoint.save_interval=2",
+        "model.num_layers=2",
+        "model.hidden_size=32",
+        "model.ffn_hidden_size=64",
+        "model.num_attention_heads=4",
+        "model.num_query_groups=2",
+        "model.seq_length=32",
+        "model.make_vocab_size_divisible_by=64",
+        "stem.layers=[1]",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=4",
+        f"train.train_iters={TRAIN_ITERS}",
+        "train.eval_interval=0",
+        "train.eval_iters=1",
+        "optim.lr_warmup_iters=2",
+        "optim.lr=0.003",
+        "optim.min_lr=0.0003",
+        "optim.adam_eps=1e-5",
+        "logging.log_interval=1",
+        "checkpoint.save_interval=2",
         f"data.tokenizer={small_corpus['tokenizer']}",
-        f"data.train_data={small_corpus['train']}", f"data.valid_data={small_corpus['val']}",
+        f"data.train_data={small_corpus['train']}",
+        f"data.valid_data={small_corpus['val']}",
     ]
 
 
@@ -63,15 +76,25 @@ def train_losses(run_dir: Path) -> dict[int, float]:
     return losses
 
 
-def single_process_losses(overrides: list[str], tmp: Path, iters: int = TRAIN_ITERS
-                          ) -> dict[int, float]:
+def single_process_losses(
+    overrides: list[str], tmp: Path, iters: int = TRAIN_ITERS
+) -> dict[int, float]:
     """loss/train per step of the run `overrides` describe, as one plain process."""
     processes = ProcessScope(tmp)
     try:
         code, out = processes.run(
-            [sys.executable, "-m", "stem_megatron.train", "--config", CONFIG,
-             *train_command(tmp / "run", overrides)],
-            "reference", timeout=120, cwd=ROOT)
+            [
+                sys.executable,
+                "-m",
+                "stem_megatron.train",
+                "--config",
+                CONFIG,
+                *train_command(tmp / "run", overrides),
+            ],
+            "reference",
+            timeout=120,
+            cwd=ROOT,
+        )
     finally:
         processes.close()
     assert code == 0, out
@@ -86,17 +109,20 @@ def reference_losses(run_overrides, tmp_path_factory) -> dict[int, float]:
     return single_process_losses(run_overrides, tmp_path_factory.mktemp("reference"))
 
 
-def assert_trained_like_reference(run_dir: Path, reference: dict[int, float],
-                                  signal_saves: tuple[int, ...] = ()) -> None:
+def assert_trained_like_reference(
+    run_dir: Path, reference: dict[int, float], signal_saves: tuple[int, ...] = ()
+) -> None:
     """Every step's loss equals the single process's; checkpoints every 2 steps (plus any a
     stop signal made the run save in between) and a `latest` pointing at the last."""
     losses = train_losses(run_dir)
     assert sorted(losses) == sorted(reference)
     for step, loss in losses.items():
-        assert abs(loss - reference[step]) <= RTOL * abs(reference[step]), \
+        assert abs(loss - reference[step]) <= RTOL * abs(reference[step]), (
             f"step {step}: loss {loss} vs single process {reference[step]}"
+        )
     iters = max(reference)
     checkpoints = run_dir / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step_*")) == sorted(
-        {f"step_{s}" for s in range(2, iters + 1, 2)} | {f"step_{s}" for s in signal_saves})
+        {f"step_{s}" for s in range(2, iters + 1, 2)} | {f"step_{s}" for s in signal_saves}
+    )
     assert (checkpoints / "latest").read_text().strip() == f"step_{iters}"

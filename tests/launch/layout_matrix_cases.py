@@ -18,8 +18,11 @@ NUM_LAYERS = 4  # divisible by PP2 x VP2: interleaving keeps one layer per model
 FLAGS = {
     "vocab_sharded": ["stem.dp_layout=vocab_sharded"],
     "distopt": ["optim.use_distributed_optimizer=true"],
-    "recompute": ["model.recompute_granularity=full", "model.recompute_method=uniform",
-                  "model.recompute_num_layers=1"],
+    "recompute": [
+        "model.recompute_granularity=full",
+        "model.recompute_method=uniform",
+        "model.recompute_num_layers=1",
+    ],
     "sp": ["parallel.sequence_parallel=true"],
 }
 
@@ -37,8 +40,10 @@ class Layout:
 
     @property
     def overrides(self) -> list[str]:
-        out = [f"parallel.tensor_model_parallel_size={self.tp}",
-               f"parallel.pipeline_model_parallel_size={self.pp}"]
+        out = [
+            f"parallel.tensor_model_parallel_size={self.tp}",
+            f"parallel.pipeline_model_parallel_size={self.pp}",
+        ]
         if self.vp:
             out.append(f"parallel.virtual_pipeline_model_parallel_size={self.vp}")
         return out
@@ -46,8 +51,9 @@ class Layout:
     @property
     def flags(self) -> tuple[str, ...]:
         """The flags that mean something here: a table layout needs DP, SP needs TP."""
-        return tuple(f for f in FLAGS if (f != "vocab_sharded" or self.dp > 1)
-                     and (f != "sp" or self.tp > 1))
+        return tuple(
+            f for f in FLAGS if (f != "vocab_sharded" or self.dp > 1) and (f != "sp" or self.tp > 1)
+        )
 
 
 LAYOUTS = {
@@ -71,8 +77,7 @@ class Case:
 
     @property
     def overrides(self) -> list[str]:
-        return LAYOUTS[self.layout].overrides + [o for f in FLAGS if f in self.on
-                                                 for o in FLAGS[f]]
+        return LAYOUTS[self.layout].overrides + [o for f in FLAGS if f in self.on for o in FLAGS[f]]
 
 
 def case(layout: str, *on: str) -> Case:
@@ -80,9 +85,11 @@ def case(layout: str, *on: str) -> Case:
     return Case(layout, frozenset(on))
 
 
-FULL = [Case(name, frozenset(f for f, v in zip(layout.flags, values) if v))
-        for name, layout in LAYOUTS.items()
-        for values in itertools.product((False, True), repeat=len(layout.flags))]
+FULL = [
+    Case(name, frozenset(f for f, v in zip(layout.flags, values) if v))
+    for name, layout in LAYOUTS.items()
+    for values in itertools.product((False, True), repeat=len(layout.flags))
+]
 
 # Per layout a row and its complement (each flag off once and on once); tp2xdp2, the only
 # 4-process layout with both a table layout and SP, adds the two rows that give that pair its
@@ -104,11 +111,9 @@ SLOW = [c for c in FULL if c not in DEFAULT]
 # The keys a shipped config's layout is made of, besides the TP/PP/VP sizes: copied as they are.
 SHAPE_KEYS = {
     "parallel": ("sequence_parallel", "overlap_grad_reduce", "grad_reduce_in_fp32"),
-    "optim": ("use_distributed_optimizer", "optimizer_cpu_offload",
-              "optimizer_offload_fraction"),
+    "optim": ("use_distributed_optimizer", "optimizer_cpu_offload", "optimizer_offload_fraction"),
     "train": ("bf16",),
-    "model": ("recompute_granularity", "recompute_method",
-              "untie_embeddings_and_output_weights"),
+    "model": ("recompute_granularity", "recompute_method", "untie_embeddings_and_output_weights"),
     "stem": ("dp_layout", "storage"),
 }
 
@@ -119,13 +124,17 @@ def shape_of(config: Path) -> tuple[Layout, list[str], list[str]]:
     that keep its attention shape (full multi-head, or one KV group per TP rank)."""
     raw = yaml.safe_load(config.read_text())
     parallel = raw.get("parallel", {})
-    sizes = [parallel.get(k, 1) for k in ("tensor_model_parallel_size",
-                                          "pipeline_model_parallel_size")]
+    sizes = [
+        parallel.get(k, 1) for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size")
+    ]
     vp = parallel.get("virtual_pipeline_model_parallel_size")
     layout = Layout(*[min(s, 2) for s in sizes], dp=2, vp=2 if vp and vp > 1 else None)
-    flags = [f"{section}.{key}={_yaml_value(raw[section][key])}"
-             for section, keys in SHAPE_KEYS.items() for key in keys
-             if key in raw.get(section, {})]
+    flags = [
+        f"{section}.{key}={_yaml_value(raw[section][key])}"
+        for section, keys in SHAPE_KEYS.items()
+        for key in keys
+        if key in raw.get(section, {})
+    ]
     model = raw["model"]
     per_chunk = NUM_LAYERS // (layout.pp * (layout.vp or 1))
     if model.get("recompute_num_layers"):  # a group or block cannot exceed a chunk's layers
@@ -135,4 +144,6 @@ def shape_of(config: Path) -> tuple[Layout, list[str], list[str]]:
 
 
 def _yaml_value(value) -> str:
-    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    return (
+        "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    )

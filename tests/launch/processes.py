@@ -24,8 +24,9 @@ def environ_of(pid: int) -> dict[str, str]:
         raw = Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:  # gone, or a kernel thread
         return {}
-    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0")
-                if "=" in item)
+    return dict(
+        item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item
+    )
 
 
 def children(pid: int) -> list[int]:
@@ -56,12 +57,19 @@ class ProcessScope:
         # caller's environment names (make exports its own variables to the tests).
         return {**os.environ, TAG: self.tag, "PYTHON": sys.executable, **extra}
 
-    def start(self, cmd: list[str], name: str, env: dict[str, str] | None = None,
-              **kwargs) -> subprocess.Popen:
+    def start(
+        self, cmd: list[str], name: str, env: dict[str, str] | None = None, **kwargs
+    ) -> subprocess.Popen:
         """Run `cmd` in the background, output to `<log_dir>/<name>.log`."""
         log = open(self.log_dir / f"{name}.log", "wb")
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                env=env or self.env(), start_new_session=True, **kwargs)
+        proc = subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env or self.env(),
+            start_new_session=True,
+            **kwargs,
+        )
         log.close()  # the child holds its own copy
         proc.log_path = self.log_dir / f"{name}.log"
         self.started.append(proc)
@@ -72,17 +80,22 @@ class ProcessScope:
         try:
             return proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"{proc.args} still running after {timeout} s; output:\n"
-                                 f"{output(proc)[-3000:]}") from None
+            raise AssertionError(
+                f"{proc.args} still running after {timeout} s; output:\n{output(proc)[-3000:]}"
+            ) from None
 
     def run(self, cmd: list[str], name: str, timeout: float, **kwargs) -> tuple[int, str]:
         proc = self.start(cmd, name, **kwargs)
         return self.wait(proc, timeout), output(proc)
 
     def tagged(self) -> list[int]:
-        return [int(p.name) for p in Path("/proc").iterdir()
-                if p.name.isdigit() and int(p.name) != os.getpid()
-                and environ_of(int(p.name)).get(TAG) == self.tag]
+        return [
+            int(p.name)
+            for p in Path("/proc").iterdir()
+            if p.name.isdigit()
+            and int(p.name) != os.getpid()
+            and environ_of(int(p.name)).get(TAG) == self.tag
+        ]
 
     def close(self, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout

@@ -19,8 +19,17 @@ import torch
 
 from stem_megatron.checkpoint.offline import OfflineCheckpoint
 from tests.launch.conftest import CONFIG, ROOT, train_command, train_losses
-from tests.launch.layout_matrix_cases import (DEFAULT, EIGHT_PROCESSES, FLAGS, FULL, LAYOUTS,
-                                              NUM_LAYERS, SLOW, Layout, shape_of)
+from tests.launch.layout_matrix_cases import (
+    DEFAULT,
+    EIGHT_PROCESSES,
+    FLAGS,
+    FULL,
+    LAYOUTS,
+    NUM_LAYERS,
+    SLOW,
+    Layout,
+    shape_of,
+)
 from tests.launch.processes import ProcessScope
 from tests.launch.test_train_cli_layouts import only_line, train
 
@@ -37,30 +46,60 @@ BF16_PARAM_RTOL = 3e-2
 def base(small_corpus) -> list[str]:
     """4 layers (tables in layers 1 and 2), 2 micro-batches per DP rank, one save at the end."""
     return [
-        f"model.num_layers={NUM_LAYERS}", "model.hidden_size=32", "model.ffn_hidden_size=64",
-        "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=32",
-        "model.make_vocab_size_divisible_by=64", "stem.layers=[1,2]",
-        "model.untie_embeddings_and_output_weights=true", "stem.optimizer.lr=0.01",
-        "train.micro_batch_size=2", "train.global_batch_size=8", f"train.train_iters={STEPS}",
-        "train.eval_interval=0", "train.eval_iters=1", "optim.lr_warmup_iters=2",
-        "optim.lr=0.003", "optim.min_lr=0.0003", "optim.clip_grad=0.5", "optim.adam_eps=1e-5",
-        "logging.log_interval=1", "checkpoint.save_interval=0", "train.seed=7",
+        f"model.num_layers={NUM_LAYERS}",
+        "model.hidden_size=32",
+        "model.ffn_hidden_size=64",
+        "model.num_attention_heads=4",
+        "model.num_query_groups=2",
+        "model.seq_length=32",
+        "model.make_vocab_size_divisible_by=64",
+        "stem.layers=[1,2]",
+        "model.untie_embeddings_and_output_weights=true",
+        "stem.optimizer.lr=0.01",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=8",
+        f"train.train_iters={STEPS}",
+        "train.eval_interval=0",
+        "train.eval_iters=1",
+        "optim.lr_warmup_iters=2",
+        "optim.lr=0.003",
+        "optim.min_lr=0.0003",
+        "optim.clip_grad=0.5",
+        "optim.adam_eps=1e-5",
+        "logging.log_interval=1",
+        "checkpoint.save_interval=0",
+        "train.seed=7",
         f"data.tokenizer={small_corpus['tokenizer']}",
-        f"data.train_data={small_corpus['train']}", f"data.valid_data={small_corpus['val']}",
+        f"data.train_data={small_corpus['train']}",
+        f"data.valid_data={small_corpus['val']}",
     ]
 
 
 def launch(scope, run_dir: Path, nproc: int, overrides: list[str]) -> Path:
     """The CLI under torchrun (or as one plain process): every rank exits 0, one `done:`."""
-    out = train(scope, run_dir, nproc, overrides + ["--sample-prompt", ""]) if nproc > 1 \
+    out = (
+        train(scope, run_dir, nproc, overrides + ["--sample-prompt", ""])
+        if nproc > 1
         else single(scope, run_dir, overrides)
+    )
     only_line(out, f"done: step {STEPS} |")
     return run_dir
 
 
 def single(scope, run_dir: Path, overrides: list[str]) -> str:
-    code, out = scope.run([sys.executable, "-m", "stem_megatron.train", "--config", CONFIG,
-                           *train_command(run_dir, overrides)], "single", timeout=300, cwd=ROOT)
+    code, out = scope.run(
+        [
+            sys.executable,
+            "-m",
+            "stem_megatron.train",
+            "--config",
+            CONFIG,
+            *train_command(run_dir, overrides),
+        ],
+        "single",
+        timeout=300,
+        cwd=ROOT,
+    )
     assert code == 0 and "Traceback" not in out, out[-4000:]
     return out
 
@@ -99,14 +138,19 @@ def differences(run_dir: Path, reference_dir: Path) -> tuple[float, dict[str, fl
     loss_diff = max(abs(losses[s] - ref[s]) / abs(ref[s]) for s in ref)
     params, ref_params = final_parameters(run_dir), final_parameters(reference_dir)
     assert sorted(params) == sorted(ref_params)
-    param_diff = {k: ((v.double() - ref_params[k].double()).norm()
-                      / ref_params[k].double().norm().clamp_min(1e-12)).item()
-                  for k, v in params.items()}
+    param_diff = {
+        k: (
+            (v.double() - ref_params[k].double()).norm()
+            / ref_params[k].double().norm().clamp_min(1e-12)
+        ).item()
+        for k, v in params.items()
+    }
     return loss_diff, param_diff
 
 
-def assert_close_to(run_dir: Path, reference_dir: Path, loss_rtol: float, param_rtol: float,
-                    name: str) -> None:
+def assert_close_to(
+    run_dir: Path, reference_dir: Path, loss_rtol: float, param_rtol: float, name: str
+) -> None:
     loss_diff, param_diff = differences(run_dir, reference_dir)
     worst = max(param_diff, key=param_diff.get)
     print(f"{name}: loss {loss_diff:.2e}, parameters {param_diff[worst]:.2e} ({worst})")
@@ -117,8 +161,11 @@ def assert_close_to(run_dir: Path, reference_dir: Path, loss_rtol: float, param_
 def first_step_comm(run_dir: Path) -> dict[str, float]:
     """Rank 0's bytes moved in step 1, by purpose and kind (comm/*_bytes in metrics.jsonl)."""
     first = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[0])
-    return {k.removeprefix("comm/").removesuffix("_bytes"): v for k, v in first.items()
-            if k.startswith("comm/")}
+    return {
+        k.removeprefix("comm/").removesuffix("_bytes"): v
+        for k, v in first.items()
+        if k.startswith("comm/")
+    }
 
 
 def assert_ran_as(run_dir: Path, layout: Layout, on: frozenset[str] = frozenset()) -> None:
@@ -130,8 +177,12 @@ def assert_ran_as(run_dir: Path, layout: Layout, on: frozenset[str] = frozenset(
     print(f"  comm in step 1 (rank 0): {comm}")
     moved = {k: comm[k] > 0 for k in ("tp", "pp", "dp_dense", "reduce_scatter")}
     scatters = "sp" in on or (layout.dp > 1 and bool({"distopt", "vocab_sharded"} & on))
-    assert moved == {"tp": layout.tp > 1, "pp": layout.pp > 1, "dp_dense": layout.dp > 1,
-                     "reduce_scatter": scatters}, comm
+    assert moved == {
+        "tp": layout.tp > 1,
+        "pp": layout.pp > 1,
+        "dp_dense": layout.dp > 1,
+        "reduce_scatter": scatters,
+    }, comm
 
 
 def test_default_subset_covers_the_matrix():
@@ -146,15 +197,15 @@ def test_default_subset_covers_the_matrix():
         for flag in LAYOUTS[name].flags:
             assert {flag in on for on in rows} == {False, True}, (name, flag)
     for a, b in itertools.combinations(FLAGS, 2):
-        seen = {(a in c.on, b in c.on) for c in DEFAULT
-                if {a, b} <= set(LAYOUTS[c.layout].flags)}
+        seen = {(a in c.on, b in c.on) for c in DEFAULT if {a, b} <= set(LAYOUTS[c.layout].flags)}
         assert seen == set(itertools.product((False, True), repeat=2)), (a, b, seen)
 
 
 def matrix_params():
     slow = pytest.mark.slow
-    return ([pytest.param(c, id=c.id) for c in DEFAULT]
-            + [pytest.param(c, id=c.id, marks=slow) for c in SLOW])
+    return [pytest.param(c, id=c.id) for c in DEFAULT] + [
+        pytest.param(c, id=c.id, marks=slow) for c in SLOW
+    ]
 
 
 @pytest.mark.parametrize("case", matrix_params())
@@ -184,8 +235,10 @@ def assert_master_weights_fp32(run_dir: Path) -> None:
 # reduced in bf16 and, as the shipped configs do, in fp32.
 BF16 = {
     "pp2xdp2-bf16": (frozenset(), []),
-    "pp2xdp2-distopt-bf16-grad_reduce_in_fp32": (frozenset({"distopt"}),
-                                                 ["parallel.grad_reduce_in_fp32=true"]),
+    "pp2xdp2-distopt-bf16-grad_reduce_in_fp32": (
+        frozenset({"distopt"}),
+        ["parallel.grad_reduce_in_fp32=true"],
+    ),
 }
 
 
@@ -214,8 +267,13 @@ def test_shipped_config_shape_trains_like_one_process(scope, tmp_path, base, ref
     print(f"{config}: {layout} {flags} {model}")
     run = launch(scope, tmp_path / "run", layout.world, base + model + layout.overrides + flags)
     bf16 = "train.bf16=true" in flags
-    assert_close_to(run, reference(model), BF16_LOSS_RTOL if bf16 else RTOL,
-                    BF16_PARAM_RTOL if bf16 else RTOL, config)
+    assert_close_to(
+        run,
+        reference(model),
+        BF16_LOSS_RTOL if bf16 else RTOL,
+        BF16_PARAM_RTOL if bf16 else RTOL,
+        config,
+    )
     assert_ran_as(run, layout, frozenset(f for f, o in FLAGS.items() if set(o) <= set(flags)))
     if bf16:
         assert_master_weights_fp32(run)

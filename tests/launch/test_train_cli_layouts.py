@@ -26,23 +26,46 @@ TIMEOUT = 420  # below gloo's 600 s: a rank left waiting in a collective fails t
 def overrides(small_corpus) -> list[str]:
     """A 2-layer model, 2 steps, validation and a save at the last step only."""
     return [
-        "model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64",
-        "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=32",
-        "model.make_vocab_size_divisible_by=64", "stem.layers=[1]",
-        "train.micro_batch_size=2", "train.global_batch_size=4", "train.train_iters=2",
-        "train.eval_interval=0", "train.eval_iters=1", "optim.lr_warmup_iters=1",
-        "checkpoint.save_interval=0", f"train.seed={SEED}",
+        "model.num_layers=2",
+        "model.hidden_size=32",
+        "model.ffn_hidden_size=64",
+        "model.num_attention_heads=4",
+        "model.num_query_groups=2",
+        "model.seq_length=32",
+        "model.make_vocab_size_divisible_by=64",
+        "stem.layers=[1]",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=4",
+        "train.train_iters=2",
+        "train.eval_interval=0",
+        "train.eval_iters=1",
+        "optim.lr_warmup_iters=1",
+        "checkpoint.save_interval=0",
+        f"train.seed={SEED}",
         f"data.tokenizer={small_corpus['tokenizer']}",
-        f"data.train_data={small_corpus['train']}", f"data.valid_data={small_corpus['val']}",
+        f"data.train_data={small_corpus['train']}",
+        f"data.valid_data={small_corpus['val']}",
     ]
 
 
 def train(scope, run_dir: Path, nproc: int, overrides: list[str]) -> str:
     """Run the CLI as users type it; the output of a run whose every rank exited 0."""
     code, out = scope.run(
-        [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "-m", "stem_megatron.train",
-         "--config", CONFIG, *overrides, f"logging.run_dir={run_dir}"],
-        "torchrun", timeout=TIMEOUT, cwd=ROOT)
+        [
+            TORCHRUN,
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "stem_megatron.train",
+            "--config",
+            CONFIG,
+            *overrides,
+            f"logging.run_dir={run_dir}",
+        ],
+        "torchrun",
+        timeout=TIMEOUT,
+        cwd=ROOT,
+    )
     # torchrun exits 0 only when every worker did; no worker may have died on the way.
     assert code == 0 and "Traceback" not in out and "FAILED" not in out, out[-4000:]
     return out
@@ -57,8 +80,9 @@ def generate(command: str) -> str:
     stdout: torch's own notes (e.g. a CUDA build without a GPU) go to stderr."""
     argv = shlex.split(command)
     assert argv[:2] == ["python", "tools/generate.py"], command
-    proc = subprocess.run([sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    proc = subprocess.run(
+        [sys.executable, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=TIMEOUT
+    )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.removesuffix("\n")
 
@@ -73,21 +97,27 @@ def only_line(out: str, prefix: str) -> str:
 SAMPLED = {  # each rank runs the whole model: the run prints its sample
     "dp2-replicated": (2, [], False),
     "dp2-vocab-sharded": (2, ["stem.dp_layout=vocab_sharded"], True),
-    "dp2-host-vocab-sharded": (2, ["stem.storage=host", "stem.dp_layout=vocab_sharded",
-                                   "stem.cache_rows=32"], True),
+    "dp2-host-vocab-sharded": (
+        2,
+        ["stem.storage=host", "stem.dp_layout=vocab_sharded", "stem.cache_rows=32"],
+        True,
+    ),
     "dp2-mmap": (2, ["stem.storage=mmap"], False),
 }
 SPLIT = {  # (processes, overrides): TP or PP split the model, so the run names the command
     "tp2": (2, ["parallel.tensor_model_parallel_size=2"]),
     "pp2": (2, ["parallel.pipeline_model_parallel_size=2"]),
     "tp2xdp2-vocab-sharded": pytest.param(
-        4, ["parallel.tensor_model_parallel_size=2", "stem.dp_layout=vocab_sharded"],
-        marks=pytest.mark.slow),
-    "pp2xdp2": pytest.param(4, ["parallel.pipeline_model_parallel_size=2"],
-                            marks=pytest.mark.slow),
-    "tp2xpp2": pytest.param(4, ["parallel.tensor_model_parallel_size=2",
-                                "parallel.pipeline_model_parallel_size=2"],
-                            marks=pytest.mark.slow),
+        4,
+        ["parallel.tensor_model_parallel_size=2", "stem.dp_layout=vocab_sharded"],
+        marks=pytest.mark.slow,
+    ),
+    "pp2xdp2": pytest.param(4, ["parallel.pipeline_model_parallel_size=2"], marks=pytest.mark.slow),
+    "tp2xpp2": pytest.param(
+        4,
+        ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"],
+        marks=pytest.mark.slow,
+    ),
 }
 
 

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from stem_megatron.config import ModelConfig
-from stem_megatron.model.activation_memory import (ActivationSetup, chunk_activations,
-                                                   head_bytes)
+from stem_megatron.model.activation_memory import ActivationSetup, chunk_activations, head_bytes
 from stem_megatron.model.transformer import ModelSpec, StemGPTModel
 from stem_megatron.parallel.local_workers import run_local_workers
 from stem_megatron.parallel.state import ParallelState
@@ -25,19 +24,38 @@ pytestmark = pytest.mark.filterwarnings("ignore:If you are using transformer_eng
 
 VOCAB, BATCH = 100, 2
 TOLERANCE = 0.02  # relative; measured below 1% (token ids are not counted)
-MODEL = ModelConfig(num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-                    num_query_groups=2, seq_length=64, make_vocab_size_divisible_by=64)
+MODEL = ModelConfig(
+    num_layers=4,
+    hidden_size=64,
+    ffn_hidden_size=128,
+    num_attention_heads=4,
+    num_query_groups=2,
+    seq_length=64,
+    make_vocab_size_divisible_by=64,
+)
 RECOMPUTE = {
     "none": {},
     "selective": {"recompute_granularity": "selective"},
-    "full-uniform-2": {"recompute_granularity": "full", "recompute_method": "uniform",
-                       "recompute_num_layers": 2},
-    "full-uniform-4": {"recompute_granularity": "full", "recompute_method": "uniform",
-                       "recompute_num_layers": 4},
-    "full-block-3": {"recompute_granularity": "full", "recompute_method": "block",
-                     "recompute_num_layers": 3},
-    "full-block-4": {"recompute_granularity": "full", "recompute_method": "block",
-                     "recompute_num_layers": 4},
+    "full-uniform-2": {
+        "recompute_granularity": "full",
+        "recompute_method": "uniform",
+        "recompute_num_layers": 2,
+    },
+    "full-uniform-4": {
+        "recompute_granularity": "full",
+        "recompute_method": "uniform",
+        "recompute_num_layers": 4,
+    },
+    "full-block-3": {
+        "recompute_granularity": "full",
+        "recompute_method": "block",
+        "recompute_num_layers": 3,
+    },
+    "full-block-4": {
+        "recompute_granularity": "full",
+        "recompute_method": "block",
+        "recompute_num_layers": 4,
+    },
 }
 
 
@@ -90,17 +108,23 @@ class _Held:
 def measured_peak(m: ModelConfig, bf16: bool, tp: int = 1, sp: bool = False) -> int:
     """This rank's peak (TP rank `dist.get_rank()` of `tp`, sequence parallel or not)."""
     tp_rank = torch.distributed.get_rank() % tp
-    model = StemGPTModel(ModelSpec(model=m, vocab_size=VOCAB, stem_layers=(1, 3), tp_size=tp,
-                                   tp_rank=tp_rank, sequence_parallel=sp))
+    model = StemGPTModel(
+        ModelSpec(
+            model=m,
+            vocab_size=VOCAB,
+            stem_layers=(1, 3),
+            tp_size=tp,
+            tp_rank=tp_rank,
+            sequence_parallel=sp,
+        )
+    )
     model.init_parameters(3)
     if bf16:
         _cast_dense_parameters(model, torch.bfloat16)
     model.train()
-    excluded = {t.untyped_storage().data_ptr()
-                for t in [*model.parameters(), *model.buffers()]}
+    excluded = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     saved = SavedBytes(excluded)
-    ids = torch.randint(0, VOCAB, (BATCH, m.seq_length),
-                        generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, VOCAB, (BATCH, m.seq_length), generator=torch.Generator().manual_seed(0))
     with saved.hooks():  # the backward too: recomputation saves again while it runs
         model(ids, torch.roll(ids, -1, dims=1)).float().mean().backward()
     assert saved.live == 0  # everything saved was released by the backward
@@ -108,8 +132,9 @@ def measured_peak(m: ModelConfig, bf16: bool, tp: int = 1, sp: bool = False) -> 
 
 
 def estimated_peak(m: ModelConfig, bf16: bool, tp: int = 1, sp: bool = False) -> int:
-    setup = ActivationSetup(tp_size=tp, sequence_parallel=sp, micro_batch_size=BATCH,
-                            bf16=bf16, fused_norm=False)  # torch's RMSNorm on CPU: composite
+    setup = ActivationSetup(
+        tp_size=tp, sequence_parallel=sp, micro_batch_size=BATCH, bf16=bf16, fused_norm=False
+    )  # torch's RMSNorm on CPU: composite
     chunk = chunk_activations(m, m.num_layers, setup)
     padded = -(-VOCAB // m.make_vocab_size_divisible_by) * m.make_vocab_size_divisible_by
     return chunk.stored + max(int(head_bytes(m, padded, setup)), chunk.rebuilt)
@@ -123,17 +148,22 @@ def test_activation_estimate_matches_what_autograd_keeps(bf16, recompute):
     assert abs(estimate / measured - 1) < TOLERANCE, (measured, estimate)
 
 
-
 # (sequence parallel, bf16, recomputation); every combination measured within 1% too
-TP_CASES = [(False, True, "none"), (True, True, "none"), (True, True, "full-uniform-2"),
-            (True, False, "none")]
+TP_CASES = [
+    (False, True, "none"),
+    (True, True, "none"),
+    (True, True, "full-uniform-2"),
+    (True, False, "none"),
+]
 
 
 def _tp_worker() -> list[int]:
     parallel = ParallelState.initialize(tp_size=2)
     try:
-        return [measured_peak(dataclasses.replace(MODEL, **RECOMPUTE[recompute]), bf16, 2, sp)
-                for sp, bf16, recompute in TP_CASES]
+        return [
+            measured_peak(dataclasses.replace(MODEL, **RECOMPUTE[recompute]), bf16, 2, sp)
+            for sp, bf16, recompute in TP_CASES
+        ]
     finally:
         parallel.destroy()
 
@@ -147,5 +177,11 @@ def test_tensor_and_sequence_parallel_estimate_matches_each_rank():
         for (sp, bf16, recompute), measured in zip(TP_CASES, peaks):
             m = dataclasses.replace(MODEL, **RECOMPUTE[recompute])
             estimate = estimated_peak(m, bf16, 2, sp)
-            assert abs(estimate / measured - 1) < TOLERANCE, (rank, sp, bf16, recompute,
-                                                               measured, estimate)
+            assert abs(estimate / measured - 1) < TOLERANCE, (
+                rank,
+                sp,
+                bf16,
+                recompute,
+                measured,
+                estimate,
+            )

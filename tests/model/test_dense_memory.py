@@ -21,20 +21,34 @@ from stem_megatron.training.model_chunks import build_model_chunks
 from stem_megatron.training.optimizer import dense_optimizer_config
 
 ROOT = Path(__file__).resolve().parents[2]
-SMALL = ["model.num_layers=3", "model.hidden_size=48", "model.ffn_hidden_size=72",
-         "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=16",
-         "model.vocab_size=100", "model.make_vocab_size_divisible_by=64", "stem.layers=[1]"]
+SMALL = [
+    "model.num_layers=3",
+    "model.hidden_size=48",
+    "model.ffn_hidden_size=72",
+    "model.num_attention_heads=4",
+    "model.num_query_groups=2",
+    "model.seq_length=16",
+    "model.vocab_size=100",
+    "model.make_vocab_size_divisible_by=64",
+    "stem.layers=[1]",
+]
 CASES = {
     "fp32": [],
     "bf16": ["train.bf16=true"],
     "bf16-fp32-grads": ["train.bf16=true", "parallel.grad_reduce_in_fp32=true"],
     "distributed": ["optim.use_distributed_optimizer=true"],
-    "bf16-distributed-buckets": ["train.bf16=true", "optim.use_distributed_optimizer=true",
-                                 "parallel.overlap_grad_reduce=true",
-                                 "parallel.ddp_bucket_size=5000"],
+    "bf16-distributed-buckets": [
+        "train.bf16=true",
+        "optim.use_distributed_optimizer=true",
+        "parallel.overlap_grad_reduce=true",
+        "parallel.ddp_bucket_size=5000",
+    ],
     # all of it: on CPU megatron-core's HybridDeviceOptimizer offloads every parameter (cpu_compat)
-    "bf16-distributed-offload": ["train.bf16=true", "optim.use_distributed_optimizer=true",
-                                 "optim.optimizer_cpu_offload=true"],
+    "bf16-distributed-offload": [
+        "train.bf16=true",
+        "optim.use_distributed_optimizer=true",
+        "optim.optimizer_cpu_offload=true",
+    ],
 }
 
 
@@ -59,28 +73,48 @@ def _allocated(overrides: list[str], parallel: ParallelState) -> dict[str, int]:
         optimizer = get_megatron_optimizer(dense_optimizer_config(config), wrapped)
     p, o = config.parallel, config.optim
     estimate = dense_memory(
-        count_shard(chunks[0]).chunks, 0,
-        DenseSetup(bf16=config.train.bf16, dp_size=parallel.dp_size,
-                   distributed_optimizer=o.use_distributed_optimizer,
-                   grad_reduce_in_fp32=p.grad_reduce_in_fp32,
-                   overlap_grad_reduce=p.overlap_grad_reduce, bucket_size=p.ddp_bucket_size,
-                   offload_fraction=o.optimizer_offload_fraction if o.optimizer_cpu_offload
-                   else 0.0))
+        count_shard(chunks[0]).chunks,
+        0,
+        DenseSetup(
+            bf16=config.train.bf16,
+            dp_size=parallel.dp_size,
+            distributed_optimizer=o.use_distributed_optimizer,
+            grad_reduce_in_fp32=p.grad_reduce_in_fp32,
+            overlap_grad_reduce=p.overlap_grad_reduce,
+            bucket_size=p.ddp_bucket_size,
+            offload_fraction=o.optimizer_offload_fraction if o.optimizer_cpu_offload else 0.0,
+        ),
+    )
     buffers = [b for ddp in wrapped for b in ddp.buffers]
     # Under the distributed optimizer the parameters live in the param buffer.
-    weights = ([b.param_data for b in buffers] if o.use_distributed_optimizer else
-               [q for q in chunks[0].parameters() if not getattr(q, "is_stem_table", False)])
+    weights = (
+        [b.param_data for b in buffers]
+        if o.use_distributed_optimizer
+        else [q for q in chunks[0].parameters() if not getattr(q, "is_stem_table", False)]
+    )
     # What the inner Adam steps: fp32 main copies under bf16, else the parameters themselves.
-    stepped = [q for part in getattr(optimizer, "chained_optimizers", [optimizer])
-               for group in part.optimizer.param_groups for q in group["params"]]
+    stepped = [
+        q
+        for part in getattr(optimizer, "chained_optimizers", [optimizer])
+        for group in part.optimizer.param_groups
+        for q in group["params"]
+    ]
     assert all(q.dtype == torch.float32 for q in stepped)
     # Offload: the fp32 host copies HybridDeviceOptimizer steps (each with a grad and 2 moments)
-    host = [q for part in getattr(optimizer, "chained_optimizers", [optimizer])
-            for group in getattr(part.optimizer, "cpu_param_groups", []) for q in group["params"]]
-    return {"grads": _bytes(b.grad_data for b in buffers), "weights": _bytes(weights),
-            "host_copies": _bytes(host),
-            "stepped": _bytes(stepped), "padding": sum(b.numel - b.numel_unpadded for b in buffers),
-            "estimate": dataclasses.asdict(estimate)}
+    host = [
+        q
+        for part in getattr(optimizer, "chained_optimizers", [optimizer])
+        for group in getattr(part.optimizer, "cpu_param_groups", [])
+        for q in group["params"]
+    ]
+    return {
+        "grads": _bytes(b.grad_data for b in buffers),
+        "weights": _bytes(weights),
+        "host_copies": _bytes(host),
+        "stepped": _bytes(stepped),
+        "padding": sum(b.numel - b.numel_unpadded for b in buffers),
+        "estimate": dataclasses.asdict(estimate),
+    }
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -92,8 +126,7 @@ def test_dense_memory_is_what_megatron_core_allocates(case, world_of_one):
     assert estimate["optimizer"] == (0 if offloaded else 2 * real["stepped"])
     assert estimate["host"] == (4 * real["host_copies"] if offloaded else 0)
     assert real["host_copies"] == (real["stepped"] if offloaded else 0)
-    assert estimate["main_params"] == (real["stepped"] if "train.bf16=true" in CASES[case]
-                                       else 0)
+    assert estimate["main_params"] == (real["stepped"] if "train.bf16=true" in CASES[case] else 0)
     if "optim.use_distributed_optimizer=true" in CASES[case]:
         assert real["padding"] > 0
 

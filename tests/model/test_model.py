@@ -23,22 +23,33 @@ def world_of_one():
 
 
 def build(stem_layers=(1, 3), untied=False, seed=7) -> StemGPTModel:
-    m = ModelConfig(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
-                    num_query_groups=2, seq_length=32, make_vocab_size_divisible_by=64,
-                    untie_embeddings_and_output_weights=untied)
+    m = ModelConfig(
+        num_layers=4,
+        hidden_size=64,
+        ffn_hidden_size=96,
+        num_attention_heads=4,
+        num_query_groups=2,
+        seq_length=32,
+        make_vocab_size_divisible_by=64,
+        untie_embeddings_and_output_weights=untied,
+    )
     model = StemGPTModel(ModelSpec(model=m, vocab_size=VOCAB, stem_layers=tuple(stem_layers)))
     model.init_parameters(seed)
     return model
 
 
 def reference(model: StemGPTModel, requires_grad: bool = False) -> ReferenceGPT:
-    state = {k: v.detach().clone().requires_grad_(requires_grad)
-             for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    state = {
+        k: v.detach().clone().requires_grad_(requires_grad)
+        for k, v in model.state_dict().items()
+        if isinstance(v, torch.Tensor)
+    }
     return ReferenceGPT(model.spec.model, model.spec.stem_layers, state)
 
 
-@pytest.mark.parametrize("stem_layers,untied", [((1, 3), False), ((1, 3), True), ((), False),
-                                                ((0, 1, 2, 3), True)])
+@pytest.mark.parametrize(
+    "stem_layers,untied", [((1, 3), False), ((1, 3), True), ((), False), ((0, 1, 2, 3), True)]
+)
 def test_model_matches_reference(stem_layers, untied):
     model = build(stem_layers, untied)
     ids = torch.randint(0, VOCAB, (3, 32), generator=torch.Generator().manual_seed(0))
@@ -120,7 +131,15 @@ def test_sequence_longer_than_config_is_refused():
 
 
 def test_tp_size_must_divide_groups():
-    m = ModelConfig(num_layers=1, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
-                    num_query_groups=1, seq_length=8)
-    with pytest.raises(ValueError, match=r"tensor_model_parallel_size \(2\).*num_query_groups \(1\)"):
+    m = ModelConfig(
+        num_layers=1,
+        hidden_size=64,
+        ffn_hidden_size=96,
+        num_attention_heads=4,
+        num_query_groups=1,
+        seq_length=8,
+    )
+    with pytest.raises(
+        ValueError, match=r"tensor_model_parallel_size \(2\).*num_query_groups \(1\)"
+    ):
         StemGPTModel(ModelSpec(model=m, vocab_size=VOCAB, stem_layers=(), tp_size=2))

@@ -17,12 +17,15 @@ from stem_megatron.stem.prefetch import RowPrefetcher, RowRequest
 VOCAB = 100
 SETTINGS = {
     "off": {},
-    "full-uniform-1": dict(recompute_granularity="full", recompute_method="uniform",
-                           recompute_num_layers=1),
-    "full-uniform-3": dict(recompute_granularity="full", recompute_method="uniform",
-                           recompute_num_layers=3),  # groups [0, 3) and [3, 4)
-    "full-block-2": dict(recompute_granularity="full", recompute_method="block",
-                         recompute_num_layers=2),
+    "full-uniform-1": dict(
+        recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1
+    ),
+    "full-uniform-3": dict(
+        recompute_granularity="full", recompute_method="uniform", recompute_num_layers=3
+    ),  # groups [0, 3) and [3, 4)
+    "full-block-2": dict(
+        recompute_granularity="full", recompute_method="block", recompute_num_layers=2
+    ),
     "selective": dict(recompute_granularity="selective"),
 }
 
@@ -35,9 +38,16 @@ def world_of_one():
 
 
 def build(setting: str, host_tables: bool = False, bf16: bool = False) -> StemGPTModel:
-    m = ModelConfig(num_layers=4, hidden_size=64, ffn_hidden_size=96, num_attention_heads=4,
-                    num_query_groups=2, seq_length=32, make_vocab_size_divisible_by=64,
-                    **SETTINGS[setting])
+    m = ModelConfig(
+        num_layers=4,
+        hidden_size=64,
+        ffn_hidden_size=96,
+        num_attention_heads=4,
+        num_query_groups=2,
+        seq_length=32,
+        make_vocab_size_divisible_by=64,
+        **SETTINGS[setting],
+    )
     model = StemGPTModel(ModelSpec(model=m, vocab_size=VOCAB, stem_layers=(1, 3), bf16=bf16))
     if host_tables:
         for table in model.stem_tables().values():
@@ -60,8 +70,9 @@ def train_step(model: StemGPTModel, batches: list[torch.Tensor]):
     as the trainer does). Returns losses, dense grads, table row grads and the counts."""
     prefetcher = None
     if any(t.on_host for t in model.stem_tables().values()):
-        prefetcher = RowPrefetcher({n: t.weight for n, t in model.stem_tables().items()},
-                                   torch.device("cpu"))
+        prefetcher = RowPrefetcher(
+            {n: t.weight for n, t in model.stem_tables().items()}, torch.device("cpu")
+        )
         for name, table in model.stem_tables().items():
             table.prefetcher, table.prefetch_key = prefetcher, name
         prefetcher.start([RowRequest.of_ids(b[:, :-1]) for b in batches])
@@ -114,8 +125,9 @@ def test_host_tables_take_one_slot_per_micro_batch_when_recomputed(setting):
     another micro-batch's rows, or fail the order check)."""
     batches = micro_batches(3)
     losses, grads, adds, served = train_step(build(setting, host_tables=True), batches)
-    ref_losses, ref_grads, ref_adds, ref_served = train_step(build("off", host_tables=True),
-                                                             batches)
+    ref_losses, ref_grads, ref_adds, ref_served = train_step(
+        build("off", host_tables=True), batches
+    )
     assert served == ref_served == {n: 3 for n in served}
     assert adds == ref_adds == {n: 3 for n in adds}
     torch.testing.assert_close(losses, ref_losses, rtol=0, atol=1e-6)
@@ -154,15 +166,22 @@ def test_recompute_keeps_fewer_activations():
 
 def test_recompute_groups_follow_megatron():
     def config(method, n):
-        m = ModelConfig(num_layers=5, recompute_granularity="full", recompute_method=method,
-                        recompute_num_layers=n)
+        m = ModelConfig(
+            num_layers=5,
+            recompute_granularity="full",
+            recompute_method=method,
+            recompute_num_layers=n,
+        )
         return megatron_config(ModelSpec(model=m, vocab_size=VOCAB, stem_layers=()))
 
-    assert recompute_groups(5, config("uniform", 2)) == [(0, 2, True), (2, 4, True),
-                                                          (4, 5, True)]
-    assert recompute_groups(5, config("block", 2)) == [(0, 1, True), (1, 2, True),
-                                                        (2, 3, False), (3, 4, False),
-                                                        (4, 5, False)]
+    assert recompute_groups(5, config("uniform", 2)) == [(0, 2, True), (2, 4, True), (4, 5, True)]
+    assert recompute_groups(5, config("block", 2)) == [
+        (0, 1, True),
+        (1, 2, True),
+        (2, 3, False),
+        (3, 4, False),
+        (4, 5, False),
+    ]
 
 
 def test_only_training_recomputes():

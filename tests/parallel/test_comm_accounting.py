@@ -25,12 +25,20 @@ DP_BATCH = ["model.seq_length=16", "train.micro_batch_size=1"]
 @pytest.fixture(scope="module")
 def base(small_corpus, tmp_path_factory):
     return [
-        "model.num_layers=2", "model.hidden_size=32", f"model.ffn_hidden_size={FFN}",
-        "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=32",
-        "model.make_vocab_size_divisible_by=64", "stem.layers=[1]",
-        "train.micro_batch_size=2", "train.global_batch_size=4", "train.train_iters=10",
+        "model.num_layers=2",
+        "model.hidden_size=32",
+        f"model.ffn_hidden_size={FFN}",
+        "model.num_attention_heads=4",
+        "model.num_query_groups=2",
+        "model.seq_length=32",
+        "model.make_vocab_size_divisible_by=64",
+        "stem.layers=[1]",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=4",
+        "train.train_iters=10",
         f"data.tokenizer={small_corpus['tokenizer']}",
-        f"data.train_data={small_corpus['train']}", f"data.valid_data={small_corpus['val']}",
+        f"data.train_data={small_corpus['train']}",
+        f"data.valid_data={small_corpus['val']}",
         f"logging.run_dir={tmp_path_factory.mktemp('comm')}",
     ]
 
@@ -52,8 +60,9 @@ def _all_to_all_worker() -> dict[str, float]:
         try:
             with meter.counting():
                 dist.all_to_all_single(torch.empty(4), torch.arange(4.0))  # 16 bytes
-                dist.all_to_all([torch.empty(3), torch.empty(3)], [torch.ones(3), torch.ones(3)],
-                                world)  # 24 bytes
+                dist.all_to_all(
+                    [torch.empty(3), torch.empty(3)], [torch.ones(3), torch.ones(3)], world
+                )  # 24 bytes
         except RuntimeError as exc:  # gloo before torch 2.7 has no list all-to-all
             if "does not support alltoall" not in str(exc):
                 raise
@@ -76,8 +85,9 @@ def test_meter_counts_all_to_all():
 def test_stem_adds_no_tensor_parallel_traffic(base):
     tp = ["parallel.tensor_model_parallel_size=2"]
     stem = checked_comm(run_local_workers(2, train_steps, base + tp, 2))[0]
-    dense = checked_comm(run_local_workers(2, train_steps, base + tp + ["stem.enabled=false"],
-                                           2))[0]
+    dense = checked_comm(run_local_workers(2, train_steps, base + tp + ["stem.enabled=false"], 2))[
+        0
+    ]
     assert stem["comm/tp_bytes"] > 0
     assert stem["comm/tp_bytes"] == dense["comm/tp_bytes"]
     assert stem["comm/dp_stem_bytes"] == 0 and stem["comm/dp_dense_bytes"] == 0
@@ -92,8 +102,14 @@ def last_step_ids(overrides: list[str], dp_size: int) -> list[list[torch.Tensor]
     per_step = t.global_batch_size // (t.micro_batch_size * dp_size)
     ids = []
     for rank in range(dp_size):
-        stream = PackedSampleStream(tokens, config.model.seq_length, t.micro_batch_size,
-                                    seed=t.seed, dp_rank=rank, dp_size=dp_size)
+        stream = PackedSampleStream(
+            tokens,
+            config.model.seq_length,
+            t.micro_batch_size,
+            seed=t.seed,
+            dp_rank=rank,
+            dp_size=dp_size,
+        )
         batches = [next(stream) for _ in range(DP_STEPS * per_step)][-per_step:]
         ids.append([b[:, :-1].reshape(-1) for b in batches])
     return ids
@@ -126,8 +142,11 @@ def test_data_parallel_bytes(base, layout):
     counts = results[0]["counts"]
     union = results[0]["unique_rows"]
     # A dense table-gradient sync all-reduces every row of the table: V x d_ff x 4 bytes.
-    dense_table_sync = 4 * (sum(r["counts"]["table_params"] for r in results)
-                            if layout == "vocab_sharded" else counts["table_params"])
+    dense_table_sync = 4 * (
+        sum(r["counts"]["table_params"] for r in results)
+        if layout == "vocab_sharded"
+        else counts["table_params"]
+    )
     if layout == "replicated":
         # One table: the all-reduce of [union rows, FFN] fp32, plus the id exchange (a count
         # and at most `union` int64 ids).
@@ -143,14 +162,23 @@ def test_data_parallel_bytes(base, layout):
         assert lower <= comm["comm/dp_stem_bytes"] <= upper
         assert comm["comm/dp_stem_bytes"] < dense_table_sync / 4
     stem_bytes = results[0]["comm"]["comm/dp_stem_bytes"]
-    print(f"{layout}: {union} rows, dp-stem {stem_bytes:,.0f} bytes in [{lower:,}, {upper:,}], "
-          f"{stem_bytes / dense_table_sync:.3f} of a dense table sync ({dense_table_sync:,})")
+    print(
+        f"{layout}: {union} rows, dp-stem {stem_bytes:,.0f} bytes in [{lower:,}, {upper:,}], "
+        f"{stem_bytes / dense_table_sync:.3f} of a dense table sync ({dense_table_sync:,})"
+    )
 
 
 def test_pipeline_sends_activations_and_gradients(base):
-    results = run_local_workers(2, train_steps, base + [
-        "parallel.pipeline_model_parallel_size=2",
-        "model.untie_embeddings_and_output_weights=true"], 1)
+    results = run_local_workers(
+        2,
+        train_steps,
+        base
+        + [
+            "parallel.pipeline_model_parallel_size=2",
+            "model.untie_embeddings_and_output_weights=true",
+        ],
+        1,
+    )
     # 2 micro-batches of [seq 32, batch 2, hidden 32] fp32: stage 0 sends activations forward,
     # stage 1 sends their gradients back.
     per_microbatch = 32 * 2 * 32 * 4

@@ -20,16 +20,21 @@ def test_installed_version_is_the_supported_one():
 def test_other_versions_are_refused_with_the_fix(monkeypatch):
     monkeypatch.setattr(cpu_compat, "_applied", False)
     monkeypatch.setattr(cpu_compat, "megatron_core_version", lambda: "0.17.0")
-    with pytest.raises(RuntimeError, match=r"written for megatron-core 0\.16\.1, but 0\.17\.0 is "
-                                           r"installed.*pip install megatron-core==0\.16\.1"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"written for megatron-core 0\.16\.1, but 0\.17\.0 is "
+        r"installed.*pip install megatron-core==0\.16\.1",
+    ):
         cpu_compat.apply()
 
 
 def test_patches_cover_megatron_modules_and_nothing_else():
     assert cpu_compat.apply() is True
-    for name in ("megatron.core.pipeline_parallel.schedules",
-                 "megatron.core.pipeline_parallel.p2p_communication",
-                 "megatron.core.tensor_parallel.mappings"):
+    for name in (
+        "megatron.core.pipeline_parallel.schedules",
+        "megatron.core.pipeline_parallel.p2p_communication",
+        "megatron.core.tensor_parallel.mappings",
+    ):
         module_torch = importlib.import_module(name).torch
         assert module_torch.cuda.current_device() == torch.device("cpu")
         assert module_torch.zeros(2, device="cuda").device.type == "cpu"
@@ -45,16 +50,22 @@ def test_megatron_linear_backward_under_cpu_bf16_autocast():
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import ColumnParallelLinear
 
-    from stem_megatron.model.transformer import ModelSpec, megatron_config
     from stem_megatron.config import ModelConfig
+    from stem_megatron.model.transformer import ModelSpec, megatron_config
     from stem_megatron.parallel.state import ParallelState
 
     parallel = ParallelState.initialize()
     try:
         config = megatron_config(ModelSpec(model=ModelConfig(), vocab_size=256, stem_layers=()))
-        layer = ColumnParallelLinear(16, 32, config=config, init_method=lambda w: None,
-                                     bias=False, gather_output=False,
-                                     tp_group=parallel_state.get_tensor_model_parallel_group())
+        layer = ColumnParallelLinear(
+            16,
+            32,
+            config=config,
+            init_method=lambda w: None,
+            bias=False,
+            gather_output=False,
+            tp_group=parallel_state.get_tensor_model_parallel_group(),
+        )
         torch.nn.init.normal_(layer.weight)
         x = torch.randn(4, 2, 16, requires_grad=True)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -74,16 +85,33 @@ def _bf16_distributed_optimizer_steps(offload: bool, steps: int = 3):
     from megatron.core.transformer import TransformerConfig
 
     torch.manual_seed(0)
-    config = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=1, bf16=True,
-                               params_dtype=torch.bfloat16, use_cpu_initialization=True)
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(),
-                                torch.nn.Linear(32, 1)).to(torch.bfloat16)
-    ddp = DistributedDataParallel(config, DistributedDataParallelConfig(
-        use_distributed_optimizer=True), model)
-    optimizer = get_megatron_optimizer(OptimizerConfig(
-        optimizer="adam", lr=1e-2, bf16=True, params_dtype=torch.bfloat16, clip_grad=0.0,
-        use_distributed_optimizer=True, optimizer_cpu_offload=offload,
-        optimizer_offload_fraction=1.0), [ddp])
+    config = TransformerConfig(
+        num_layers=1,
+        hidden_size=16,
+        num_attention_heads=1,
+        bf16=True,
+        params_dtype=torch.bfloat16,
+        use_cpu_initialization=True,
+    )
+    model = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1)
+    ).to(torch.bfloat16)
+    ddp = DistributedDataParallel(
+        config, DistributedDataParallelConfig(use_distributed_optimizer=True), model
+    )
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam",
+            lr=1e-2,
+            bf16=True,
+            params_dtype=torch.bfloat16,
+            clip_grad=0.0,
+            use_distributed_optimizer=True,
+            optimizer_cpu_offload=offload,
+            optimizer_offload_fraction=1.0,
+        ),
+        [ddp],
+    )
     x = torch.randn(8, 16, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
     for _ in range(steps):
         ddp.zero_grad_buffer()

@@ -34,14 +34,17 @@ def test_stem_1b_matches_the_papers_counts():
     assert abs(report.counts.active_params / 1.41e9 - 1) < 0.02
 
 
-@pytest.mark.parametrize("name,world_size,overrides", [
-    ("stem_1b", 64, []),
-    ("dense_1b", 8, ["parallel.tensor_model_parallel_size=2"]),  # tied head under TP
-    ("stem_7b", 64, []),
-    ("stem_30b", 128, []),
-    ("stem_30b", 32, ["parallel.pipeline_layers=[10,14,14,10]"]),
-    ("stem_350m", 8, ["parallel.pipeline_model_parallel_size=2"]),  # tied across stages
-])
+@pytest.mark.parametrize(
+    "name,world_size,overrides",
+    [
+        ("stem_1b", 64, []),
+        ("dense_1b", 8, ["parallel.tensor_model_parallel_size=2"]),  # tied head under TP
+        ("stem_7b", 64, []),
+        ("stem_30b", 128, []),
+        ("stem_30b", 32, ["parallel.pipeline_layers=[10,14,14,10]"]),
+        ("stem_350m", 8, ["parallel.pipeline_model_parallel_size=2"]),  # tied across stages
+    ],
+)
 def test_per_rank_sums_equal_the_model(name, world_size, overrides):
     c = config(name, *overrides)
     report = dry_run(c, world_size)
@@ -60,8 +63,9 @@ def test_per_rank_sums_equal_the_model(name, world_size, overrides):
         assert r.params.tied_copy == copy
     # Tables: the full [vocab, d_ff] of each STEM layer, split by columns over TP.
     for r in report.ranks:
-        assert r.params.table_shapes == ((c.model.vocab_size, c.model.ffn_hidden_size // tp),) \
-            * len(r.stem_layers)
+        assert r.params.table_shapes == (
+            (c.model.vocab_size, c.model.ffn_hidden_size // tp),
+        ) * len(r.stem_layers)
 
 
 def test_meta_build_allocates_nothing():
@@ -84,7 +88,9 @@ def test_rank_shards_have_megatrons_per_rank_shapes():
     assert params["embedding.word_embeddings.weight"].shape == (4000, 8192)
     assert model.embedding.word_embeddings.vocab_start_index == 5 * 4000
     assert params["decoder.layers.0.self_attention.linear_qkv.weight"].shape == (
-        (64 + 2 * 8) * 128 // 8, 8192)
+        (64 + 2 * 8) * 128 // 8,
+        8192,
+    )
     assert params["decoder.layers.0.self_attention.linear_proj.weight"].shape == (8192, 1024)
     assert params["decoder.layers.0.mlp.linear_fc1.weight"].shape == (2 * 2752, 8192)
     assert params["decoder.layers.1.mlp.linear_fc1.weight"].shape == (2752, 8192)
@@ -109,8 +115,12 @@ def test_uneven_pipeline_split_in_the_report():
 
 
 def test_train_dry_run_prints_the_table(capsys):
-    assert train_main(["--config", str(ROOT / "configs/stem_1b.yaml"), "--dry-run",
-                       "--world-size", "64"]) == 0
+    assert (
+        train_main(
+            ["--config", str(ROOT / "configs/stem_1b.yaml"), "--dry-run", "--world-size", "64"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "world 64 = TP 2 x PP 1 x DP 32" in out
     assert "6.67B total / 1.41B active" in out
@@ -120,25 +130,49 @@ def test_train_dry_run_prints_the_table(capsys):
 
 
 def test_train_dry_run_refuses_a_bad_layout(capsys):
-    assert train_main(["--config", str(ROOT / "configs/stem_1b.yaml"), "--dry-run",
-                       "--world-size", "63"]) == 2
-    assert "world size 63 is not divisible by tensor_model_parallel_size (2)" in \
-        capsys.readouterr().err
+    assert (
+        train_main(
+            ["--config", str(ROOT / "configs/stem_1b.yaml"), "--dry-run", "--world-size", "63"]
+        )
+        == 2
+    )
+    assert (
+        "world size 63 is not divisible by tensor_model_parallel_size (2)"
+        in capsys.readouterr().err
+    )
     assert not torch.distributed.is_initialized()
 
 
 def test_estimate_memory_tool_writes_json(tmp_path):
     out = tmp_path / "mem.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "tools/estimate_memory.py"), "--config",
-         str(ROOT / "configs/stem_7b.yaml"), "--world-size", "64", "--json", str(out),
-         "train.micro_batch_size=2"],
-        capture_output=True, text=True, cwd=ROOT, timeout=120)
+        [
+            sys.executable,
+            str(ROOT / "tools/estimate_memory.py"),
+            "--config",
+            str(ROOT / "configs/stem_7b.yaml"),
+            "--world-size",
+            "64",
+            "--json",
+            str(out),
+            "train.micro_batch_size=2",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "pp 1 / tp 0-3" in proc.stdout
     data = json.loads(out.read_text())
-    assert data["layout"] == {"world_size": 64, "tp": 4, "pp": 2, "dp": 8, "vp": 1,
-                              "stages": [list(range(16)), list(range(16, 32))]}
+    assert data["layout"] == {
+        "world_size": 64,
+        "tp": 4,
+        "pp": 2,
+        "dp": 8,
+        "vp": 1,
+        "stages": [list(range(16)), list(range(16, 32))],
+    }
     assert data["num_microbatches"] == 1024 // (2 * 8)
     assert len(data["ranks"]) == 8
     assert sum(r["params"]["tables"] for r in data["ranks"]) == data["counts"]["table_params"]
@@ -146,16 +180,22 @@ def test_estimate_memory_tool_writes_json(tmp_path):
     tables = rank["tables"]
     assert tables["storage"] == "device"
     dense = rank["dense"]
-    assert rank["device_total"] == (dense["weights"] + dense["grads"] + dense["main_params"]
-                                    + dense["optimizer"] + tables["weights"]
-                                    + tables["optimizer"] + tables["step_counters"]
-                                    + tables["row_grads"] + tables["grad_transient"]
-                                    + max(rank["activations"], dense["main_grads"]))
+    assert rank["device_total"] == (
+        dense["weights"]
+        + dense["grads"]
+        + dense["main_params"]
+        + dense["optimizer"]
+        + tables["weights"]
+        + tables["optimizer"]
+        + tables["step_counters"]
+        + tables["row_grads"]
+        + tables["grad_transient"]
+        + max(rank["activations"], dense["main_grads"])
+    )
     assert rank["host_total"] == rank["mmap_total"] == 0
 
 
-@pytest.mark.parametrize("name,world_size", [("stem_1b", 64), ("stem_7b", 64),
-                                             ("stem_30b", 128)])
+@pytest.mark.parametrize("name,world_size", [("stem_1b", 64), ("stem_7b", 64), ("stem_30b", 128)])
 def test_large_configs_run_as_megatron_users_do_and_fit_80gb(name, world_size):
     """bf16 with fp32 main params, the distributed optimizer, SP wherever TP > 1, and every
     rank within an 80 GB GPU by the dry run (recomputation would be added where it did not)."""

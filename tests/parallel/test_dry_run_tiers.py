@@ -21,14 +21,25 @@ STEM_1B = ROOT / "configs" / "stem_1b.yaml"
 V, TABLES, WIDTH = 128256, 5, 4096  # stem_1b's vocab and STEM layers; d_ff 8192 over TP 2
 # A tiny model that really trains on 4 CPU processes: 8 layers, 4 of them STEM, vocab 1001
 # (two DP blocks of 501 and 500 rows).
-TINY = ["model.num_layers=8", "model.hidden_size=32", "model.ffn_hidden_size=64",
-        "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=16",
-        "model.vocab_size=1001", "model.make_vocab_size_divisible_by=8",
-        "stem.layers=[1,2,5,6]", "parallel.tensor_model_parallel_size=1",
-        "parallel.sequence_parallel=false",
-        "parallel.pipeline_model_parallel_size=2",
-        "parallel.virtual_pipeline_model_parallel_size=2", "stem.dp_layout=vocab_sharded",
-        "train.micro_batch_size=1", "train.global_batch_size=4", "train.bf16=false"]
+TINY = [
+    "model.num_layers=8",
+    "model.hidden_size=32",
+    "model.ffn_hidden_size=64",
+    "model.num_attention_heads=4",
+    "model.num_query_groups=2",
+    "model.seq_length=16",
+    "model.vocab_size=1001",
+    "model.make_vocab_size_divisible_by=8",
+    "stem.layers=[1,2,5,6]",
+    "parallel.tensor_model_parallel_size=1",
+    "parallel.sequence_parallel=false",
+    "parallel.pipeline_model_parallel_size=2",
+    "parallel.virtual_pipeline_model_parallel_size=2",
+    "stem.dp_layout=vocab_sharded",
+    "train.micro_batch_size=1",
+    "train.global_batch_size=4",
+    "train.bf16=false",
+]
 
 
 def stem_1b(world: int, *overrides: str):
@@ -114,9 +125,15 @@ def test_storage_tiers_in_the_printed_report(capsys, tmp_path):
     assert run_dry_run(config, 64) == 0
     out = capsys.readouterr().out
     assert "storage mmap" in out
-    for line in ("-- on the device --", "STEM staging buffers (2 per table)", "device total",
-                 "-- in host RAM --", "host total", "-- in mmap files on disk --",
-                 "mmap total"):
+    for line in (
+        "-- on the device --",
+        "STEM staging buffers (2 per table)",
+        "device total",
+        "-- in host RAM --",
+        "host total",
+        "-- in mmap files on disk --",
+        "mmap total",
+    ):
         assert line in out
     device_part = out.split("-- in host RAM --")[0]
     assert "STEM tables (fp32)" not in device_part
@@ -131,29 +148,43 @@ def test_json_output_is_never_overwritten(tmp_path, capsys):
 
 
 def test_interleaved_rank_params_are_its_chunks():
-    config = load_config(ROOT / "configs" / "stem_7b.yaml",
-                         ["parallel.virtual_pipeline_model_parallel_size=2"])
+    config = load_config(
+        ROOT / "configs" / "stem_7b.yaml", ["parallel.virtual_pipeline_model_parallel_size=2"]
+    )
     report = dry_run(config, 8)  # TP 4 x PP 2; 32 layers in 4 virtual stages of 8
-    expected = {0: [PipelineStage(0, tuple(range(0, 8)), True, False),
-                    PipelineStage(2, tuple(range(16, 24)), False, False)],
-                1: [PipelineStage(1, tuple(range(8, 16)), False, False),
-                    PipelineStage(3, tuple(range(24, 32)), False, True)]}
+    expected = {
+        0: [
+            PipelineStage(0, tuple(range(0, 8)), True, False),
+            PipelineStage(2, tuple(range(16, 24)), False, False),
+        ],
+        1: [
+            PipelineStage(1, tuple(range(8, 16)), False, False),
+            PipelineStage(3, tuple(range(24, 32)), False, True),
+        ],
+    }
     for rank in report.ranks:
         stages = expected[rank.stage]
         assert rank.chunks == tuple(s.layers for s in stages)
-        chunks = [count_shard(build_rank_shard(config, 32000, s, rank.tp_rank, 4))
-                  for s in stages]
+        chunks = [count_shard(build_rank_shard(config, 32000, s, rank.tp_rank, 4)) for s in stages]
         assert rank.params.dense == sum(c.dense for c in chunks)
         assert rank.params.tables == sum(c.tables for c in chunks)
-        assert rank.stem_layers == tuple(i for s in stages for i in s.layers
-                                         if i in config.stem_layers())
+        assert rank.stem_layers == tuple(
+            i for s in stages for i in s.layers if i in config.stem_layers()
+        )
     dense, tables = report.replica_sums()
     assert dense + tables == report.counts.total_params
     # Interleaved 1F1B: rank 0 holds 2(pp-1) + (vp-1)pp + 1 = 5 chunk passes of 8 layers,
     # L (1 + (pp-1)/(pp vp)) = 40 layers' worth; the last rank 3 passes plus its head once.
-    chunk = chunk_activations(config.model, 8, ActivationSetup(
-        tp_size=4, sequence_parallel=config.parallel.sequence_parallel, micro_batch_size=1,
-        bf16=True)).stored
+    chunk = chunk_activations(
+        config.model,
+        8,
+        ActivationSetup(
+            tp_size=4,
+            sequence_parallel=config.parallel.sequence_parallel,
+            micro_batch_size=1,
+            bf16=True,
+        ),
+    ).stored
     first, last = report.ranks[0].memory, report.ranks[-1].memory
     assert (first.passes_in_flight, last.passes_in_flight) == (5, 3)
     assert first.activations == 5 * chunk + first.activations_once
@@ -170,11 +201,23 @@ def _real_chunks(overrides: list[str]) -> dict:
     try:
         chunks = build_model_chunks(config, parallel, 1001)
         counts = [count_shard(c) for c in chunks]
-        return {"pp": parallel.pp_rank, "dp": parallel.dp_rank,
-                "chunks": [sorted({int(n.split(".")[2]) for n, _ in c.named_parameters()
-                                   if n.startswith("decoder.layers.")}) for c in chunks],
-                "dense": sum(c.dense for c in counts), "tables": sum(c.tables for c in counts),
-                "table_shapes": [list(s) for c in counts for s in c.table_shapes]}
+        return {
+            "pp": parallel.pp_rank,
+            "dp": parallel.dp_rank,
+            "chunks": [
+                sorted(
+                    {
+                        int(n.split(".")[2])
+                        for n, _ in c.named_parameters()
+                        if n.startswith("decoder.layers.")
+                    }
+                )
+                for c in chunks
+            ],
+            "dense": sum(c.dense for c in counts),
+            "tables": sum(c.tables for c in counts),
+            "table_shapes": [list(s) for c in counts for s in c.table_shapes],
+        }
     finally:
         parallel.destroy()
 

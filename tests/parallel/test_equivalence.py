@@ -73,15 +73,27 @@ def assert_layout(results, grid: Grid) -> None:
 def base_overrides(small_corpus, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs")
     return [
-        f"model.num_layers={NUM_LAYERS}", "model.hidden_size=32", "model.ffn_hidden_size=64",
-        "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=32",
-        "model.make_vocab_size_divisible_by=64", "stem.layers=[1,2]",
+        f"model.num_layers={NUM_LAYERS}",
+        "model.hidden_size=32",
+        "model.ffn_hidden_size=64",
+        "model.num_attention_heads=4",
+        "model.num_query_groups=2",
+        "model.seq_length=32",
+        "model.make_vocab_size_divisible_by=64",
+        "stem.layers=[1,2]",
         "model.untie_embeddings_and_output_weights=true",
-        "stem.optimizer.lr=0.01", "train.micro_batch_size=2", "train.global_batch_size=8",
-        "train.train_iters=20", "optim.lr_warmup_iters=2", "optim.lr=0.003",
-        "optim.min_lr=0.0003", "optim.clip_grad=0.5", "optim.adam_eps=1e-5",
+        "stem.optimizer.lr=0.01",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=8",
+        "train.train_iters=20",
+        "optim.lr_warmup_iters=2",
+        "optim.lr=0.003",
+        "optim.min_lr=0.0003",
+        "optim.clip_grad=0.5",
+        "optim.adam_eps=1e-5",
         f"data.tokenizer={small_corpus['tokenizer']}",
-        f"data.train_data={small_corpus['train']}", f"data.valid_data={small_corpus['val']}",
+        f"data.train_data={small_corpus['train']}",
+        f"data.valid_data={small_corpus['val']}",
         f"logging.run_dir={run}",
     ]
 
@@ -95,8 +107,9 @@ def single_process(base_overrides):
     def get(model_overrides: list[str]) -> dict:
         key = tuple(model_overrides)
         if key not in runs:
-            (runs[key],) = run_local_workers(1, train_steps, base_overrides + model_overrides,
-                                             STEPS)
+            (runs[key],) = run_local_workers(
+                1, train_steps, base_overrides + model_overrides, STEPS
+            )
             assert_layout([runs[key]], Grid())
         return runs[key]
 
@@ -137,8 +150,11 @@ LAYOUTS = {
     "dp2-replicated": ([], [], Grid(dp=2)),
     "dp2-vocab-sharded": (VOCAB_SHARDED, [], Grid(dp=2, dp_layout="vocab_sharded")),
     "pp2": (PP2, [], Grid(pp=2)),
-    "pp2-uneven": (PP2 + ["parallel.pipeline_layers=[1,3]"], [],
-                   Grid(pp=2, stages=(((0,),), ((1, 2, 3),)))),
+    "pp2-uneven": (
+        PP2 + ["parallel.pipeline_layers=[1,3]"],
+        [],
+        Grid(pp=2, stages=(((0,),), ((1, 2, 3),))),
+    ),
     # Virtual stage v of pipeline rank r holds layer v * pp + r.
     "pp2-interleaved": (PP2 + VP2, [], Grid(pp=2, stages=(((0,), (2,)), ((1,), (3,))))),
     "tp2xpp2": (TP2 + PP2, [], Grid(tp=2, pp=2)),
@@ -146,15 +162,24 @@ LAYOUTS = {
     # dense grads must still be averaged over DP when the last backward (not forward) ends.
     "pp2xdp2": (PP2, [], Grid(pp=2, dp=2)),
     "pp2xdp2-interleaved-vocab-sharded": (
-        PP2 + VP2 + VOCAB_SHARDED, [],
-        Grid(pp=2, dp=2, dp_layout="vocab_sharded", stages=(((0,), (2,)), ((1,), (3,))))),
+        PP2 + VP2 + VOCAB_SHARDED,
+        [],
+        Grid(pp=2, dp=2, dp_layout="vocab_sharded", stages=(((0,), (2,)), ((1,), (3,)))),
+    ),
     # Recomputed layers (full, one per region) whose host tables read prefetched rows: each
     # region takes one staged slot per table and micro-batch, with interleaved 1F1B running
     # several micro-batches' forwards before their (recomputing) backwards.
     "pp2-interleaved-recompute-host": (
-        PP2 + VP2 + ["model.recompute_granularity=full", "model.recompute_method=uniform",
-                     "model.recompute_num_layers=1"], ["stem.storage=host"],
-        Grid(pp=2, stages=(((0,), (2,)), ((1,), (3,))))),
+        PP2
+        + VP2
+        + [
+            "model.recompute_granularity=full",
+            "model.recompute_method=uniform",
+            "model.recompute_num_layers=1",
+        ],
+        ["stem.storage=host"],
+        Grid(pp=2, stages=(((0,), (2,)), ((1,), (3,)))),
+    ),
     "tp2-tied": (TP2, TIED, Grid(tp=2)),
     # Tied across stages: the last stage's copy of the embedding must equal the first's
     # bitwise (merged_params) and both the single process's.
@@ -177,10 +202,14 @@ RESHARDS = {
     "tp2-to-single": ((TP2, Grid(tp=2)), ([], Grid())),
     "single-to-tp2": (([], Grid()), (TP2, Grid(tp=2))),
     "dp2-to-tp2": (([], Grid(dp=2)), (TP2, Grid(tp=2))),
-    "vocab-sharded-to-single": ((VOCAB_SHARDED, Grid(dp=2, dp_layout="vocab_sharded")),
-                                ([], Grid())),
-    "single-to-vocab-sharded": (([], Grid()),
-                                (VOCAB_SHARDED, Grid(dp=2, dp_layout="vocab_sharded"))),
+    "vocab-sharded-to-single": (
+        (VOCAB_SHARDED, Grid(dp=2, dp_layout="vocab_sharded")),
+        ([], Grid()),
+    ),
+    "single-to-vocab-sharded": (
+        ([], Grid()),
+        (VOCAB_SHARDED, Grid(dp=2, dp_layout="vocab_sharded")),
+    ),
     "pp2-to-single": ((PP2, Grid(pp=2)), ([], Grid())),
     "single-to-pp2-interleaved": (([], Grid()), (PP2 + VP2, LAYOUTS["pp2-interleaved"][2])),
     "pp2-tied-to-single": ((PP2, Grid(pp=2)), ([], Grid()), TIED),
@@ -195,13 +224,22 @@ def test_checkpoint_loads_under_another_layout(base_overrides, single_process, t
     model = model[0] if model else []
     saved = tmp_path / "saved"
     saving = run_local_workers(
-        save_grid.world, train_steps,
-        base_overrides + model + save_extra + [f"logging.run_dir={saved}"], 3, 3)
+        save_grid.world,
+        train_steps,
+        base_overrides + model + save_extra + [f"logging.run_dir={saved}"],
+        3,
+        3,
+    )
     assert_layout(saving, save_grid)
     resumed = run_local_workers(
-        load_grid.world, train_steps,
-        base_overrides + model + load_extra + [f"logging.run_dir={tmp_path / 'resumed'}",
-                                               f"checkpoint.load={saved}"], STEPS - 3)
+        load_grid.world,
+        train_steps,
+        base_overrides
+        + model
+        + load_extra
+        + [f"logging.run_dir={tmp_path / 'resumed'}", f"checkpoint.load={saved}"],
+        STEPS - 3,
+    )
     assert_layout(resumed, load_grid)
     assert all(r["start"] == 3 for r in resumed)
     reference = single_process(model)

@@ -16,35 +16,64 @@ from stem_megatron.training.short_run import train_steps
 STEPS = 50
 
 
-@pytest.mark.parametrize("steps,extra", [
-    (STEPS, []),  # DP=2, replicated tables
-    (STEPS, ["stem.dp_layout=vocab_sharded"]),
-    (STEPS, ["stem.dp_layout=vocab_sharded", "stem.optimizer.mode=exact"]),
-    # No clipping: host-table updates start during the backward (training/table_update.py).
-    (20, ["stem.dp_layout=vocab_sharded", "optim.clip_grad=0"]),
-    # Interleaved 1F1B: each rank's two chunks read the micro-batches at different offsets,
-    # so the prefetcher serves each table its own sequence.
-    (10, ["model.num_layers=4", "stem.layers=[0,1,2,3]",
-          "model.untie_embeddings_and_output_weights=true",
-          "parallel.pipeline_model_parallel_size=2",
-          "parallel.virtual_pipeline_model_parallel_size=2"]),
-], ids=["dp2-replicated", "dp2-vocab-sharded", "dp2-vocab-sharded-exact",
-        "dp2-vocab-sharded-overlapped-update", "pp2-interleaved"])
+@pytest.mark.parametrize(
+    "steps,extra",
+    [
+        (STEPS, []),  # DP=2, replicated tables
+        (STEPS, ["stem.dp_layout=vocab_sharded"]),
+        (STEPS, ["stem.dp_layout=vocab_sharded", "stem.optimizer.mode=exact"]),
+        # No clipping: host-table updates start during the backward (training/table_update.py).
+        (20, ["stem.dp_layout=vocab_sharded", "optim.clip_grad=0"]),
+        # Interleaved 1F1B: each rank's two chunks read the micro-batches at different offsets,
+        # so the prefetcher serves each table its own sequence.
+        (
+            10,
+            [
+                "model.num_layers=4",
+                "stem.layers=[0,1,2,3]",
+                "model.untie_embeddings_and_output_weights=true",
+                "parallel.pipeline_model_parallel_size=2",
+                "parallel.virtual_pipeline_model_parallel_size=2",
+            ],
+        ),
+    ],
+    ids=[
+        "dp2-replicated",
+        "dp2-vocab-sharded",
+        "dp2-vocab-sharded-exact",
+        "dp2-vocab-sharded-overlapped-update",
+        "pp2-interleaved",
+    ],
+)
 def test_host_tables_equal_device_tables(small_corpus, tmp_path, steps, extra):
     base = [
-        "model.num_layers=2", "model.hidden_size=32", "model.ffn_hidden_size=64",
-        "model.num_attention_heads=4", "model.num_query_groups=2", "model.seq_length=32",
-        "model.make_vocab_size_divisible_by=64", "stem.layers=[0,1]",
-        "train.micro_batch_size=2", "train.global_batch_size=8", f"train.train_iters={STEPS}",
-        "optim.lr_warmup_iters=2", "optim.lr=0.003", "optim.min_lr=0.0003",
+        "model.num_layers=2",
+        "model.hidden_size=32",
+        "model.ffn_hidden_size=64",
+        "model.num_attention_heads=4",
+        "model.num_query_groups=2",
+        "model.seq_length=32",
+        "model.make_vocab_size_divisible_by=64",
+        "stem.layers=[0,1]",
+        "train.micro_batch_size=2",
+        "train.global_batch_size=8",
+        f"train.train_iters={STEPS}",
+        "optim.lr_warmup_iters=2",
+        "optim.lr=0.003",
+        "optim.min_lr=0.0003",
         f"data.tokenizer={small_corpus['tokenizer']}",
-        f"data.train_data={small_corpus['train']}", f"data.valid_data={small_corpus['val']}",
+        f"data.train_data={small_corpus['train']}",
+        f"data.valid_data={small_corpus['val']}",
     ] + extra
     variants = {"device": ["stem.storage=device"], "host": ["stem.storage=host"]}
     if "parallel.pipeline_model_parallel_size=2" not in extra:  # the cache at DP=2
         variants["host_cache"] = ["stem.storage=host", "stem.cache_rows=64"]
-    runs = {name: run_local_workers(2, train_steps, base + overrides + [
-        f"logging.run_dir={tmp_path / name}"], steps) for name, overrides in variants.items()}
+    runs = {
+        name: run_local_workers(
+            2, train_steps, base + overrides + [f"logging.run_dir={tmp_path / name}"], steps
+        )
+        for name, overrides in variants.items()
+    }
     if "stem.dp_layout=vocab_sharded" in extra:
         # Host tables exchange a micro-batch's ids once for all tables, before the schedule;
         # device tables once per table lookup: fewer bytes, the same row traffic otherwise.

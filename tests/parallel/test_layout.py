@@ -8,10 +8,17 @@ from stem_megatron.config import ConfigError, load_config
 from stem_megatron.parallel.layout import validate_layout
 from stem_megatron.parallel.pipeline_stages import even_layer_counts, pipeline_stages
 
-SMALL = ["model.num_layers=4", "model.hidden_size=256", "model.ffn_hidden_size=512",
-         "model.num_attention_heads=16", "model.num_query_groups=16",
-         "model.make_vocab_size_divisible_by=500", "model.untie_embeddings_and_output_weights=true",
-         "train.micro_batch_size=1", "train.global_batch_size=64"]
+SMALL = [
+    "model.num_layers=4",
+    "model.hidden_size=256",
+    "model.ffn_hidden_size=512",
+    "model.num_attention_heads=16",
+    "model.num_query_groups=16",
+    "model.make_vocab_size_divisible_by=500",
+    "model.untie_embeddings_and_output_weights=true",
+    "train.micro_batch_size=1",
+    "train.global_batch_size=64",
+]
 
 
 def layout(world_size: int, *overrides: str, vocab_size: int = 1000):
@@ -19,41 +26,86 @@ def layout(world_size: int, *overrides: str, vocab_size: int = 1000):
 
 
 def test_a_good_layout():
-    lay = layout(32, "parallel.tensor_model_parallel_size=4",
-                 "parallel.pipeline_model_parallel_size=2")
+    lay = layout(
+        32, "parallel.tensor_model_parallel_size=4", "parallel.pipeline_model_parallel_size=2"
+    )
     assert (lay.tp_size, lay.pp_size, lay.dp_size) == (4, 2, 4)
     assert [s.layers for s in lay.stages] == [(0, 1), (2, 3)]
 
 
-@pytest.mark.parametrize("world_size,overrides,message", [
-    (8, ["parallel.tensor_model_parallel_size=8", "model.num_attention_heads=12",
-         "model.num_query_groups=4", "model.hidden_size=384"],
-     r"tensor_model_parallel_size \(8\) does not divide model.num_attention_heads \(12\)"),
-    (16, ["parallel.tensor_model_parallel_size=16", "model.num_query_groups=8"],
-     r"tensor_model_parallel_size \(16\) does not divide model.num_query_groups \(8\)"),
-    (8, ["parallel.tensor_model_parallel_size=8", "model.ffn_hidden_size=500"],
-     r"tensor_model_parallel_size \(8\) does not divide model.ffn_hidden_size \(500\)"),
-    (16, ["parallel.tensor_model_parallel_size=16"],
-     r"tensor_model_parallel_size \(16\) does not divide the padded vocab size \(1000\) "
-     r"\(vocab 1000 rounded up to a multiple of model.make_vocab_size_divisible_by=500\)"),
-    (8, ["parallel.pipeline_model_parallel_size=8"],
-     r"pipeline_model_parallel_size \(8\) is larger than model.num_layers \(4\)"),
-    (12, ["parallel.tensor_model_parallel_size=4", "parallel.pipeline_model_parallel_size=2"],
-     r"world size 12 is not divisible by tensor_model_parallel_size \(4\) x "
-     r"pipeline_model_parallel_size \(2\) = 8"),
-    (2, ["parallel.pipeline_model_parallel_size=2", "parallel.pipeline_layers=[1,2]"],
-     r"pipeline_layers \[1, 2\] sums to 3; model.num_layers is 4"),
-    (2, ["parallel.pipeline_model_parallel_size=2", "parallel.pipeline_layers=[4]"],
-     r"pipeline_layers \[4\] has 1 entries; parallel.pipeline_model_parallel_size is 2"),
-    (2, ["parallel.pipeline_model_parallel_size=2", "parallel.pipeline_layers=[0,4]"],
-     r"every stage needs at least one layer"),
-    (48, [], r"global_batch_size \(64\) must be a multiple of train.micro_batch_size \(1\) x "
-             r"data-parallel size \(48\)"),
-    (2, ["parallel.pipeline_model_parallel_size=2",
-         "parallel.virtual_pipeline_model_parallel_size=2", "train.global_batch_size=3"],
-     r"interleaved schedule .* micro-batches per step \(3 = .*\) to be a multiple of "
-     r"pipeline_model_parallel_size \(2\)"),
-])
+@pytest.mark.parametrize(
+    "world_size,overrides,message",
+    [
+        (
+            8,
+            [
+                "parallel.tensor_model_parallel_size=8",
+                "model.num_attention_heads=12",
+                "model.num_query_groups=4",
+                "model.hidden_size=384",
+            ],
+            r"tensor_model_parallel_size \(8\) does not divide model.num_attention_heads \(12\)",
+        ),
+        (
+            16,
+            ["parallel.tensor_model_parallel_size=16", "model.num_query_groups=8"],
+            r"tensor_model_parallel_size \(16\) does not divide model.num_query_groups \(8\)",
+        ),
+        (
+            8,
+            ["parallel.tensor_model_parallel_size=8", "model.ffn_hidden_size=500"],
+            r"tensor_model_parallel_size \(8\) does not divide model.ffn_hidden_size \(500\)",
+        ),
+        (
+            16,
+            ["parallel.tensor_model_parallel_size=16"],
+            r"tensor_model_parallel_size \(16\) does not divide the padded vocab size \(1000\) "
+            r"\(vocab 1000 rounded up to a multiple of model.make_vocab_size_divisible_by=500\)",
+        ),
+        (
+            8,
+            ["parallel.pipeline_model_parallel_size=8"],
+            r"pipeline_model_parallel_size \(8\) is larger than model.num_layers \(4\)",
+        ),
+        (
+            12,
+            ["parallel.tensor_model_parallel_size=4", "parallel.pipeline_model_parallel_size=2"],
+            r"world size 12 is not divisible by tensor_model_parallel_size \(4\) x "
+            r"pipeline_model_parallel_size \(2\) = 8",
+        ),
+        (
+            2,
+            ["parallel.pipeline_model_parallel_size=2", "parallel.pipeline_layers=[1,2]"],
+            r"pipeline_layers \[1, 2\] sums to 3; model.num_layers is 4",
+        ),
+        (
+            2,
+            ["parallel.pipeline_model_parallel_size=2", "parallel.pipeline_layers=[4]"],
+            r"pipeline_layers \[4\] has 1 entries; parallel.pipeline_model_parallel_size is 2",
+        ),
+        (
+            2,
+            ["parallel.pipeline_model_parallel_size=2", "parallel.pipeline_layers=[0,4]"],
+            r"every stage needs at least one layer",
+        ),
+        (
+            48,
+            [],
+            r"global_batch_size \(64\) must be a multiple of train.micro_batch_size \(1\) x "
+            r"data-parallel size \(48\)",
+        ),
+        (
+            2,
+            [
+                "parallel.pipeline_model_parallel_size=2",
+                "parallel.virtual_pipeline_model_parallel_size=2",
+                "train.global_batch_size=3",
+            ],
+            r"interleaved schedule .* micro-batches per step \(3 = .*\) to be a multiple of "
+            r"pipeline_model_parallel_size \(2\)",
+        ),
+    ],
+)
 def test_bad_layouts_name_the_numbers(world_size, overrides, message):
     with pytest.raises(ConfigError, match=message):
         layout(world_size, *overrides)
@@ -69,9 +121,17 @@ def test_even_split_gives_leftovers_to_middle_stages_then_the_first():
 
 def test_uneven_stages():
     stages = pipeline_stages(16, 4, [3, 5, 5, 3])
-    assert [s.layers for s in stages] == [(0, 1, 2), (3, 4, 5, 6, 7), (8, 9, 10, 11, 12),
-                                          (13, 14, 15)]
+    assert [s.layers for s in stages] == [
+        (0, 1, 2),
+        (3, 4, 5, 6, 7),
+        (8, 9, 10, 11, 12),
+        (13, 14, 15),
+    ]
     assert [(s.pre_process, s.post_process) for s in stages] == [
-        (True, False), (False, False), (False, False), (False, True)]
+        (True, False),
+        (False, False),
+        (False, False),
+        (False, True),
+    ]
     (only,) = pipeline_stages(4, 1)
     assert only.pre_process and only.post_process and only.layers == (0, 1, 2, 3)

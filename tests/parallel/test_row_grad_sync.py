@@ -49,8 +49,11 @@ def _dense_mean_grad() -> torch.Tensor:
 
 
 def _touched() -> torch.Tensor:
-    return torch.unique(torch.cat([_micro_batch(r, m)[0].reshape(-1) for r in range(WORLD)
-                                   for m in range(MICRO_BATCHES)]))
+    return torch.unique(
+        torch.cat(
+            [_micro_batch(r, m)[0].reshape(-1) for r in range(WORLD) for m in range(MICRO_BATCHES)]
+        )
+    )
 
 
 def _replicated(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -78,7 +81,7 @@ def test_replicated_row_sync_averages_over_the_union_of_rows(results):
 
 def _vocab_sharded(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     block = RowBlock.of(V, rank, WORLD)
-    table = torch.nn.Parameter(_table()[block.start:block.end].clone())
+    table = torch.nn.Parameter(_table()[block.start : block.end].clone())
     accumulator = RowGradAccumulator()
     rows_read = []
     for micro in range(MICRO_BATCHES):

@@ -19,13 +19,26 @@ def _model(tp: int, sequence_parallel: bool, recompute: str | None, stem_layers)
     from stem_megatron.config import ModelConfig
     from stem_megatron.model.transformer import ModelSpec, StemGPTModel
 
-    m = ModelConfig(num_layers=3, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
-                    num_query_groups=2, seq_length=SEQ, make_vocab_size_divisible_by=64,
-                    recompute_granularity=recompute,
-                    recompute_method="uniform" if recompute == "full" else None,
-                    recompute_num_layers=1 if recompute == "full" else None)
-    spec = ModelSpec(model=m, vocab_size=VOCAB, stem_layers=stem_layers, tp_size=tp,
-                     tp_rank=dist.get_rank() % tp, sequence_parallel=sequence_parallel)
+    m = ModelConfig(
+        num_layers=3,
+        hidden_size=32,
+        ffn_hidden_size=64,
+        num_attention_heads=4,
+        num_query_groups=2,
+        seq_length=SEQ,
+        make_vocab_size_divisible_by=64,
+        recompute_granularity=recompute,
+        recompute_method="uniform" if recompute == "full" else None,
+        recompute_num_layers=1 if recompute == "full" else None,
+    )
+    spec = ModelSpec(
+        model=m,
+        vocab_size=VOCAB,
+        stem_layers=stem_layers,
+        tp_size=tp,
+        tp_rank=dist.get_rank() % tp,
+        sequence_parallel=sequence_parallel,
+    )
     model = StemGPTModel(spec)  # tied embedding and head
     model.init_parameters(7)
     return model
@@ -41,8 +54,9 @@ def _full(local: torch.Tensor, shard, group) -> torch.Tensor:
     return gather_full(slices, shard)
 
 
-def _loss_and_grads(tp: int, sequence_parallel: bool, recompute: str | None,
-                    stem_layers: tuple[int, ...]) -> dict:
+def _loss_and_grads(
+    tp: int, sequence_parallel: bool, recompute: str | None, stem_layers: tuple[int, ...]
+) -> dict:
     from megatron.core import parallel_state
 
     from stem_megatron.model.sharding import TPShard, get_tp_shard
@@ -63,18 +77,26 @@ def _loss_and_grads(tp: int, sequence_parallel: bool, recompute: str | None,
     for param in model.parameters():
         if getattr(param, "sequence_parallel", False):
             dist.all_reduce(param.grad, group=group)
-    grads = {n: _full(p.grad, get_tp_shard(p), group)
-             for n, p in model.named_parameters() if p.grad is not None}
+    grads = {
+        n: _full(p.grad, get_tp_shard(p), group)
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }
     for name, table in model.stem_tables().items():
         ids, rows = table.grad_accumulator.reduce()
         rows = _full(rows, TPShard(dim=1), group)
         grads[name] = rows.new_zeros(VOCAB, rows.shape[1]).index_copy_(0, ids, rows)
     if sequence_parallel:  # refused before any collective: one rank cannot hang the others
         with pytest.raises(ValueError, match="must divide them"):
-            model(tokens[:, :SEQ - 1])
+            model(tokens[:, : SEQ - 1])
     marked = sorted(n for n, p in model.named_parameters() if getattr(p, "sequence_parallel", 0))
-    return {"loss": loss.detach(), "grads": grads, "layer_tokens": seen, "marked": marked,
-            "comm": tp_bytes}
+    return {
+        "loss": loss.detach(),
+        "grads": grads,
+        "layer_tokens": seen,
+        "marked": marked,
+        "comm": tp_bytes,
+    }
 
 
 def _worker(tp: int, cases: list[tuple]) -> list[dict]:
@@ -89,8 +111,13 @@ def _worker(tp: int, cases: list[tuple]) -> list[dict]:
 
 STEM, DENSE = (1, 2), ()
 # (sequence parallel, recompute granularity, STEM layers); the last: the dense baseline
-CASES = [(False, None, STEM), (True, None, STEM), (True, "full", STEM),
-         (True, "selective", STEM), (True, None, DENSE)]
+CASES = [
+    (False, None, STEM),
+    (True, None, STEM),
+    (True, "full", STEM),
+    (True, "selective", STEM),
+    (True, None, DENSE),
+]
 
 
 @pytest.fixture(scope="module")
@@ -110,8 +137,9 @@ def _assert_close(result: dict, reference: dict) -> float:
     return worst
 
 
-@pytest.mark.parametrize("case", range(len(CASES) - 1),
-                         ids=[f"sp={sp}-recompute={r}" for sp, r, _ in CASES[:-1]])
+@pytest.mark.parametrize(
+    "case", range(len(CASES) - 1), ids=[f"sp={sp}-recompute={r}" for sp, r, _ in CASES[:-1]]
+)
 def test_tp2_matches_single_process(runs, case):
     single, ranks = runs
     for rank in ranks:

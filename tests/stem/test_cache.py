@@ -30,8 +30,11 @@ def test_token_counts_over_blocks_and_hot_ids(monkeypatch):
 def test_prefetcher_stages_only_uncached_rows_and_lookups_get_all_rows():
     tables = {"a": torch.randn(40, 6), "b": torch.randn(40, 6)}
     cache = HotRowCache(tables, torch.tensor([0, 2, 5, 9]), CPU)
-    batches = [torch.tensor([[0, 2, 3, 9], [3, 11, 0, 0]]), torch.tensor([[0, 2, 5, 9]]),
-               torch.tensor([[7, 8, 30]])]
+    batches = [
+        torch.tensor([[0, 2, 3, 9], [3, 11, 0, 0]]),
+        torch.tensor([[0, 2, 5, 9]]),
+        torch.tensor([[7, 8, 30]]),
+    ]
     prefetcher = RowPrefetcher(tables, CPU, cache)
     with prefetcher.prefetching(requests(batches)):
         for ids in batches:

@@ -26,11 +26,19 @@ def run(settle_before_read: bool, kernel: str) -> tuple[torch.Tensor, torch.Tens
     target = torch.randn(V, D, generator=gen)
     rng = np.random.default_rng(0)
     sparse_table = torch.nn.Parameter(init.clone())
-    sparse = SparseRowAdamW({"t": sparse_table}, lr=1e-2, betas=(0.9, 0.999), eps=1e-8,
-                            weight_decay=0.1, mode="exact", kernel=kernel)
+    sparse = SparseRowAdamW(
+        {"t": sparse_table},
+        lr=1e-2,
+        betas=(0.9, 0.999),
+        eps=1e-8,
+        weight_decay=0.1,
+        mode="exact",
+        kernel=kernel,
+    )
     dense_table = torch.nn.Parameter(init.clone())
-    dense = torch.optim.AdamW([dense_table], lr=1e-2, betas=(0.9, 0.999), eps=1e-8,
-                              weight_decay=0.1)
+    dense = torch.optim.AdamW(
+        [dense_table], lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1
+    )
     for step in range(STEPS):
         ids = torch.from_numpy(np.minimum(rng.zipf(1.3, size=64) - 1, V - 1))
         rows = torch.unique(ids)

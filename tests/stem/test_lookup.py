@@ -63,7 +63,11 @@ def test_three_micro_batches_sum_like_dense() -> None:
     gen = torch.Generator().manual_seed(2)
     acc = RowGradAccumulator()
     dense_sum = torch.zeros(V, D)
-    batches = [torch.tensor([1, 2, 3, 3, 10]), torch.tensor([3, 4, 10, 10]), torch.tensor([[2, 40], [41, 1]])]
+    batches = [
+        torch.tensor([1, 2, 3, 3, 10]),
+        torch.tensor([3, 4, 10, 10]),
+        torch.tensor([[2, 40], [41, 1]]),
+    ]
     for ids in batches:
         upstream = torch.randn(*ids.shape, D, generator=gen)
         (stem_lookup(table, ids, acc) * upstream).sum().backward()

@@ -26,7 +26,9 @@ def micro_batches(count: int, vocab: int, shape=(4, 8), seed: int = 0) -> list[t
     return [torch.randint(0, vocab, shape, generator=gen) for _ in range(count)]
 
 
-def consume(prefetcher: RowPrefetcher, name: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+def consume(
+    prefetcher: RowPrefetcher, name: str, ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """One lookup's staged (unique ids, rows copy, staging buffer address)."""
     with prefetcher.staged(name, ids.numel()) as staged:
         return staged.unique_ids.clone(), staged.rows.clone(), staged.rows.data_ptr()
@@ -65,7 +67,9 @@ def test_staged_rows_equal_table_rows_and_buffers_are_reused():
             _, rows, _ = consume(prefetcher, name, wide)
             assert torch.equal(rows, table)
     prefetcher.finish()
-    assert prefetcher.slot_capacity("a")[0] >= 50 and prefetcher.slot_capacity("a")[1] == capacity[1]
+    assert (
+        prefetcher.slot_capacity("a")[0] >= 50 and prefetcher.slot_capacity("a")[1] == capacity[1]
+    )
 
 
 def test_tables_consume_micro_batches_at_their_own_pace():

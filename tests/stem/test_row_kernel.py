@@ -15,8 +15,10 @@ WD = 0.1
 
 def _pair(kernels: tuple[str, str], vocab: int, dim: int, **kw) -> list[SparseRowAdamW]:
     start = torch.randn(vocab, dim, generator=torch.Generator().manual_seed(0)) * 0.02
-    return [SparseRowAdamW({"u": torch.nn.Parameter(start.clone())}, weight_decay=WD, kernel=k, **kw)
-            for k in kernels]
+    return [
+        SparseRowAdamW({"u": torch.nn.Parameter(start.clone())}, weight_decay=WD, kernel=k, **kw)
+        for k in kernels
+    ]
 
 
 def _state(opt: SparseRowAdamW) -> list[torch.Tensor]:
@@ -82,8 +84,10 @@ def test_settle_only_idle_rows_and_exact_state_dict() -> None:
     sd = cpp.state_dict()
     assert not torch.equal(cpp.tables["u"].detach(), before)
     ref.settle()
-    for got, want in zip([cpp.tables["u"].detach(), sd["tables"]["u"]["exp_avg"], sd["tables"]["u"]["exp_avg_sq"]],
-                         _state(ref)):
+    for got, want in zip(
+        [cpp.tables["u"].detach(), sd["tables"]["u"]["exp_avg"], sd["tables"]["u"]["exp_avg_sq"]],
+        _state(ref),
+    ):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
 
 

@@ -25,7 +25,9 @@ def _lr(step: int, total: int = 60, peak: float = 1e-2, warmup: int = 5) -> floa
 
 
 def _table(seed: int = 0, vocab: int = V) -> torch.nn.Parameter:
-    return torch.nn.Parameter(torch.randn(vocab, D, generator=torch.Generator().manual_seed(seed)) * 0.05)
+    return torch.nn.Parameter(
+        torch.randn(vocab, D, generator=torch.Generator().manual_seed(seed)) * 0.05
+    )
 
 
 @pytest.mark.parametrize("kernel", ["torch", "torch_fused", "cpp"])
@@ -54,8 +56,12 @@ def test_fixed_rows_match_torch_adamw(kernel: str) -> None:
     got = table.detach()
     torch.testing.assert_close(got[rows], ref.detach(), rtol=1e-6, atol=0)
     assert not torch.equal(got[rows], start[rows])
-    torch.testing.assert_close(opt.exp_avg["u"][rows], ref_opt.state[ref]["exp_avg"], rtol=1e-6, atol=0)
-    torch.testing.assert_close(opt.exp_avg_sq["u"][rows], ref_opt.state[ref]["exp_avg_sq"], rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        opt.exp_avg["u"][rows], ref_opt.state[ref]["exp_avg"], rtol=1e-6, atol=0
+    )
+    torch.testing.assert_close(
+        opt.exp_avg_sq["u"][rows], ref_opt.state[ref]["exp_avg_sq"], rtol=1e-6, atol=0
+    )
     idle = torch.ones(V, dtype=torch.bool)
     idle[rows] = False
     assert torch.equal(got[idle], start[idle])
@@ -108,7 +114,9 @@ def test_varying_rows_match_per_row_reference() -> None:
     for name, table in tables.items():
         torch.testing.assert_close(table.detach().double(), refs[name].p, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(opt.exp_avg[name].double(), refs[name].m, rtol=1e-5, atol=1e-9)
-        torch.testing.assert_close(opt.exp_avg_sq[name].double(), refs[name].v, rtol=1e-5, atol=1e-12)
+        torch.testing.assert_close(
+            opt.exp_avg_sq[name].double(), refs[name].v, rtol=1e-5, atol=1e-12
+        )
 
 
 def test_skipped_table_still_counts_step() -> None:
@@ -117,10 +125,18 @@ def test_skipped_table_still_counts_step() -> None:
     for _ in range(4):
         opt.step({"w": (torch.tensor([0]), torch.ones(1, D))}, lr=0.1)
     before = table.detach().clone()
-    opt.step({"u": (torch.tensor([3]), torch.ones(1, D)), "w": (torch.tensor([], dtype=torch.long), torch.ones(0, D))}, lr=0.1)
+    opt.step(
+        {
+            "u": (torch.tensor([3]), torch.ones(1, D)),
+            "w": (torch.tensor([], dtype=torch.long), torch.ones(0, D)),
+        },
+        lr=0.1,
+    )
     # Step 5 with m = 0.1 g, v = 0.001 g^2: p moves by lr * (0.1 / (1 - 0.9^5)) / sqrt(0.001 / (1 - 0.999^5)).
     expected = 0.1 * (0.1 / (1 - 0.9**5)) / math.sqrt(0.001 / (1 - 0.999**5))
-    torch.testing.assert_close(before[3] - table.detach()[3], torch.full((D,), expected), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        before[3] - table.detach()[3], torch.full((D,), expected), rtol=1e-5, atol=0
+    )
 
 
 def _run(opt: SparseRowAdamW, gen: torch.Generator, steps: range) -> None:
@@ -137,7 +153,10 @@ def test_state_dict_round_trip_continues_identically() -> None:
     saved = opt.state_dict()
     assert saved["step"] == 20 and isinstance(saved["step"], int)
     assert saved["tables"]["u"]["exp_avg"].shape == (V, D)
-    saved = {"step": saved["step"], "tables": {"u": {k: t.clone() for k, t in saved["tables"]["u"].items()}}}
+    saved = {
+        "step": saved["step"],
+        "tables": {"u": {k: t.clone() for k, t in saved["tables"]["u"].items()}},
+    }
     table_copy = torch.nn.Parameter(table.detach().clone())
     resumed = SparseRowAdamW({"u": table_copy}, betas=BETAS, eps=EPS, weight_decay=WD)
     resumed.load_state_dict(saved)
@@ -153,12 +172,24 @@ def test_state_dict_round_trip_continues_identically() -> None:
 def test_load_state_dict_rejects_wrong_shape_and_names() -> None:
     opt = SparseRowAdamW({"decoder.layers.1.mlp.stem_table": _table()})
     sd = opt.state_dict()
-    bad = {"step": 3, "tables": {"decoder.layers.1.mlp.stem_table": {"exp_avg": torch.zeros(V + 1, D), "exp_avg_sq": torch.zeros(V, D)}}}
-    with pytest.raises(ValueError, match=r"decoder\.layers\.1\.mlp\.stem_table.*\(41, 6\).*\(40, 6\)"):
+    bad = {
+        "step": 3,
+        "tables": {
+            "decoder.layers.1.mlp.stem_table": {
+                "exp_avg": torch.zeros(V + 1, D),
+                "exp_avg_sq": torch.zeros(V, D),
+            }
+        },
+    }
+    with pytest.raises(
+        ValueError, match=r"decoder\.layers\.1\.mlp\.stem_table.*\(41, 6\).*\(40, 6\)"
+    ):
         opt.load_state_dict(bad)
     assert opt.step_count == 0
     with pytest.raises(KeyError, match="missing tables.*stem_table.*unexpected.*other"):
-        opt.load_state_dict({"step": 1, "tables": {"other": sd["tables"]["decoder.layers.1.mlp.stem_table"]}})
+        opt.load_state_dict(
+            {"step": 1, "tables": {"other": sd["tables"]["decoder.layers.1.mlp.stem_table"]}}
+        )
 
 
 def test_bf16_table_updates_in_fp32_state() -> None:
@@ -231,7 +262,9 @@ def test_exact_matches_dense_adamw_over_zipf_stream(kernel: str) -> None:
     table = torch.nn.Parameter(start.clone())
     dense = torch.nn.Parameter(start.clone())
     ref = torch.optim.AdamW([dense], lr=1.0, betas=BETAS, eps=EPS, weight_decay=WD, foreach=False)
-    opt = SparseRowAdamW({"u": table}, betas=BETAS, eps=EPS, weight_decay=WD, mode="exact", kernel=kernel)
+    opt = SparseRowAdamW(
+        {"u": table}, betas=BETAS, eps=EPS, weight_decay=WD, mode="exact", kernel=kernel
+    )
     tol = {"rtol": 1e-6, "atol": 1e-6 * start.abs().max().item()}
     stream = _zipf_stream(torch.Generator().manual_seed(7), vocab, 300)
     for step, (ids, grad) in enumerate(stream, start=1):
@@ -246,15 +279,23 @@ def test_exact_matches_dense_adamw_over_zipf_stream(kernel: str) -> None:
         assert torch.equal(table.detach()[idle], before[idle])
         if step == 150:
             # state_dict settles every row; resume into a fresh optimizer and table.
-            saved = {"step": step, "tables": {"u": {k: t.clone() for k, t in opt.state_dict()["tables"]["u"].items()}}}
+            saved = {
+                "step": step,
+                "tables": {"u": {k: t.clone() for k, t in opt.state_dict()["tables"]["u"].items()}},
+            }
             torch.testing.assert_close(table.detach(), dense.detach(), **tol)
             table = torch.nn.Parameter(table.detach().clone())
-            opt = SparseRowAdamW({"u": table}, betas=BETAS, eps=EPS, weight_decay=WD, mode="exact", kernel=kernel)
+            opt = SparseRowAdamW(
+                {"u": table}, betas=BETAS, eps=EPS, weight_decay=WD, mode="exact", kernel=kernel
+            )
             opt.load_state_dict(saved)
     opt.settle()
     state = ref.state[dense]
     torch.testing.assert_close(table.detach(), dense.detach(), **tol)
-    for got, want, atol in ((opt.exp_avg["u"], state["exp_avg"], 1e-15), (opt.exp_avg_sq["u"], state["exp_avg_sq"], 1e-20)):
+    for got, want, atol in (
+        (opt.exp_avg["u"], state["exp_avg"], 1e-15),
+        (opt.exp_avg_sq["u"], state["exp_avg_sq"], 1e-20),
+    ):
         scale = 1e-6 * want.abs().max().item() if kernel == "cpp" else atol
         torch.testing.assert_close(got, want, rtol=1e-6, atol=scale)
     # The comparison is not vacuous: rows moved well beyond the tolerance.

@@ -22,8 +22,12 @@ def test_a_diverged_run_ends_with_one_error_line(tiny_config, capsys):
 
 def test_a_prompt_longer_than_the_context_is_reported(trained_run, capsys):
     prompt = "ROMEO. " * 40  # tiny runs have model.seq_length 32
-    assert generate.main(["--checkpoint", str(trained_run), "--prompt", prompt,
-                          "--max-new-tokens", "2"]) == 0
+    assert (
+        generate.main(
+            ["--checkpoint", str(trained_run), "--prompt", prompt, "--max-new-tokens", "2"]
+        )
+        == 0
+    )
     err = capsys.readouterr().err
     assert "longer than model.seq_length=32: the model sees only its last 32 tokens" in err
 
@@ -39,11 +43,16 @@ def test_generate_takes_the_latest_pointer_file(trained_run, capsys):
 
 
 def test_the_strict_rule_error_names_generates_own_flag(trained_run, capsys):
-    assert generate.main(["--checkpoint", str(trained_run), "--prompt", "ROMEO.",
-                          "--stem-remap", "id:5=id:6,7"]) == 1
+    assert (
+        generate.main(
+            ["--checkpoint", str(trained_run), "--prompt", "ROMEO.", "--stem-remap", "id:5=id:6,7"]
+        )
+        == 1
+    )
     err = capsys.readouterr().err.strip()
-    assert err.endswith("the strict rule needs equal lengths: choose --stem-remap-rule repeat "
-                        "or pick")
+    assert err.endswith(
+        "the strict rule needs equal lengths: choose --stem-remap-rule repeat or pick"
+    )
     assert "--rule " not in err and "average" not in err
 
 

@@ -20,8 +20,10 @@ from tools.convert_checkpoint import main
 
 TP2_PP2 = ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"]
 TP1_PP1 = ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1"]
-RUN = ["checkpoint.save_interval=3",
-       "model.untie_embeddings_and_output_weights=true"]  # PP > 1 needs untied embeddings
+RUN = [
+    "checkpoint.save_interval=3",
+    "model.untie_embeddings_and_output_weights=true",
+]  # PP > 1 needs untied embeddings
 
 
 def losses(run_dir) -> dict[int, float]:
@@ -36,8 +38,12 @@ def assert_same_tensors(a: OfflineCheckpoint, b: OfflineCheckpoint, keys=None) -
 
 def resume_matches(tiny_config, parallel, full, checkpoint, run_dir) -> None:
     """Training resumed from `checkpoint` (step 3) repeats the uninterrupted run's losses."""
-    resumed = tiny_config(*RUN, f"stem.optimizer.mode={full.stem.optimizer.mode}",
-                          f"checkpoint.load={checkpoint}", f"logging.run_dir={run_dir}")
+    resumed = tiny_config(
+        *RUN,
+        f"stem.optimizer.mode={full.stem.optimizer.mode}",
+        f"checkpoint.load={checkpoint}",
+        f"logging.run_dir={run_dir}",
+    )
     trainer = Trainer(resumed, parallel)
     assert trainer.step == 3
     trainer.run()
@@ -61,8 +67,9 @@ def test_reshard_round_trip_is_bitwise_and_resumes(full_run, tiny_config, parall
     assert main(["reshard", str(tmp_path / "tp2pp2"), str(tmp_path / "tp1"), *TP1_PP1]) == 0
     assert snapshot(source) == before  # the input is only read
 
-    src, tp2pp2, tp1 = (OfflineCheckpoint(p) for p in
-                        (source, tmp_path / "tp2pp2", tmp_path / "tp1"))
+    src, tp2pp2, tp1 = (
+        OfflineCheckpoint(p) for p in (source, tmp_path / "tp2pp2", tmp_path / "tp1")
+    )
     # Every tensor is stored as its full logical tensor: a layout change moves no bit.
     assert set(tp2pp2.keys()) == set(src.keys()) | {f"rng.torch_rank{r}" for r in (1, 2, 3)}
     assert set(tp1.keys()) == set(tp2pp2.keys())  # ranks the TP1 world lacks are carried
@@ -83,21 +90,39 @@ def test_reshard_back_to_tp2pp2_and_table_layouts(full_run, tmp_path):
     resumed under TP2xPP2 continues the single-process run (within fp32 summation order), and
     vocab-sharded host-resident DP=2 and mmap-tier layouts round-trip too."""
     source = full_run.run_dir / "checkpoints" / "step_3"
-    steps = [("tp2pp2", TP2_PP2, 1), ("tp1", TP1_PP1, 1), ("again", TP2_PP2, 1),
-             ("sharded", ["stem.dp_layout=vocab_sharded", "stem.storage=host"], 2),
-             ("mapped", ["stem.dp_layout=replicated", "stem.storage=mmap"], 1),
-             ("replicated", ["stem.storage=device"], 1)]
+    steps = [
+        ("tp2pp2", TP2_PP2, 1),
+        ("tp1", TP1_PP1, 1),
+        ("again", TP2_PP2, 1),
+        ("sharded", ["stem.dp_layout=vocab_sharded", "stem.storage=host"], 2),
+        ("mapped", ["stem.dp_layout=replicated", "stem.storage=mmap"], 1),
+        ("replicated", ["stem.storage=device"], 1),
+    ]
     previous = source
     for name, overrides, dp in steps:
-        assert main(["reshard", str(previous), str(tmp_path / name), *overrides,
-                     f"--dp={dp}", "--quiet"]) == 0
+        assert (
+            main(
+                [
+                    "reshard",
+                    str(previous),
+                    str(tmp_path / name),
+                    *overrides,
+                    f"--dp={dp}",
+                    "--quiet",
+                ]
+            )
+            == 0
+        )
         previous = tmp_path / name
     first, again = OfflineCheckpoint(tmp_path / "tp2pp2"), OfflineCheckpoint(tmp_path / "again")
     assert set(first.keys()) == set(again.keys())
     assert_same_tensors(first, again)
     # The converted checkpoint trains in its own layout as the single process did.
-    overrides = as_overrides(full_run.to_dict()) + TP2_PP2 + [
-        f"checkpoint.load={tmp_path / 'tp2pp2'}", f"logging.run_dir={tmp_path / 'resumed'}"]
+    overrides = (
+        as_overrides(full_run.to_dict())
+        + TP2_PP2
+        + [f"checkpoint.load={tmp_path / 'tp2pp2'}", f"logging.run_dir={tmp_path / 'resumed'}"]
+    )
     result = run_local_workers(4, train_steps, overrides, 3)[0]
     expected = losses(full_run.run_dir)
     assert result["start"] == 3
@@ -110,12 +135,12 @@ def test_reshard_back_to_tp2pp2_and_table_layouts(full_run, tmp_path):
     # The mmap tier's scratch files went to a temporary dir, not into the source run.
     assert not (full_run.run_dir / "stem_mmap").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [name for name, _, _ in steps] + ["run", "resumed"])  # no tmp or scratch dir left
+        [name for name, _, _ in steps] + ["run", "resumed"]
+    )  # no tmp or scratch dir left
 
 
 @pytest.mark.parametrize("full_run", ["lazy", "exact"], indirect=True)
-def test_safetensors_round_trip_is_bitwise_and_resumes(full_run, tiny_config, parallel,
-                                                       tmp_path):
+def test_safetensors_round_trip_is_bitwise_and_resumes(full_run, tiny_config, parallel, tmp_path):
     source = full_run.run_dir / "checkpoints" / "step_3"
     before = snapshot(source)
     assert main(["to-safetensors", str(source), str(tmp_path / "st"), "--quiet"]) == 0

@@ -39,13 +39,19 @@ def only_inputs_left(tmp_path: Path, *expected: str) -> None:
 
 @pytest.mark.parametrize("command", ["reshard", "to-safetensors"])
 def test_missing_and_partial_checkpoints(checkpoint, tmp_path, capsys, command):
-    fails(capsys, [command, str(tmp_path / "nowhere"), str(tmp_path / "out")],
-          "no such checkpoint path")
+    fails(
+        capsys,
+        [command, str(tmp_path / "nowhere"), str(tmp_path / "out")],
+        "no such checkpoint path",
+    )
     partial = tmp_path / "partial" / "step_2"
     shutil.copytree(checkpoint, partial)
     (partial / "metadata.json").unlink()
-    fails(capsys, [command, str(partial), str(tmp_path / "out")],
-          "is not a complete checkpoint: missing metadata.json")
+    fails(
+        capsys,
+        [command, str(partial), str(tmp_path / "out")],
+        "is not a complete checkpoint: missing metadata.json",
+    )
     only_inputs_left(tmp_path, "run", "partial")
 
 
@@ -62,35 +68,54 @@ def test_overrides_that_do_not_match_the_tensors(checkpoint, tmp_path, capsys):
     before = snapshot(checkpoint)
     out = tmp_path / "out"
     # Refused before any process starts: a malformed override, an impossible layout.
-    fails(capsys, ["reshard", str(checkpoint), str(out), "parallel.tensor_model_parallel_size"],
-          "is not of the form section.key=value")
-    fails(capsys, ["reshard", str(checkpoint), str(out), "parallel.tensor_model_parallel_size=3"],
-          "tensor_model_parallel_size")
+    fails(
+        capsys,
+        ["reshard", str(checkpoint), str(out), "parallel.tensor_model_parallel_size"],
+        "is not of the form section.key=value",
+    )
+    fails(
+        capsys,
+        ["reshard", str(checkpoint), str(out), "parallel.tensor_model_parallel_size=3"],
+        "tensor_model_parallel_size",
+    )
     # A model of another size: the target world refuses the checkpoint, naming the tensor
     # (overrides may follow options).
-    fails(capsys, ["reshard", str(checkpoint), str(out), "--dp", "1", "model.hidden_size=48"],
-          "shape mismatch for 'model.embedding.word_embeddings.weight'")
+    fails(
+        capsys,
+        ["reshard", str(checkpoint), str(out), "--dp", "1", "model.hidden_size=48"],
+        "shape mismatch for 'model.embedding.word_embeddings.weight'",
+    )
     assert snapshot(checkpoint) == before
     only_inputs_left(tmp_path, "run")
 
 
 def test_from_safetensors_bad_input(checkpoint, tmp_path, capsys):
-    fails(capsys, ["from-safetensors", str(checkpoint), str(tmp_path / "out")],
-          "is not a consolidated checkpoint: missing checkpoint.safetensors")
+    fails(
+        capsys,
+        ["from-safetensors", str(checkpoint), str(tmp_path / "out")],
+        "is not a consolidated checkpoint: missing checkpoint.safetensors",
+    )
     assert main(["to-safetensors", str(checkpoint), str(tmp_path / "st"), "--quiet"]) == 0
     before = snapshot(tmp_path / "st")
-    fails(capsys, ["from-safetensors", str(tmp_path / "st"), str(tmp_path / "st")],
-          "already exists")
+    fails(
+        capsys, ["from-safetensors", str(tmp_path / "st"), str(tmp_path / "st")], "already exists"
+    )
     description = json.loads((tmp_path / "st" / "checkpoint.json").read_text())
     description["model_keys"].append("model.extra.weight")
     edited = tmp_path / "edited"
     shutil.copytree(tmp_path / "st", edited)
     (edited / "checkpoint.json").write_text(json.dumps(description))
-    fails(capsys, ["from-safetensors", str(edited), str(tmp_path / "out")],
-          "lists other tensors than checkpoint.safetensors holds")
+    fails(
+        capsys,
+        ["from-safetensors", str(edited), str(tmp_path / "out")],
+        "lists other tensors than checkpoint.safetensors holds",
+    )
     (edited / "checkpoint.safetensors").write_bytes(b"\x01")
-    fails(capsys, ["from-safetensors", str(edited), str(tmp_path / "out")],
-          "too short to be a safetensors file")
+    fails(
+        capsys,
+        ["from-safetensors", str(edited), str(tmp_path / "out")],
+        "too short to be a safetensors file",
+    )
     assert snapshot(tmp_path / "st") == before
     only_inputs_left(tmp_path, "run", "st", "edited")
 
@@ -102,8 +127,16 @@ def test_model_only_checkpoint(checkpoint, tmp_path, capsys):
     model = {key: ckpt.read(key) for key in ckpt.keys() if key.startswith("model.")}
     metadata = {"step": 0, "data": None, "config": ckpt.config_dict, "model_only": True}
     write_checkpoint(tmp_path / "weights", model, metadata)
-    fails(capsys, ["reshard", str(tmp_path / "weights"), str(tmp_path / "out"),
-                   "parallel.tensor_model_parallel_size=2"], "holds model weights only")
+    fails(
+        capsys,
+        [
+            "reshard",
+            str(tmp_path / "weights"),
+            str(tmp_path / "out"),
+            "parallel.tensor_model_parallel_size=2",
+        ],
+        "holds model weights only",
+    )
     assert main(["to-safetensors", str(tmp_path / "weights"), str(tmp_path / "st"), "--quiet"]) == 0
     assert main(["from-safetensors", str(tmp_path / "st"), str(tmp_path / "back"), "--quiet"]) == 0
     back = OfflineCheckpoint(tmp_path / "back")
@@ -113,8 +146,17 @@ def test_model_only_checkpoint(checkpoint, tmp_path, capsys):
 
 
 def test_command_line_exit_status(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "tools" / "convert_checkpoint.py"),
-                             "to-safetensors", str(tmp_path / "nowhere"), str(tmp_path / "out")],
-                            capture_output=True, text=True, cwd=ROOT)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "convert_checkpoint.py"),
+            "to-safetensors",
+            str(tmp_path / "nowhere"),
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert result.returncode == 1
     assert "error: no such checkpoint path" in result.stderr

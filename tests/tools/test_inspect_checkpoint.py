@@ -30,8 +30,12 @@ def stem_run(tiny_config, parallel):
 
 @pytest.fixture
 def dense_run(tiny_config, parallel, tmp_path):
-    config = tiny_config(f"train.train_iters={STEPS}", "train.eval_interval=0", "stem.enabled=false",
-                         f"logging.run_dir={tmp_path / 'dense'}")
+    config = tiny_config(
+        f"train.train_iters={STEPS}",
+        "train.eval_interval=0",
+        "stem.enabled=false",
+        f"logging.run_dir={tmp_path / 'dense'}",
+    )
     Trainer(config, parallel).run()
     return config
 
@@ -39,8 +43,14 @@ def dense_run(tiny_config, parallel, tmp_path):
 def trained_token_ids(config) -> set[int]:
     """Every input id the run's training steps looked up (lazy mode updates exactly those rows)."""
     data = open_dataset(config.data.train_data)
-    stream = PackedSampleStream(data.tokens, config.model.seq_length, config.train.micro_batch_size,
-                                seed=config.train.seed, dp_rank=0, dp_size=1)
+    stream = PackedSampleStream(
+        data.tokens,
+        config.model.seq_length,
+        config.train.micro_batch_size,
+        seed=config.train.seed,
+        dp_rank=0,
+        dp_size=1,
+    )
     micro = config.train.global_batch_size // config.train.micro_batch_size
     return {int(t) for _ in range(STEPS * micro) for t in next(stream)[:, :-1].flatten()}
 
@@ -54,9 +64,25 @@ def all_pairs_mean_cosine(rows: torch.Tensor) -> float:
 
 def test_stem_statistics_and_dense_comparison(stem_run, dense_run, tmp_path, capsys):
     report_path, plot_path = tmp_path / "report.json", tmp_path / "spread.png"
-    assert main([str(stem_run.run_dir), "--tensors", "--pairs", "20000", "--tokens", "512",
-                 "--dense-checkpoint", str(dense_run.run_dir), "--json", str(report_path),
-                 "--plot", str(plot_path)]) == 0
+    assert (
+        main(
+            [
+                str(stem_run.run_dir),
+                "--tensors",
+                "--pairs",
+                "20000",
+                "--tokens",
+                "512",
+                "--dense-checkpoint",
+                str(dense_run.run_dir),
+                "--json",
+                str(report_path),
+                "--plot",
+                str(plot_path),
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "STEM layer 1: table [512, 64]" in text and "dense baseline W_up x" in text
     assert TABLE in text  # --tensors lists every tensor
@@ -88,7 +114,7 @@ def assert_plot_draws_each_series(path, panels: int, series: int) -> None:
     assert image.size == (450 * panels, 350)
     pixels = torch.tensor(list(image.getdata()), dtype=torch.float32)
     for colour in ("#1f77b4", "#ff7f0e", "#2ca02c")[:series]:
-        rgb = torch.tensor([int(colour[i:i + 2], 16) for i in (1, 3, 5)], dtype=torch.float32)
+        rgb = torch.tensor([int(colour[i : i + 2], 16) for i in (1, 3, 5)], dtype=torch.float32)
         assert ((pixels - rgb).abs().max(dim=1).values < 40).sum() > 100, colour
 
 
@@ -105,14 +131,27 @@ def test_up_projection_outputs_are_w_up_times_ffn_input(dense_run):
     finally:
         hook.remove()
     w_up = OfflineCheckpoint(dense_run.run_dir).read(
-        "model.decoder.layers.0.mlp.linear_fc1.weight")[1]
+        "model.decoder.layers.0.mlp.linear_fc1.weight"
+    )[1]
     x = torch.cat([i.transpose(0, 1).reshape(-1, i.shape[-1]) for i in inputs])
     torch.testing.assert_close(up, x @ w_up.T, rtol=1e-5, atol=1e-6)
 
 
 def test_dense_checkpoint_alone_and_bad_input(dense_run, stem_run, tmp_path, capsys):
-    assert main([str(dense_run.run_dir), "--data", str(dense_run.data.valid_data),
-                 "--tokens", "256", "--pairs", "1000"]) == 0
+    assert (
+        main(
+            [
+                str(dense_run.run_dir),
+                "--data",
+                str(dense_run.data.valid_data),
+                "--tokens",
+                "256",
+                "--pairs",
+                "1000",
+            ]
+        )
+        == 0
+    )
     text = capsys.readouterr().out
     assert "STEM layers none" in text
     assert "dense layer 0: W_up x" in text and "dense layer 1: W_up x" in text

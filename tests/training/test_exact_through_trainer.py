@@ -28,10 +28,17 @@ from stem_megatron.training.trainer import Trainer
 STEPS = 8
 TABLE_LR, TABLE_WD = 0.01, 0.1  # the dense optim.lr is 0.003 (tiny_config)
 ATOL = 3e-7
-OVERRIDES = ["stem.optimizer.mode=exact", f"stem.optimizer.lr={TABLE_LR}",
-             f"stem.optimizer.weight_decay={TABLE_WD}", "optim.clip_grad=0",
-             "optim.lr_warmup_iters=3", "optim.lr_decay_style=cosine", "stem.layers=[0,1]",
-             f"train.train_iters={STEPS}", "checkpoint.save_interval=0"]
+OVERRIDES = [
+    "stem.optimizer.mode=exact",
+    f"stem.optimizer.lr={TABLE_LR}",
+    f"stem.optimizer.weight_decay={TABLE_WD}",
+    "optim.clip_grad=0",
+    "optim.lr_warmup_iters=3",
+    "optim.lr_decay_style=cosine",
+    "stem.layers=[0,1]",
+    f"train.train_iters={STEPS}",
+    "checkpoint.save_interval=0",
+]
 
 
 class ReadRecorder:
@@ -48,6 +55,7 @@ class ReadRecorder:
             unique, first = _first_positions(ids)
             rows = output.detach().reshape(ids.numel(), -1)[first].float().cpu()
             self.reads[name].append((unique.cpu(), rows.clone()))
+
         return record
 
     def take(self):
@@ -63,18 +71,27 @@ def _first_positions(ids: torch.Tensor):
 
 
 @pytest.mark.parametrize("storage", ["device", "host"])
-def test_exact_tables_through_the_trainer_equal_dense_adamw(tiny_config, parallel, tmp_path,
-                                                            storage):
+def test_exact_tables_through_the_trainer_equal_dense_adamw(
+    tiny_config, parallel, tmp_path, storage
+):
     overlap = storage == "host"  # host tables start their update during the backward
-    config = tiny_config(*OVERRIDES, f"stem.storage={storage}",
-                         f"logging.run_dir={tmp_path / 'run'}")
+    config = tiny_config(
+        *OVERRIDES, f"stem.storage={storage}", f"logging.run_dir={tmp_path / 'run'}"
+    )
     trainer = Trainer(config, parallel)
     assert (trainer.optimizer.overlap is not None) == overlap
     modules = trainer.chunks[0].stem_tables()
     o = trainer.config.optim
-    reference = {n: torch.nn.Parameter(t.weight.detach().float().clone()) for n, t in modules.items()}
-    dense = torch.optim.AdamW(list(reference.values()), lr=TABLE_LR, weight_decay=TABLE_WD,
-                              betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps)
+    reference = {
+        n: torch.nn.Parameter(t.weight.detach().float().clone()) for n, t in modules.items()
+    }
+    dense = torch.optim.AdamW(
+        list(reference.values()),
+        lr=TABLE_LR,
+        weight_decay=TABLE_WD,
+        betas=(o.adam_beta1, o.adam_beta2),
+        eps=o.adam_eps,
+    )
     recorder = ReadRecorder(modules)
     last_touched = {n: torch.full((t.weight.shape[0],), -1) for n, t in modules.items()}
     idle_reads = 0
@@ -83,8 +100,13 @@ def test_exact_tables_through_the_trainer_equal_dense_adamw(tiny_config, paralle
         metrics = trainer.train_step()
         for name, reads in recorder.take().items():
             for ids, rows in reads:
-                torch.testing.assert_close(rows, reference[name].detach()[ids], rtol=0,
-                                           atol=ATOL, msg=lambda m: f"step {step} {name}: {m}")
+                torch.testing.assert_close(
+                    rows,
+                    reference[name].detach()[ids],
+                    rtol=0,
+                    atol=ATOL,
+                    msg=lambda m: f"step {step} {name}: {m}",
+                )
                 idle_reads += int((last_touched[name][ids] < step - 1).sum())
         factors.append(trainer.schedule.factor(step))
         assert metrics["optim/table_lr"] == pytest.approx(TABLE_LR * factors[-1])
@@ -104,10 +126,21 @@ def test_exact_tables_through_the_trainer_equal_dense_adamw(tiny_config, paralle
     assert idle_rows > 100
 
     saved = trainer.state.save(trainer.checkpointer, trainer.step, trainer.config)
-    resumed = Trainer(tiny_config(*OVERRIDES, f"stem.storage={storage}",
-                                  f"logging.run_dir={tmp_path / 'resumed'}",
-                                  f"checkpoint.load={saved}"), parallel)
+    resumed = Trainer(
+        tiny_config(
+            *OVERRIDES,
+            f"stem.storage={storage}",
+            f"logging.run_dir={tmp_path / 'resumed'}",
+            f"checkpoint.load={saved}",
+        ),
+        parallel,
+    )
     assert resumed.step == STEPS
     for name, module in resumed.chunks[0].stem_tables().items():
-        torch.testing.assert_close(module.weight.detach().float(), reference[name].detach(),
-                                   rtol=0, atol=ATOL, msg=lambda m: f"saved {name}: {m}")
+        torch.testing.assert_close(
+            module.weight.detach().float(),
+            reference[name].detach(),
+            rtol=0,
+            atol=ATOL,
+            msg=lambda m: f"saved {name}: {m}",
+        )

@@ -24,19 +24,26 @@ def params_of(trainer: Trainer) -> dict[str, torch.Tensor]:
 @pytest.fixture
 def source_run(tiny_config, parallel):
     """A trained STEM run (exact mode: tables, moments and steps all non-trivial)."""
-    config = tiny_config("train.train_iters=3", "train.eval_interval=0",
-                         "stem.optimizer.mode=exact")
+    config = tiny_config(
+        "train.train_iters=3", "train.eval_interval=0", "stem.optimizer.mode=exact"
+    )
     trainer = Trainer(config, parallel)
     trainer.run()
     return config.run_dir / "checkpoints" / "step_3", params_of(trainer)
 
 
-def test_finetune_takes_weights_only_and_a_requeue_resumes_in_full(tiny_config, parallel,
-                                                                    tmp_path, source_run):
+def test_finetune_takes_weights_only_and_a_requeue_resumes_in_full(
+    tiny_config, parallel, tmp_path, source_run
+):
     checkpoint, trained = source_run
-    overrides = (f"checkpoint.load={checkpoint}", "checkpoint.finetune=true",
-                 f"logging.run_dir={tmp_path / 'ft'}", "train.train_iters=2",
-                 "train.eval_interval=0", "train.seed=99")
+    overrides = (
+        f"checkpoint.load={checkpoint}",
+        "checkpoint.finetune=true",
+        f"logging.run_dir={tmp_path / 'ft'}",
+        "train.train_iters=2",
+        "train.eval_interval=0",
+        "train.seed=99",
+    )
     trainer = Trainer(tiny_config(*overrides), parallel)
     assert trainer.step == 0
     loaded = params_of(trainer)
@@ -51,28 +58,40 @@ def test_finetune_takes_weights_only_and_a_requeue_resumes_in_full(tiny_config, 
     saved = json.loads((tmp_path / "ft/checkpoints/step_2/metadata.json").read_text())
     assert saved["step"] == 2
 
-    requeued = Trainer(tiny_config(*overrides[:3], "train.train_iters=4",
-                                   *overrides[4:]), parallel)
+    requeued = Trainer(tiny_config(*overrides[:3], "train.train_iters=4", *overrides[4:]), parallel)
     assert requeued.step == 2  # its own latest checkpoint, optimizer and all
     assert requeued.optimizer.sparse.step_count == 2
 
 
 @pytest.mark.parametrize("storage", ["device", "host"])
-def test_model_only_checkpoint_starts_a_finetune_but_cannot_be_resumed(tiny_config, parallel,
-                                                                      tmp_path, storage):
-    base = tiny_config("train.train_iters=1", "optim.lr_warmup_iters=0",
-                       f"stem.storage={storage}")
+def test_model_only_checkpoint_starts_a_finetune_but_cannot_be_resumed(
+    tiny_config, parallel, tmp_path, storage
+):
+    base = tiny_config("train.train_iters=1", "optim.lr_warmup_iters=0", f"stem.storage={storage}")
     source = Trainer(base, parallel)
     path = Checkpointer(tmp_path / "weights").save(
-        0, {"model": model_state(named_parameters(source.chunks),
-                                 CheckpointMeshes.single(torch.device("cpu")))},
-        {"step": 0, "data": None, "config": base.to_dict(), MODEL_ONLY: True})
+        0,
+        {
+            "model": model_state(
+                named_parameters(source.chunks), CheckpointMeshes.single(torch.device("cpu"))
+            )
+        },
+        {"step": 0, "data": None, "config": base.to_dict(), MODEL_ONLY: True},
+    )
     with pytest.raises(ValueError, match="model weights only.*checkpoint.finetune=true"):
-        Trainer(tiny_config(f"checkpoint.load={path}", f"logging.run_dir={tmp_path / 'a'}"),
-                parallel)
-    trainer = Trainer(tiny_config(f"checkpoint.load={path}", "checkpoint.finetune=true",
-                                  f"logging.run_dir={tmp_path / 'b'}", "train.seed=7",
-                                  f"stem.storage={storage}"), parallel)
+        Trainer(
+            tiny_config(f"checkpoint.load={path}", f"logging.run_dir={tmp_path / 'a'}"), parallel
+        )
+    trainer = Trainer(
+        tiny_config(
+            f"checkpoint.load={path}",
+            "checkpoint.finetune=true",
+            f"logging.run_dir={tmp_path / 'b'}",
+            "train.seed=7",
+            f"stem.storage={storage}",
+        ),
+        parallel,
+    )
     assert trainer.step == 0
     for name, p in params_of(source).items():
         assert torch.equal(params_of(trainer)[name], p)
@@ -84,9 +103,19 @@ def test_finetune_needs_a_load_path_and_matching_parameters(tiny_config, paralle
         tiny_config("checkpoint.finetune=true")
     with pytest.raises(ConfigError, match="finetune=true needs checkpoint.load"):
         tiny_config("checkpoint.finetune=true", "checkpoint.load=auto")
-    dense = tiny_config("stem.enabled=false", "train.train_iters=1", "train.eval_interval=0",
-                        "optim.lr_warmup_iters=0")
+    dense = tiny_config(
+        "stem.enabled=false",
+        "train.train_iters=1",
+        "train.eval_interval=0",
+        "optim.lr_warmup_iters=0",
+    )
     Trainer(dense, parallel).run()
     with pytest.raises(CheckpointMismatchError, match="lacks model parameters.*stem_table"):
-        Trainer(tiny_config(f"checkpoint.load={dense.run_dir}", "checkpoint.finetune=true",
-                            f"logging.run_dir={tmp_path / 'stem'}"), parallel)
+        Trainer(
+            tiny_config(
+                f"checkpoint.load={dense.run_dir}",
+                "checkpoint.finetune=true",
+                f"logging.run_dir={tmp_path / 'stem'}",
+            ),
+            parallel,
+        )

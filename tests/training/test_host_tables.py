@@ -9,7 +9,6 @@ import torch
 
 from stem_megatron.config import ConfigError
 from stem_megatron.training.trainer import Trainer
-
 from tests.training.test_trainer import metrics_by_step
 
 STEPS = 50
@@ -19,16 +18,22 @@ def test_host_tables_train_exactly_like_device_tables(tiny_config, parallel, tmp
     """50 steps of two tables, with evaluations: identical losses and parameters (bitwise)."""
     runs = {}
     for storage in ("device", "host"):
-        config = tiny_config(f"stem.storage={storage}", "stem.layers=[0,1]",
-                             f"train.train_iters={STEPS}", "train.eval_interval=25",
-                             f"logging.run_dir={tmp_path / storage}")
+        config = tiny_config(
+            f"stem.storage={storage}",
+            "stem.layers=[0,1]",
+            f"train.train_iters={STEPS}",
+            "train.eval_interval=25",
+            f"logging.run_dir={tmp_path / storage}",
+        )
         trainer = Trainer(config, parallel)
         trainer.run()
         assert trainer.prefetcher is None or not trainer.prefetcher.active
         tables = trainer.optimizer.tables.values()
         assert all(t.on_host == (storage == "host") for t in tables)
-        runs[storage] = (metrics_by_step(config.run_dir),
-                         {n: p.detach().clone() for n, p in trainer.chunks[0].named_parameters()})
+        runs[storage] = (
+            metrics_by_step(config.run_dir),
+            {n: p.detach().clone() for n, p in trainer.chunks[0].named_parameters()},
+        )
     (device, device_params), (host, host_params) = runs["device"], runs["host"]
     assert sorted(host) == list(range(1, STEPS + 1))
     for step in host:
@@ -49,14 +54,19 @@ def test_host_tables_train_exactly_like_device_tables(tiny_config, parallel, tmp
 
 
 def test_unknown_storage_is_a_config_error(tiny_config):
-    with pytest.raises(ConfigError, match=r"stem.storage must be one of 'device', 'host', 'mmap', got 'ssd'"):
+    with pytest.raises(
+        ConfigError, match=r"stem.storage must be one of 'device', 'host', 'mmap', got 'ssd'"
+    ):
         tiny_config("stem.storage=ssd")
 
 
 def test_tables_larger_than_host_memory_are_refused_before_allocation(tiny_config, parallel):
     # 2^34 rows x 64 x 12 bytes: ~13 TB of tables and optimizer state; allocating would fail.
     config = tiny_config("stem.storage=host", f"model.vocab_size={2**34}")
-    with pytest.raises(MemoryError, match=r"1 host-tier STEM tables of \[17179869184, 64\] "
-                                          r"with their optimizer state needs [\d,]+ bytes of "
-                                          r"host memory but only [\d,]+ bytes are available"):
+    with pytest.raises(
+        MemoryError,
+        match=r"1 host-tier STEM tables of \[17179869184, 64\] "
+        r"with their optimizer state needs [\d,]+ bytes of "
+        r"host memory but only [\d,]+ bytes are available",
+    ):
         Trainer(config, parallel)

@@ -8,8 +8,8 @@ import pytest
 
 from stem_megatron.train import main as train_main
 from stem_megatron.training.latest_link import point_latest_at
-from tests.conftest import tiny_run_config
 from tests.config_overrides import as_overrides
+from tests.conftest import tiny_run_config
 
 
 def test_latest_is_a_relative_link_to_the_newest_run(tmp_path):
@@ -73,7 +73,13 @@ def test_each_training_run_becomes_runs_latest(tiny_run, tmp_path, capsys):
 @pytest.fixture
 def tiny_run(small_corpus):
     def run(run_dir):
-        config = tiny_run_config(small_corpus, run_dir, "train.train_iters=1",
-                                 "optim.lr_warmup_iters=0", "train.eval_interval=0")
+        config = tiny_run_config(
+            small_corpus,
+            run_dir,
+            "train.train_iters=1",
+            "optim.lr_warmup_iters=0",
+            "train.eval_interval=0",
+        )
         assert train_main(as_overrides(config.to_dict()) + ["--sample-prompt", ""]) == 0
+
     return run

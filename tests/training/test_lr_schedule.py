@@ -64,9 +64,7 @@ def test_factor_scales_groups_with_their_own_base_lr() -> None:
 
 
 def test_from_megatron_defaults_decay_iters_to_train_iters() -> None:
-    s = LRSchedule.from_megatron(
-        lr=MAX, min_lr=MIN, lr_warmup_iters=WARMUP, train_iters=DECAY
-    )
+    s = LRSchedule.from_megatron(lr=MAX, min_lr=MIN, lr_warmup_iters=WARMUP, train_iters=DECAY)
     assert s == LRSchedule(MAX, MIN, WARMUP, DECAY, DecayStyle.COSINE)
     s = LRSchedule.from_megatron(
         lr=MAX,

@@ -21,10 +21,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def read_tb(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(tb_dir))
     acc.Reload()
-    return {
-        tag: [(e.step, e.value) for e in acc.Scalars(tag)]
-        for tag in acc.Tags()["scalars"]
-    }
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def test_jsonl_and_tensorboard_hold_the_logged_values(tmp_path: Path) -> None:
@@ -84,7 +81,12 @@ def test_truncate_after_drops_the_crashed_tail_on_resume(tmp_path: Path) -> None
     assert [r["loss/train"] for r in rows] == [9.0, 8.0, 7.0, 104.0, 105.0, 106.0]
     # TensorBoard hides the first run's steps 4 and 5 too.
     assert read_tb(tmp_path / "tb")["loss/train"] == [
-        (1, 9.0), (2, 8.0), (3, 7.0), (4, 104.0), (5, 105.0), (6, 106.0)
+        (1, 9.0),
+        (2, 8.0),
+        (3, 7.0),
+        (4, 104.0),
+        (5, 105.0),
+        (6, 106.0),
     ]
 
 

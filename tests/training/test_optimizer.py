@@ -18,9 +18,13 @@ from stem_megatron.training.trainer import Trainer
 # Distinct from each other and from the dense optim.lr / optim.weight_decay.
 TABLE_LR, TABLE_WD, DENSE_WD = 0.02, 0.1, 0.01
 CLIP = 0.000001  # puts clipped gradient elements near adam_eps (1e-8)
-STEP = ["optim.lr_warmup_iters=0", "optim.lr_decay_style=constant",
-        f"optim.weight_decay={DENSE_WD}", f"stem.optimizer.lr={TABLE_LR}",
-        f"stem.optimizer.weight_decay={TABLE_WD}"]
+STEP = [
+    "optim.lr_warmup_iters=0",
+    "optim.lr_decay_style=constant",
+    f"optim.weight_decay={DENSE_WD}",
+    f"stem.optimizer.lr={TABLE_LR}",
+    f"stem.optimizer.weight_decay={TABLE_WD}",
+]
 
 
 class OneStep:
@@ -30,15 +34,19 @@ class OneStep:
     def __init__(self, tiny_config, parallel, run_dir, *overrides: str):
         self.config = tiny_config(*STEP, f"logging.run_dir={run_dir}", *overrides)
         self.trainer = Trainer(self.config, parallel)
-        model, = self.trainer.chunks
+        (model,) = self.trainer.chunks
         self.tables = {name: t.weight for name, t in model.stem_tables().items()}
         table_ids = {id(w) for w in self.tables.values()}
         self.dense = {name: p for name, p in model.named_parameters() if id(p) not in table_ids}
-        self.before = {name: p.detach().clone() for name, p in {**self.dense, **self.tables}.items()}
+        self.before = {
+            name: p.detach().clone() for name, p in {**self.dense, **self.tables}.items()
+        }
         self.metrics = self.trainer.train_step()
         self.dense_grads = {name: p.grad.detach().clone() for name, p in self.dense.items()}
-        self.row_grads = {name: tuple(x.clone() for x in t.grad_accumulator.reduce())
-                          for name, t in model.stem_tables().items()}
+        self.row_grads = {
+            name: tuple(x.clone() for x in t.grad_accumulator.reduce())
+            for name, t in model.stem_tables().items()
+        }
         assert self.tables and all(w.grad is None for w in self.tables.values())  # row-sparse
 
 
@@ -48,8 +56,9 @@ def _squared(tensors) -> float:
 
 def test_grad_norm_covers_dense_and_table_row_gradients(tiny_config, parallel, tmp_path):
     # At the default init std the tables hold ~1e-5 of the squared norm; at 0.1, ~1e-3.
-    step = OneStep(tiny_config, parallel, tmp_path / "run", "optim.clip_grad=0",
-                   "model.init_method_std=0.1")
+    step = OneStep(
+        tiny_config, parallel, tmp_path / "run", "optim.clip_grad=0", "model.init_method_std=0.1"
+    )
     dense = _squared(step.dense_grads.values())
     tables = _squared(grad for _, grad in step.row_grads.values())
     reported = step.metrics["optim/grad_norm"]
@@ -61,16 +70,20 @@ def test_grad_norm_covers_dense_and_table_row_gradients(tiny_config, parallel, t
 def _dense_reference(step: OneStep, scale: float, lr: float) -> dict[str, torch.Tensor]:
     """torch's AdamW, one step from the parameters before, on the dense gradients x scale."""
     o = step.config.optim
-    params = {name: p.clone().requires_grad_() for name, p in step.before.items()
-              if name in step.dense}
+    params = {
+        name: p.clone().requires_grad_() for name, p in step.before.items() if name in step.dense
+    }
     for name, p in params.items():
         p.grad = step.dense_grads[name] * scale
     # Megatron's rule: norms and biases are not decayed.
     no_decay = [p for n, p in params.items() if p.ndim == 1 or n.endswith(".bias")]
     decay = [p for p in params.values() if all(p is not q for q in no_decay)]
-    torch.optim.AdamW([{"params": decay, "weight_decay": DENSE_WD},
-                       {"params": no_decay, "weight_decay": 0.0}], lr=lr,
-                      betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps).step()
+    torch.optim.AdamW(
+        [{"params": decay, "weight_decay": DENSE_WD}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        betas=(o.adam_beta1, o.adam_beta2),
+        eps=o.adam_eps,
+    ).step()
     return {name: p.detach() for name, p in params.items()}
 
 
@@ -79,9 +92,14 @@ def _table_reference(step: OneStep, scale: float, lr: float, wd: float) -> dict[
     recorded row gradients x scale."""
     o = step.config.optim
     tables = {name: torch.nn.Parameter(step.before[name].clone()) for name in step.tables}
-    SparseRowAdamW(tables, lr=lr, betas=(o.adam_beta1, o.adam_beta2), eps=o.adam_eps,
-                   weight_decay=wd, kernel="torch").step(
-        {name: (ids, grad * scale) for name, (ids, grad) in step.row_grads.items()})
+    SparseRowAdamW(
+        tables,
+        lr=lr,
+        betas=(o.adam_beta1, o.adam_beta2),
+        eps=o.adam_eps,
+        weight_decay=wd,
+        kernel="torch",
+    ).step({name: (ids, grad * scale) for name, (ids, grad) in step.row_grads.items()})
     return {name: t.detach() for name, t in tables.items()}
 
 
@@ -90,7 +108,8 @@ def _close(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -
 
 
 def test_clipping_scales_dense_and_table_updates_and_tables_use_their_own_lr_and_wd(
-        tiny_config, parallel, tmp_path):
+    tiny_config, parallel, tmp_path
+):
     raw = OneStep(tiny_config, parallel, tmp_path / "raw", "optim.clip_grad=0")
     clipped = OneStep(tiny_config, parallel, tmp_path / "clipped", f"optim.clip_grad={CLIP}")
     norm = raw.metrics["optim/grad_norm"]
@@ -105,9 +124,11 @@ def test_clipping_scales_dense_and_table_updates_and_tables_use_their_own_lr_and
     assert not _close(after, _dense_reference(raw, 1.0, dense_lr))  # the unclipped update
 
     assert _close(after, _table_reference(raw, scale, TABLE_LR, TABLE_WD))
-    for wrong in (_table_reference(raw, 1.0, TABLE_LR, TABLE_WD),  # tables left unclipped
-                  _table_reference(raw, scale, dense_lr, TABLE_WD),  # the dense lr
-                  _table_reference(raw, scale, TABLE_LR, DENSE_WD)):  # the dense weight decay
+    for wrong in (
+        _table_reference(raw, 1.0, TABLE_LR, TABLE_WD),  # tables left unclipped
+        _table_reference(raw, scale, dense_lr, TABLE_WD),  # the dense lr
+        _table_reference(raw, scale, TABLE_LR, DENSE_WD),
+    ):  # the dense weight decay
         assert not _close(after, wrong)
     # Rows without a gradient did not move (lazy mode).
     for name, (ids, _) in raw.row_grads.items():
@@ -122,9 +143,11 @@ def test_dense_optimizer_is_megatron_cores_of_the_configured_kind(tiny_config, p
     from megatron.core.optimizer import DistributedOptimizer, FP32Optimizer
     from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
-    cases = [((), FP32Optimizer, torch.float32),
-             (("train.bf16=true",), Float16OptimizerWithFloat16Params, torch.bfloat16),
-             (("optim.use_distributed_optimizer=true",), DistributedOptimizer, torch.float32)]
+    cases = [
+        ((), FP32Optimizer, torch.float32),
+        (("train.bf16=true",), Float16OptimizerWithFloat16Params, torch.bfloat16),
+        (("optim.use_distributed_optimizer=true",), DistributedOptimizer, torch.float32),
+    ]
     for overrides, kind, dense_dtype in cases:
         trainer = Trainer(tiny_config(*overrides), parallel)
         (dense,) = trainer.optimizer.dense_parts

@@ -7,15 +7,20 @@ from __future__ import annotations
 import torch
 
 from stem_megatron.training.trainer import Trainer
-
 from tests.training.test_trainer import metrics_by_step
 
 STEPS = 12
 
 
 def run(tiny_config, parallel, tmp_path, name: str, *overrides: str):
-    config = tiny_config("stem.storage=host", "stem.layers=[0,1]", f"train.train_iters={STEPS}",
-                         "train.eval_interval=6", f"logging.run_dir={tmp_path / name}", *overrides)
+    config = tiny_config(
+        "stem.storage=host",
+        "stem.layers=[0,1]",
+        f"train.train_iters={STEPS}",
+        "train.eval_interval=6",
+        f"logging.run_dir={tmp_path / name}",
+        *overrides,
+    )
     trainer = Trainer(config, parallel)
     trainer.run()
     params = {n: p.detach().clone() for n, p in trainer.chunks[0].named_parameters()}
@@ -23,10 +28,22 @@ def run(tiny_config, parallel, tmp_path, name: str, *overrides: str):
 
 
 def test_overlapped_updates_equal_updates_after_the_backward(tiny_config, parallel, tmp_path):
-    runs = {name: run(tiny_config, parallel, tmp_path, name, "optim.clip_grad=0",
-                      "stem.optimizer.mode=exact", f"stem.optimizer.overlap_update={on}")
-            for name, on in (("after", "false"), ("overlapped", "true"))}
-    (after, after_params, after_on), (over, over_params, over_on) = runs["after"], runs["overlapped"]
+    runs = {
+        name: run(
+            tiny_config,
+            parallel,
+            tmp_path,
+            name,
+            "optim.clip_grad=0",
+            "stem.optimizer.mode=exact",
+            f"stem.optimizer.overlap_update={on}",
+        )
+        for name, on in (("after", "false"), ("overlapped", "true"))
+    }
+    (after, after_params, after_on), (over, over_params, over_on) = (
+        runs["after"],
+        runs["overlapped"],
+    )
     assert over_on and not after_on
     for step in range(1, STEPS + 1):
         assert over[step]["loss/train"] == after[step]["loss/train"], step
@@ -38,6 +55,7 @@ def test_overlapped_updates_equal_updates_after_the_backward(tiny_config, parall
 
 
 def test_gradient_clipping_turns_the_overlap_off(tiny_config, parallel, tmp_path):
-    metrics, _, on = run(tiny_config, parallel, tmp_path, "clipped", "optim.clip_grad=1.0",
-                         "train.train_iters=2")
+    metrics, _, on = run(
+        tiny_config, parallel, tmp_path, "clipped", "optim.clip_grad=1.0", "train.train_iters=2"
+    )
     assert not on and metrics[2]["stem/overlapped_tables"] == 0

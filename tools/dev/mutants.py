@@ -54,8 +54,16 @@ def occurrences(mutant: Mutant, root: Path = ROOT) -> int:
 
 def scratch_copy(dest: Path) -> None:
     """The working tree's files git does not ignore, plus the prepared corpus (ignored)."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT,
-                            check=True, capture_output=True).stdout.decode().split("\0")
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     for name in filter(None, listed):
         source = ROOT / name
         if source.is_file():
@@ -70,8 +78,9 @@ def scratch_copy(dest: Path) -> None:
 def pytest(tree: Path, tests: list[str], timeout: float) -> int:
     cmd = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *tests]
     try:
-        return subprocess.run(cmd, cwd=tree, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, timeout=timeout).returncode
+        return subprocess.run(
+            cmd, cwd=tree, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=timeout
+        ).returncode
     except subprocess.TimeoutExpired:
         return 124
 
@@ -104,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", default="", help="run the mutants whose name contains this")
     parser.add_argument("--list", action="store_true", help="list the mutants and exit")
-    parser.add_argument("--timeout", type=float, default=900.0,
-                        help="seconds for one mutant's tests")
+    parser.add_argument(
+        "--timeout", type=float, default=900.0, help="seconds for one mutant's tests"
+    )
     args = parser.parse_args(argv)
     mutants = [m for m in load_mutants() if args.only in m.name]
     if not mutants:
@@ -121,16 +131,20 @@ def main(argv: list[str] | None = None) -> int:
         every_test = list(dict.fromkeys(t for m in mutants for t in m.tests))
         rc = pytest(tree, every_test, args.timeout * len(mutants))
         if rc != 0:
-            print(f"error: the guarding tests fail on the unmodified code (pytest exit {rc}); "
-                  f"run them: pytest {' '.join(every_test)}")
+            print(
+                f"error: the guarding tests fail on the unmodified code (pytest exit {rc}); "
+                f"run them: pytest {' '.join(every_test)}"
+            )
             return 1
         missed = 0
         for m in mutants:
             start = time.monotonic()
             outcome = run_mutant(tree, m, args.timeout)
             missed += outcome != "caught"
-            print(f"{outcome:>8}  {m.name}  [{m.file}]  ({time.monotonic() - start:.0f} s)",
-                  flush=True)
+            print(
+                f"{outcome:>8}  {m.name}  [{m.file}]  ({time.monotonic() - start:.0f} s)",
+                flush=True,
+            )
     print(f"{len(mutants) - missed} of {len(mutants)} mutants caught")
     return 1 if missed else 0
 

@@ -35,19 +35,36 @@ log = logging.getLogger(__name__)
 class StepArgs(ctypes.Structure):
     """The fp32 scalars of one AdamW step, rounded as torch rounds its Python scalars."""
 
-    _fields_ = [(n, ctypes.c_float) for n in (
-        "wd_factor", "lerp_weight", "beta2", "one_minus_beta2", "neg_step_size", "bc2_sqrt", "eps")]
+    _fields_ = [
+        (n, ctypes.c_float)
+        for n in (
+            "wd_factor",
+            "lerp_weight",
+            "beta2",
+            "one_minus_beta2",
+            "neg_step_size",
+            "bc2_sqrt",
+            "eps",
+        )
+    ]
 
 
 class SettleArgs(ctypes.Structure):
     """Exact mode's idle-step settling; `settled` None means no settling (lazy mode)."""
 
     _fields_ = [
-        ("settled", ctypes.POINTER(ctypes.c_int64)), ("upto", ctypes.c_int64), ("base", ctypes.c_int64),
-        ("step_size", ctypes.POINTER(ctypes.c_double)), ("inv_bc2_sqrt", ctypes.POINTER(ctypes.c_double)),
-        ("decay", ctypes.POINTER(ctypes.c_double)), ("log_decay", ctypes.POINTER(ctypes.c_double)),
-        ("tail", ctypes.c_int64), ("beta1_idle", ctypes.c_double), ("beta2_idle", ctypes.c_double),
-        ("eps", ctypes.c_float), ("settled_to", ctypes.c_int64),
+        ("settled", ctypes.POINTER(ctypes.c_int64)),
+        ("upto", ctypes.c_int64),
+        ("base", ctypes.c_int64),
+        ("step_size", ctypes.POINTER(ctypes.c_double)),
+        ("inv_bc2_sqrt", ctypes.POINTER(ctypes.c_double)),
+        ("decay", ctypes.POINTER(ctypes.c_double)),
+        ("log_decay", ctypes.POINTER(ctypes.c_double)),
+        ("tail", ctypes.c_int64),
+        ("beta1_idle", ctypes.c_double),
+        ("beta2_idle", ctypes.c_double),
+        ("eps", ctypes.c_float),
+        ("settled_to", ctypes.c_int64),
     ]
 
 
@@ -67,7 +84,10 @@ def load() -> ctypes.CDLL:
     isa = _isa_flags()
     name = "stem_row_adamw" + ("_avx2" if isa else "")
     path = cpp_extension.load(
-        name, [str(_SOURCE)], is_python_module=False, verbose=False,
+        name,
+        [str(_SOURCE)],
+        is_python_module=False,
+        verbose=False,
         # -ffp-contract=off: no FMA where torch's path rounds twice; errno-free sqrt vectorises.
         extra_cflags=["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", *isa],
         extra_ldflags=["-fopenmp"],
@@ -76,8 +96,15 @@ def load() -> ctypes.CDLL:
     fn = lib.stem_row_adamw
     fn.restype = None
     fn.argtypes = [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-        ctypes.c_int64, ctypes.c_void_p, ctypes.POINTER(StepArgs), ctypes.POINTER(SettleArgs),
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+        ctypes.POINTER(StepArgs),
+        ctypes.POINTER(SettleArgs),
         ctypes.c_int,
     ]
     return lib
