@@ -76,7 +76,9 @@ class TokenDataset:
         return int(self.tokens.shape[0])
 
 
-def open_dataset(prefix: str | os.PathLike, *, vocab_size: int | None = None, require_meta: bool = True) -> TokenDataset:
+def open_dataset(
+    prefix: str | os.PathLike, *, vocab_size: int | None = None, require_meta: bool = True
+) -> TokenDataset:
     """Open `<prefix>.bin/.idx`, validating structure, sidecar and (given vocab_size) ids.
 
     `require_meta=False` accepts datasets made by Megatron-LM's own preprocessing (no
@@ -95,19 +97,29 @@ def open_dataset(prefix: str | os.PathLike, *, vocab_size: int | None = None, re
             f"{seq_count} sequences / {doc_count} document marks ({expected_idx} bytes): truncated or corrupt; {_FIX}"
         )
     if seq_count == 0 or doc_count < 2:
-        raise DatasetError(f"{idx_path}: dataset {prefix} holds no documents; {_FIX} from non-empty inputs")
-    if os.path.getsize(bin_path) == 0:  # checked before megatron-core, which cannot mmap an empty file
-        raise DatasetError(f"{bin_path}: truncated to 0 bytes but {idx_path} lists {seq_count} sequences; {_FIX}")
+        raise DatasetError(
+            f"{idx_path}: dataset {prefix} holds no documents; {_FIX} from non-empty inputs"
+        )
+    if (
+        os.path.getsize(bin_path) == 0
+    ):  # checked before megatron-core, which cannot mmap an empty file
+        raise DatasetError(
+            f"{bin_path}: truncated to 0 bytes but {idx_path} lists {seq_count} sequences; {_FIX}"
+        )
     try:
         index = IndexedDataset(prefix, mmap=True)
     except AssertionError as e:  # megatron-core's own consistency asserts
-        raise DatasetError(f"{idx_path}: index is inconsistent ({e or 'sequence/document counts disagree'}); {_FIX}") from e
+        raise DatasetError(
+            f"{idx_path}: index is inconsistent ({e or 'sequence/document counts disagree'}); {_FIX}"
+        ) from e
     lengths = index.sequence_lengths.astype(np.int64)
     itemsize = np.dtype(dtype).itemsize
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1])) * itemsize
     docs = index.document_indices
     if (
-        docs[0] != 0 or np.any(np.diff(docs) < 0) or np.any(lengths < 0)
+        docs[0] != 0
+        or np.any(np.diff(docs) < 0)
+        or np.any(lengths < 0)
         or not np.array_equal(index.index.sequence_pointers, starts)
     ):
         raise DatasetError(
@@ -143,11 +155,15 @@ def _read_idx_header(idx_path: str) -> tuple[type, int, int]:
     seq_count, doc_count = struct.unpack("<QQ", head[18:34])
     valid_codes = {d.value for d in DType if d.name not in ("float32", "float64")}
     if version != 1 or code not in valid_codes:
-        raise DatasetError(f"{idx_path}: unsupported index (version {version}, dtype code {code}); {_FIX}")
+        raise DatasetError(
+            f"{idx_path}: unsupported index (version {version}, dtype code {code}); {_FIX}"
+        )
     return DType.dtype_from_code(code), seq_count, doc_count
 
 
-def _check_meta(prefix: str, required: bool, docs: int, tokens: int, bin_bytes: int, idx_path: str) -> dict | None:
+def _check_meta(
+    prefix: str, required: bool, docs: int, tokens: int, bin_bytes: int, idx_path: str
+) -> dict | None:
     path = meta_path(prefix)
     if not os.path.isfile(path):
         if required:
@@ -158,7 +174,12 @@ def _check_meta(prefix: str, required: bool, docs: int, tokens: int, bin_bytes: 
         return None
     try:
         meta = json.loads(Path(path).read_text(encoding="utf-8"))
-        recorded = (meta["num_documents"], meta["num_tokens"], meta["bin_bytes"], meta["idx_sha256"])
+        recorded = (
+            meta["num_documents"],
+            meta["num_tokens"],
+            meta["bin_bytes"],
+            meta["idx_sha256"],
+        )
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise DatasetError(f"{path}: unreadable sidecar ({e}); {_FIX}") from e
     actual = (docs, tokens, bin_bytes, _sha256(idx_path))
@@ -171,7 +192,9 @@ def _check_meta(prefix: str, required: bool, docs: int, tokens: int, bin_bytes: 
     return meta
 
 
-def check_token_range(dataset: TokenDataset, vocab_size: int, *, block_tokens: int = _CHUNK) -> None:
+def check_token_range(
+    dataset: TokenDataset, vocab_size: int, *, block_tokens: int = _CHUNK
+) -> None:
     """Raise if any token id is outside [0, vocab_size). Vectorised, in bounded blocks."""
     toks = dataset.tokens
     for lo in range(0, toks.shape[0], block_tokens):
@@ -180,7 +203,11 @@ def check_token_range(dataset: TokenDataset, vocab_size: int, *, block_tokens: i
             continue
         bad = np.flatnonzero((block >= vocab_size) | (block < 0))
         pos = lo + int(bad[0])
-        doc = int(np.searchsorted(np.cumsum(dataset.index.sequence_lengths, dtype=np.int64), pos, side="right"))
+        doc = int(
+            np.searchsorted(
+                np.cumsum(dataset.index.sequence_lengths, dtype=np.int64), pos, side="right"
+            )
+        )
         raise DatasetError(
             f"{get_bin_path(dataset.prefix)}: token id {int(toks[pos])} at position {pos} (document {doc}) "
             f"is outside the vocabulary of size {vocab_size} (max id in this block {int(block.max())}): the "
@@ -188,7 +215,9 @@ def check_token_range(dataset: TokenDataset, vocab_size: int, *, block_tokens: i
         )
 
 
-def check_vocab(dataset: TokenDataset, model_vocab_size: int, tokenizer: Tokenizer | None = None) -> None:
+def check_vocab(
+    dataset: TokenDataset, model_vocab_size: int, tokenizer: Tokenizer | None = None
+) -> None:
     """Check the dataset's recorded tokenizer against the model's table size and the tokenizer.
 
     A model vocab larger than the tokenizer's is fine (Megatron pads it for TP divisibility);
@@ -196,7 +225,9 @@ def check_vocab(dataset: TokenDataset, model_vocab_size: int, tokenizer: Tokeniz
     """
     meta = dataset.meta
     if meta is None:
-        raise DatasetError(f"{meta_path(dataset.prefix)}: no sidecar, cannot check the vocabulary; {_FIX}")
+        raise DatasetError(
+            f"{meta_path(dataset.prefix)}: no sidecar, cannot check the vocabulary; {_FIX}"
+        )
     tok = meta["tokenizer"]
     if model_vocab_size < tok["vocab_size"]:
         raise DatasetError(
@@ -205,7 +236,9 @@ def check_vocab(dataset: TokenDataset, model_vocab_size: int, tokenizer: Tokeniz
             f"embedding/STEM tables; set the model vocab_size >= {tok['vocab_size']}"
         )
     if tokenizer is not None and (
-        tokenizer.vocab_size != tok["vocab_size"] or tokenizer.eod_id != tok["eod_id"] or tokenizer.fingerprint != tok["fingerprint"]
+        tokenizer.vocab_size != tok["vocab_size"]
+        or tokenizer.eod_id != tok["eod_id"]
+        or tokenizer.fingerprint != tok["fingerprint"]
     ):
         raise DatasetError(
             f"{dataset.prefix}: tokenized with {tok['name']} (vocab_size {tok['vocab_size']}, eod {tok['eod_id']}) "
@@ -223,13 +256,17 @@ class DatasetWriter:
     dataset that opens. Used as a context manager, an exception removes the temp files.
     """
 
-    def __init__(self, prefix: str | os.PathLike, tokenizer: Tokenizer, extra_meta: dict | None = None):
+    def __init__(
+        self, prefix: str | os.PathLike, tokenizer: Tokenizer, extra_meta: dict | None = None
+    ):
         self.prefix = str(prefix)
         Path(self.prefix).parent.mkdir(parents=True, exist_ok=True)
         self._tmp = f"{Path(self.prefix).parent}/.{Path(self.prefix).name}.tmp{os.getpid()}"
         self._tokenizer = tokenizer
         self._extra = extra_meta or {}
-        self._dtype = DType.optimal_dtype(tokenizer.vocab_size)  # uint16 below 65500 ids, as Megatron
+        self._dtype = DType.optimal_dtype(
+            tokenizer.vocab_size
+        )  # uint16 below 65500 ids, as Megatron
         self._builder = IndexedDatasetBuilder(get_bin_path(self._tmp), dtype=self._dtype)
         self.num_documents = 0
         self.num_tokens = 0
@@ -239,7 +276,9 @@ class DatasetWriter:
         arr = np.asarray(ids, dtype=np.int64)
         # The builder casts to uint16 silently; an out-of-range id must fail here instead.
         if arr.size and (arr.min() < 0 or arr.max() >= self._tokenizer.vocab_size):
-            raise DatasetError(f"{self.prefix}: token id outside [0, {self._tokenizer.vocab_size}) in document {self.num_documents}")
+            raise DatasetError(
+                f"{self.prefix}: token id outside [0, {self._tokenizer.vocab_size}) in document {self.num_documents}"
+            )
         self._builder.add_item(torch.from_numpy(arr))
         self._builder.end_document()
         self.num_documents += 1
@@ -250,7 +289,12 @@ class DatasetWriter:
         tok = self._tokenizer
         meta = {
             "format_version": META_VERSION,
-            "tokenizer": {"name": tok.name, "vocab_size": tok.vocab_size, "eod_id": tok.eod_id, "fingerprint": tok.fingerprint},
+            "tokenizer": {
+                "name": tok.name,
+                "vocab_size": tok.vocab_size,
+                "eod_id": tok.eod_id,
+                "fingerprint": tok.fingerprint,
+            },
             "dtype": np.dtype(self._dtype).name,
             "num_documents": self.num_documents,
             "num_tokens": self.num_tokens,

@@ -55,7 +55,9 @@ class PackedSampleStream:
     ):
         _check_dp(dp_rank, dp_size)
         if micro_batch_size < 1 or seed < 0:
-            raise ValueError(f"need micro_batch_size >= 1 and seed >= 0, got {micro_batch_size}, {seed}")
+            raise ValueError(
+                f"need micro_batch_size >= 1 and seed >= 0, got {micro_batch_size}, {seed}"
+            )
         self.tokens = tokens
         self.seq_length = seq_length
         self.micro_batch_size = micro_batch_size
@@ -77,7 +79,9 @@ class PackedSampleStream:
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._perm_epoch:
-            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.samples_per_epoch)
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(
+                self.samples_per_epoch
+            )
             self._perm_epoch = epoch
         return self._perm
 
@@ -98,7 +102,9 @@ class PackedSampleStream:
 
     def __next__(self) -> torch.Tensor:
         group = self._take(self.micro_batch_size * self.dp_size)
-        mine = group[self.dp_rank * self.micro_batch_size : (self.dp_rank + 1) * self.micro_batch_size]
+        mine = group[
+            self.dp_rank * self.micro_batch_size : (self.dp_rank + 1) * self.micro_batch_size
+        ]
         return _gather(self.tokens, mine, self.seq_length)
 
     def state_dict(self) -> dict[str, int]:

@@ -94,7 +94,9 @@ class SentencePieceTokenizer(Tokenizer):
     def __init__(self, path: Path):
         self._sp = spm.SentencePieceProcessor(model_file=str(path))
         if self._sp.eos_id() < 0:
-            raise ValueError(f"SentencePiece model {path} defines no eos piece to use as end-of-document")
+            raise ValueError(
+                f"SentencePiece model {path} defines no eos piece to use as end-of-document"
+            )
         self.name = f"sentencepiece:{path}"
         self.fingerprint = _sha256_files([path])
         self.vocab_size = self._sp.get_piece_size()
@@ -148,10 +150,14 @@ def _load_gpt2(d: Path) -> HuggingFaceTokenizer:
     return HuggingFaceTokenizer(tok, f"gpt2:{d}", _sha256_files([vocab, merges]))
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike) -> Tokenizer:
+def train_bpe_tokenizer(
+    texts: Iterable[str], vocab_size: int, out_path: str | os.PathLike
+) -> Tokenizer:
     """Train a byte-level BPE with `<|endoftext|>` as eod; write tokenizer.json atomically."""
     if vocab_size < 257 + 1:
-        raise ValueError(f"vocab_size {vocab_size} too small: a byte-level BPE needs 256 bytes + {EOD_TOKEN}")
+        raise ValueError(
+            f"vocab_size {vocab_size} too small: a byte-level BPE needs 256 bytes + {EOD_TOKEN}"
+        )
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

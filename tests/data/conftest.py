@@ -27,7 +27,11 @@ def make_texts(n: int, seed: int = 0) -> list[str]:
     docs = []
     for _ in range(n):
         words = rng.choice(_WORDS, size=int(rng.integers(20, 120)))
-        docs.append(" ".join(w + (",.\n"[int(rng.integers(3))] if rng.random() < 0.1 else "") for w in words))
+        docs.append(
+            " ".join(
+                w + (",.\n"[int(rng.integers(3))] if rng.random() < 0.1 else "") for w in words
+            )
+        )
     return docs
 
 

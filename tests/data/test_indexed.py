@@ -42,7 +42,12 @@ def test_round_trip_through_megatron_reader(built, tok, texts):
     assert ds.num_documents == 10 and meta["num_documents"] == 10
     assert ds.num_tokens == meta["num_tokens"] == sum(len(d) + 1 for d in docs)
     assert ds.tokens.dtype == np.uint16 and meta["dtype"] == "uint16"
-    assert meta["tokenizer"] == {"name": tok.name, "vocab_size": 400, "eod_id": tok.eod_id, "fingerprint": tok.fingerprint}
+    assert meta["tokenizer"] == {
+        "name": tok.name,
+        "vocab_size": 400,
+        "eod_id": tok.eod_id,
+        "fingerprint": tok.fingerprint,
+    }
     assert meta["split"] == "test"
     # The flat stream is the documents joined by eod, and megatron-core reads each document.
     expected = np.concatenate([np.array(d + [tok.eod_id]) for d in docs])
@@ -51,7 +56,11 @@ def test_round_trip_through_megatron_reader(built, tok, texts):
     for i in (0, 9):
         assert plain[i].tolist() == docs[i] + [tok.eod_id]
         assert tok.decode(plain[i][:-1].tolist()) == texts[i]
-    assert sorted(os.listdir(os.path.dirname(prefix))) == ["ds.bin", "ds.idx", "ds.meta.json"]  # no temp files
+    assert sorted(os.listdir(os.path.dirname(prefix))) == [
+        "ds.bin",
+        "ds.idx",
+        "ds.meta.json",
+    ]  # no temp files
 
 
 @pytest.mark.parametrize("ext", [".bin", ".idx"])
@@ -95,7 +104,10 @@ def test_truncated_idx(built):
     size = os.path.getsize(prefix + ".idx")
     with open(prefix + ".idx", "r+b") as f:
         f.truncate(size - 8)
-    with pytest.raises(DatasetError, match=rf"ds\.idx: index is {size - 8} bytes but its header describes 10 sequences"):
+    with pytest.raises(
+        DatasetError,
+        match=rf"ds\.idx: index is {size - 8} bytes but its header describes 10 sequences",
+    ):
         open_dataset(prefix)
 
 
@@ -107,7 +119,10 @@ def test_idx_from_another_dataset(tmp_path, built, tok, texts):
     with pytest.raises(DatasetError) as e:
         open_dataset(prefix, require_meta=False)
     # The other index describes fewer tokens than this .bin holds.
-    assert f"{prefix}.bin: {os.path.getsize(prefix + '.bin')} bytes but {prefix}.idx describes only" in str(e.value)
+    assert (
+        f"{prefix}.bin: {os.path.getsize(prefix + '.bin')} bytes but {prefix}.idx describes only"
+        in str(e.value)
+    )
     assert "does not belong to this .bin" in str(e.value)
 
 

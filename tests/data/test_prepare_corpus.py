@@ -23,14 +23,20 @@ def test_builds_once_then_is_ready(tmp_path, corpus):
     out = tmp_path / "prepared"
     logs: list[str] = []
     paths = prepare_corpus(corpus, out, vocab_size=300, val_fraction=0.1, log=logs.append)
-    assert paths == {"tokenizer": out / "tokenizer.json", "train": out / "works_train", "val": out / "works_val"}
+    assert paths == {
+        "tokenizer": out / "tokenizer.json",
+        "train": out / "works_train",
+        "val": out / "works_val",
+    }
     assert logs[0].startswith(f"trained {out / 'tokenizer.json'} (vocab_size 300)")
     assert logs[1].startswith("preprocessed 20 documents") and "val 2 docs" in logs[1]
     stamps = {p: os.stat(p).st_mtime_ns for p in out.iterdir()}
 
     logs.clear()
     prepare_corpus(corpus, out, vocab_size=300, val_fraction=0.1, log=logs.append)
-    assert logs == [f"corpus ready: {out / 'tokenizer.json'}, {out / 'works_train'}, {out / 'works_val'}"]
+    assert logs == [
+        f"corpus ready: {out / 'tokenizer.json'}, {out / 'works_train'}, {out / 'works_val'}"
+    ]
     assert {p: os.stat(p).st_mtime_ns for p in out.iterdir()} == stamps  # nothing rewritten
 
 
@@ -55,12 +61,17 @@ def test_full_bundled_corpus(tmp_path):
     paths = prepare_corpus(CORPUS, tmp_path, log=logs.append)
     tok = load_tokenizer(paths["tokenizer"])
     assert tok.vocab_size == VOCAB_SIZE
-    train, val = open_dataset(paths["train"], vocab_size=VOCAB_SIZE), open_dataset(paths["val"], vocab_size=VOCAB_SIZE)
+    train, val = (
+        open_dataset(paths["train"], vocab_size=VOCAB_SIZE),
+        open_dataset(paths["val"], vocab_size=VOCAB_SIZE),
+    )
     check_vocab(train, VOCAB_SIZE, tok)
     assert (train.num_documents, val.num_documents) == (40, 2) == (42 - round(42 * VAL_FRACTION), 2)
     assert train.num_tokens > 1_000_000 and val.num_tokens > 20_000
     counts = np.bincount(train.tokens, minlength=VOCAB_SIZE)
-    assert (counts > 0).sum() > 0.9 * VOCAB_SIZE  # the trained vocab is actually used (94% measured)
+    assert (
+        counts > 0
+    ).sum() > 0.9 * VOCAB_SIZE  # the trained vocab is actually used (94% measured)
     works = [json.loads(line)["text"] for line in lzma.open(CORPUS, "rt", encoding="utf-8")]
     for doc in val.index:
         assert doc[-1] == tok.eod_id and tok.decode(doc[:-1].tolist()) in works

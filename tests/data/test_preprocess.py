@@ -93,7 +93,9 @@ def test_bad_json_line_names_file_and_line_and_leaves_nothing(tmp_path, inputs, 
 
 def test_missing_json_key(tmp_path, tok_path):
     path = _jsonl(tmp_path / "x.jsonl", ["a", "b"], key="body")
-    with pytest.raises(ValueError, match=r"x\.jsonl:1: no field 'text' \(found \['body', 'id'\]\); set --json-key"):
+    with pytest.raises(
+        ValueError, match=r"x\.jsonl:1: no field 'text' \(found \['body', 'id'\]\); set --json-key"
+    ):
         preprocess([path], tok_path, tmp_path / "o")
     result = preprocess([path], tok_path, tmp_path / "o", json_key="body")
     assert result["documents"] == {"train": 1, "val": 1}
@@ -121,22 +123,29 @@ def test_a_lone_non_utf8_txt_reports_the_encoding_not_the_split(tmp_path, tok_pa
     # One .txt is one document: the split check used to fire before the file was decoded.
     path = tmp_path / "one.txt"
     path.write_bytes(content)
-    with pytest.raises(ValueError, match=r"one\.txt: cannot read as UTF-8 \.txt: .*iconv -f latin1"):
+    with pytest.raises(
+        ValueError, match=r"one\.txt: cannot read as UTF-8 \.txt: .*iconv -f latin1"
+    ):
         preprocess([path], tok_path, tmp_path / "out")
 
 
 def test_a_non_string_field_names_its_type_and_line(tmp_path, tok_path):
     path = tmp_path / "n.jsonl"
     path.write_text('{"text": "fine"}\n{"text": 42}\n')
-    with pytest.raises(ValueError, match=r"n\.jsonl:2: field 'text' holds 42 \(type int\), not a string$"):
+    with pytest.raises(
+        ValueError, match=r"n\.jsonl:2: field 'text' holds 42 \(type int\), not a string$"
+    ):
         preprocess([path], tok_path, tmp_path / "out", val_fraction=0.0)
 
 
-@pytest.mark.parametrize("name, content, message", [
-    ("empty.txt", "", "no text in .*empty.txt: every document is empty"),
-    ("blank.jsonl", "\n\n", "no documents in .*blank.jsonl: every input is empty"),
-    ("hollow.jsonl", '{"text": ""}\n', "no text in .*hollow.jsonl: every document is empty"),
-])
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("empty.txt", "", "no text in .*empty.txt: every document is empty"),
+        ("blank.jsonl", "\n\n", "no documents in .*blank.jsonl: every input is empty"),
+        ("hollow.jsonl", '{"text": ""}\n', "no text in .*hollow.jsonl: every document is empty"),
+    ],
+)
 def test_empty_input_is_refused_and_writes_nothing(tmp_path, tok_path, name, content, message):
     (tmp_path / name).write_text(content)
     out = tmp_path / "out"
@@ -159,21 +168,64 @@ def test_refuses_to_overwrite_unless_asked(tmp_path, inputs, tok_path):
 
 
 def test_cli_exit_codes_and_summary(tmp_path, inputs, tok_path, capsys):
-    args = ["--input", *map(str, inputs), "--tokenizer", str(tok_path), "--output-prefix", str(tmp_path / "c")]
+    args = [
+        "--input",
+        *map(str, inputs),
+        "--tokenizer",
+        str(tok_path),
+        "--output-prefix",
+        str(tmp_path / "c"),
+    ]
     assert main(args + ["--val-fraction", "0.05"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("preprocessed 60 documents,") and "train 57 docs" in out and "val 3 docs" in out
+    assert (
+        out.startswith("preprocessed 60 documents,")
+        and "train 57 docs" in out
+        and "val 3 docs" in out
+    )
     assert main(args) == 1
     assert "error: output exists" in capsys.readouterr().err
-    assert main(["--input", str(tmp_path / "nope.txt"), "--tokenizer", str(tok_path), "--output-prefix", str(tmp_path / "d")]) == 1
+    assert (
+        main(
+            [
+                "--input",
+                str(tmp_path / "nope.txt"),
+                "--tokenizer",
+                str(tok_path),
+                "--output-prefix",
+                str(tmp_path / "d"),
+            ]
+        )
+        == 1
+    )
     assert "nope.txt: input file does not exist" in capsys.readouterr().err
-    assert main(["--input", str(inputs[0]), "--tokenizer", str(tmp_path), "--output-prefix", str(tmp_path / "d")]) == 1
+    assert (
+        main(
+            [
+                "--input",
+                str(inputs[0]),
+                "--tokenizer",
+                str(tmp_path),
+                "--output-prefix",
+                str(tmp_path / "d"),
+            ]
+        )
+        == 1
+    )
     assert "is not a recognised tokenizer" in capsys.readouterr().err
 
 
 def test_script_runs_from_repo_root(tmp_path, inputs, tok_path):
-    cmd = [sys.executable, "tools/preprocess_data.py", "--input", str(inputs[2]), "--tokenizer", str(tok_path),
-           "--output-prefix", str(tmp_path / "s")]
+    cmd = [
+        sys.executable,
+        "tools/preprocess_data.py",
+        "--input",
+        str(inputs[2]),
+        "--tokenizer",
+        str(tok_path),
+        "--output-prefix",
+        str(tmp_path / "s"),
+    ]
     run = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     assert run.stdout.startswith("preprocessed 30 documents")

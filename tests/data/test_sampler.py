@@ -55,7 +55,10 @@ def test_same_seed_same_stream_other_seed_other_stream(tokens):
 def test_dp_ranks_are_disjoint_and_union_is_the_single_rank_stream(tokens):
     mbs, steps = 3, 50  # 50 * 3 * 2 = 300 samples: crosses two epoch boundaries mid-group
     single = _take(PackedSampleStream(tokens, SEQ, mbs, seed=5), 2 * steps)
-    ranks = [_take(PackedSampleStream(tokens, SEQ, mbs, seed=5, dp_rank=r, dp_size=2), steps) for r in range(2)]
+    ranks = [
+        _take(PackedSampleStream(tokens, SEQ, mbs, seed=5, dp_rank=r, dp_size=2), steps)
+        for r in range(2)
+    ]
     for step in range(steps):
         r0, r1 = ranks[0][step], ranks[1][step]
         assert torch.equal(torch.cat([r0, r1]), torch.cat(single[2 * step : 2 * step + 2]))
@@ -97,7 +100,9 @@ def test_load_state_dict_refuses_other_data_or_seed(tokens):
 
 
 def test_too_little_data_and_bad_arguments(tokens):
-    with pytest.raises(ValueError, match="125 samples .* fewer than one step's micro_batch_size \\* dp_size = 128"):
+    with pytest.raises(
+        ValueError, match="125 samples .* fewer than one step's micro_batch_size \\* dp_size = 128"
+    ):
         PackedSampleStream(tokens, SEQ, 64, seed=0, dp_size=2)
     with pytest.raises(ValueError, match="dp_rank=2, dp_size=2"):
         PackedSampleStream(tokens, SEQ, 1, seed=0, dp_rank=2, dp_size=2)
@@ -114,5 +119,7 @@ def test_validation_batches_are_fixed_and_split_across_ranks(tokens):
     ranks = [list(ValidationBatches(tokens, SEQ, 2, 5, dp_rank=r, dp_size=2)) for r in range(2)]
     for b in range(5):
         assert torch.equal(torch.cat([ranks[0][b], ranks[1][b]]), first[b])
-    with pytest.raises(ValueError, match="= 128 samples of seq_length 8, but the validation set has 125"):
+    with pytest.raises(
+        ValueError, match="= 128 samples of seq_length 8, but the validation set has 125"
+    ):
         ValidationBatches(tokens, SEQ, 4, 32)

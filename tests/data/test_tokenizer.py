@@ -52,9 +52,18 @@ def test_training_is_reproducible_across_runs_and_threads(tmp_path, texts):
     (tmp_path / "texts.json").write_text(json.dumps(texts))
     env = {**os.environ, "RAYON_NUM_THREADS": "1"}
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    subprocess.run([sys.executable, "-c", code, root, str(tmp_path / "texts.json"), str(c)], check=True, env=env)
+    subprocess.run(
+        [sys.executable, "-c", code, root, str(tmp_path / "texts.json"), str(c)],
+        check=True,
+        env=env,
+    )
     assert c.read_bytes() == a.read_bytes()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json", "c.json", "texts.json"]  # no temp files
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "a.json",
+        "b.json",
+        "c.json",
+        "texts.json",
+    ]  # no temp files
 
 
 def test_gpt2_vocab_and_merges(tmp_path, texts):
@@ -76,13 +85,19 @@ def test_sentencepiece_model(tmp_path, texts):
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(texts))
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=120, model_type="bpe", minloglevel=2
+        input=str(corpus),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=120,
+        model_type="bpe",
+        minloglevel=2,
     )
     tok = load_tokenizer(tmp_path / "sp.model")
     sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
     assert tok.vocab_size == 120
     assert tok.eod_id == sp.piece_to_id("</s>") == 2
-    text = "the man said thou hast been there"  # SentencePiece normalises whitespace; keep it simple
+    text = (
+        "the man said thou hast been there"  # SentencePiece normalises whitespace; keep it simple
+    )
     ids = tok.encode(text)
     assert ids == sp.encode(text)
     assert tok.decode(ids) == text
@@ -99,7 +114,11 @@ def test_unknown_or_broken_formats_raise_value_error(tmp_path, name):
         load_tokenizer(tmp_path / name)
     assert str(tmp_path / name) in str(e.value)
     if name in ("missing.json", "notes.txt", "emptydir"):
-        assert "tokenizer.json" in str(e.value) and "SentencePiece" in str(e.value) and "merges.txt" in str(e.value)
+        assert (
+            "tokenizer.json" in str(e.value)
+            and "SentencePiece" in str(e.value)
+            and "merges.txt" in str(e.value)
+        )
 
 
 def test_too_small_vocab_is_refused(tmp_path):
