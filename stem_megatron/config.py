@@ -20,10 +20,17 @@ from typing import Any
 import yaml
 
 from stem_megatron.atomic_file import write_text_atomically
+from stem_megatron.modes import (
+    DecayStyle,
+    Mode,
+    RecomputeGranularity,
+    RecomputeMethod,
+    RopeScalingType,
+    TableLayout,
+    TableOptimizerMode,
+    TableStorage,
+)
 from stem_megatron.repo_paths import data_from_repo_root, from_repo_root
-
-STORAGE_TIERS = ("device", "host", "mmap")  # where STEM tables live (stem/storage.py)
-ROPE_SCALING_TYPES = ("none", "llama3")  # model/rope.py
 
 
 class ConfigError(ValueError):
@@ -36,7 +43,7 @@ class RopeScalingConfig:
     every field required (Llama 3.1: factor 8, low_freq_factor 1, high_freq_factor 4,
     original_max_position_embeddings 8192; Llama 3.2: factor 32)."""
 
-    type: str = "none"
+    type: RopeScalingType = RopeScalingType.NONE
     factor: float | None = None
     low_freq_factor: float | None = None
     high_freq_factor: float | None = None
@@ -60,8 +67,8 @@ class ModelConfig:
     init_method_std: float = 0.02
     # Activation recomputation, as Megatron-LM's flags: "full" (whole layers, chosen by
     # recompute_method and recompute_num_layers) or "selective" (the attention core); None: off.
-    recompute_granularity: str | None = None
-    recompute_method: str | None = None  # full only: "uniform" | "block"
+    recompute_granularity: RecomputeGranularity | None = None
+    recompute_method: RecomputeMethod | None = None  # full only: "uniform" | "block"
     recompute_num_layers: int | None = (
         None  # full only: layers per group (uniform) or per stage (block)
     )
@@ -69,7 +76,8 @@ class ModelConfig:
 
 @dataclass
 class StemOptimizerConfig:
-    mode: str = "lazy"  # lazy: only rows with a gradient move (SparseAdam); exact: = dense AdamW
+    # lazy: only rows with a gradient move (SparseAdam); exact: the same as dense AdamW
+    mode: TableOptimizerMode = TableOptimizerMode.LAZY
     lr: float | None = None  # None: optim.lr. Follows the same schedule as the dense groups.
     weight_decay: float = 0.0
     # Host/mmap tables: start a table's update as soon as the step's last backward through it
@@ -85,11 +93,11 @@ class StemConfig:
     # Data parallel: "replicated" (every DP rank holds the table, row gradients all-reduced
     # over the union of touched rows) or "vocab_sharded" (rows and their optimizer state
     # owned by DP ranks; lookups all-gather the needed rows, gradients reduce-scatter).
-    dp_layout: str = "replicated"
+    dp_layout: TableLayout = TableLayout.REPLICATED
     # "device": the table is a tensor on the compute device; "host": the table and its
     # optimizer state live in host memory and each micro-batch's rows are prefetched;
     # "mmap": as "host", in memory-mapped files under `mmap_dir` (tables larger than RAM).
-    storage: str = "device"
+    storage: TableStorage = TableStorage.DEVICE
     mmap_dir: str | None = None  # None: <run_dir>/stem_mmap; best on a fast local disk
     # Host and mmap tables: the rows of this many most frequent token ids (counted over the training
     # data) are also kept on the compute device and not staged; 0: no cache (stem/cache.py).
@@ -119,7 +127,7 @@ class OptimConfig:
     min_lr: float = 3e-5
     lr_warmup_iters: int = 0
     lr_decay_iters: int | None = None  # None: train.train_iters
-    lr_decay_style: str = "cosine"
+    lr_decay_style: DecayStyle = DecayStyle.COSINE
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
@@ -217,7 +225,12 @@ class RunConfig:
         return dataclasses.replace(self, model=model, stem=stem)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain values (modes as their strings), as YAML and JSON write them."""
+        return dataclasses.asdict(self, dict_factory=_plain_dict)
+
+
+def _plain_dict(items: list[tuple[str, Any]]) -> dict[str, Any]:
+    return {k: v.value if isinstance(v, Mode) else v for k, v in items}
 
 
 def _type_name(tp: Any) -> str:
@@ -249,6 +262,10 @@ def _check_value(key: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
         return [_check_value(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
+    if isinstance(tp, type) and issubclass(tp, Mode):
+        if value not in {m.value for m in tp}:
+            raise ConfigError(f"{key} must be one of {tp.choices()}, got {value!r}")
+        return tp(value)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is float and isinstance(value, str):

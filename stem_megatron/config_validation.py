@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from stem_megatron.config import (
-    ROPE_SCALING_TYPES,
-    STORAGE_TIERS,
-    ConfigError,
-    RopeScalingConfig,
-    RunConfig,
+from stem_megatron.config import ConfigError, RopeScalingConfig, RunConfig
+from stem_megatron.modes import (
+    RecomputeGranularity,
+    RecomputeMethod,
+    RopeScalingType,
 )
 
 
@@ -55,24 +54,11 @@ def validate(config: RunConfig) -> None:
     require(not bad, f"stem.layers {bad} out of range: the model has layers 0..{m.num_layers - 1}")
     require(len(set(layers)) == len(layers), f"stem.layers has duplicates: {layers}")
     require(
-        config.stem.dp_layout in ("replicated", "vocab_sharded"),
-        f"stem.dp_layout must be 'replicated' or 'vocab_sharded', got '{config.stem.dp_layout}'",
-    )
-    require(
-        config.stem.storage in STORAGE_TIERS,
-        f"stem.storage must be one of {', '.join(repr(t) for t in STORAGE_TIERS)}, got "
-        f"'{config.stem.storage}'",
-    )
-    require(
         config.stem.cache_rows >= 0, f"stem.cache_rows must be >= 0, got {config.stem.cache_rows}"
     )
     require(
-        config.stem.cache_rows == 0 or config.stem.storage != "device",
+        config.stem.cache_rows == 0 or config.stem.storage.off_device,
         "stem.cache_rows caches rows of host-resident tables: it needs stem.storage=host or mmap",
-    )
-    require(
-        so.mode in ("lazy", "exact"),
-        f"stem.optimizer.mode must be 'lazy' or 'exact', got '{so.mode}'",
     )
     bound(
         "stem.optimizer.lr",
@@ -100,10 +86,6 @@ def validate(config: RunConfig) -> None:
         o.lr_decay_iters,
         o.lr_decay_iters is None or o.lr_decay_iters > 0,
         "positive (unset: train.train_iters)",
-    )
-    require(
-        o.lr_decay_style in ("cosine", "linear", "constant"),
-        f"optim.lr_decay_style must be cosine, linear or constant, got '{o.lr_decay_style}'",
     )
     require(0 <= o.min_lr <= o.lr, f"optim.min_lr ({o.min_lr}) must be in [0, optim.lr ({o.lr})]")
     decay_iters = o.lr_decay_iters if o.lr_decay_iters is not None else t.train_iters
@@ -140,16 +122,11 @@ def validate(config: RunConfig) -> None:
 def _validate_memory_features(config: RunConfig, require) -> None:
     """Recomputation, sequence parallelism, DDP buckets and the dense optimizer's placement."""
     m, p, o = config.model, config.parallel, config.optim
-    require(
-        m.recompute_granularity in (None, "full", "selective"),
-        f"model.recompute_granularity must be 'full' or 'selective' (unset: off), got "
-        f"'{m.recompute_granularity}'",
-    )
-    if m.recompute_granularity == "full":
+    if m.recompute_granularity == RecomputeGranularity.FULL:
         require(
-            m.recompute_method in ("uniform", "block"),
-            f"model.recompute_granularity=full needs model.recompute_method 'uniform' or "
-            f"'block', got '{m.recompute_method}'",
+            m.recompute_method is not None,
+            f"model.recompute_granularity=full needs model.recompute_method, one of "
+            f"{RecomputeMethod.choices()}",
         )
         require(
             m.recompute_num_layers is not None and m.recompute_num_layers >= 1,
@@ -205,12 +182,13 @@ def _validate_memory_features(config: RunConfig, require) -> None:
 def validate_rope_scaling(r: RopeScalingConfig, require) -> None:
     """`require(ok, message)` raises: ConfigError here, HFFormatError for an HF import."""
     require(
-        r.type in ROPE_SCALING_TYPES,
-        f"model.rope_scaling.type must be one of "
-        f"{', '.join(repr(t) for t in ROPE_SCALING_TYPES)}, got '{r.type}'",
+        r.type in {t.value for t in RopeScalingType},
+        f"model.rope_scaling.type must be one of {RopeScalingType.choices()}, got '{r.type}'",
     )
     fields = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-    if r.type == "none":  # a value set without the type is most likely a forgotten type
+    if (
+        r.type == RopeScalingType.NONE
+    ):  # a value set without the type is most likely a forgotten type
         stray = [f"model.rope_scaling.{k}" for k in fields if getattr(r, k) is not None]
         require(
             not stray,

@@ -30,6 +30,7 @@ import torch
 from megatron.core import tensor_parallel
 from megatron.core.transformer import TransformerConfig
 
+from stem_megatron.modes import RecomputeGranularity, RecomputeMethod
 from stem_megatron.stem.table import StagedReplay, StemTable
 
 
@@ -60,9 +61,9 @@ def _through(layers: Sequence[torch.nn.Module], x: torch.Tensor, layer_args) -> 
 def recompute_groups(num_layers: int, config: TransformerConfig) -> list[tuple[int, int, bool]]:
     """The chunk's layers as (start, end, recomputed) runs, by Megatron's method."""
     n = config.recompute_num_layers
-    if config.recompute_method == "uniform":
+    if config.recompute_method == RecomputeMethod.UNIFORM:
         return [(i, min(i + n, num_layers), True) for i in range(0, num_layers, n)]
-    if config.recompute_method == "block":
+    if config.recompute_method == RecomputeMethod.BLOCK:
         return [(i, i + 1, i < n) for i in range(num_layers)]
     raise ValueError(
         f"recompute_method must be 'uniform' or 'block', got {config.recompute_method!r}"
@@ -78,7 +79,9 @@ def run_layers(
 ) -> torch.Tensor:
     """x through `layers` (each called as layer(x, *layer_args)), with full recomputation
     where the config asks for it."""
-    if config.recompute_granularity != "full" or not (training and torch.is_grad_enabled()):
+    if config.recompute_granularity != RecomputeGranularity.FULL or not (
+        training and torch.is_grad_enabled()
+    ):
         return _through(layers, x, layer_args)
     for start, end, recomputed in recompute_groups(len(layers), config):
         if recomputed:

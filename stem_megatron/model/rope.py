@@ -21,14 +21,15 @@ import math
 import torch
 
 from stem_megatron.config import RopeScalingConfig
+from stem_megatron.modes import RopeScalingType
 
 
 def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScalingConfig) -> torch.Tensor:
     """[head_dim / 2] float64 rotation speeds (radians per position) of the rotate-half pairs."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
-    if scaling.type == "none":
+    if scaling.type == RopeScalingType.NONE:
         return inv_freq
-    if scaling.type != "llama3":  # config validation refuses other types first
+    if scaling.type != RopeScalingType.LLAMA3:  # config validation refuses other types first
         raise ValueError(f"unsupported RoPE scaling type '{scaling.type}'")
     turns = scaling.original_max_position_embeddings * inv_freq / (2 * math.pi)
     kept = (

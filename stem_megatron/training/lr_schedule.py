@@ -21,15 +21,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from enum import Enum
 
-
-class DecayStyle(str, Enum):
-    """Megatron's `lr_decay_style` values that we support."""
-
-    CONSTANT = "constant"
-    LINEAR = "linear"
-    COSINE = "cosine"
+from stem_megatron.modes import DecayStyle
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@ import math
 
 import pytest
 
-from stem_megatron.training.lr_schedule import DecayStyle, LRSchedule
+from stem_megatron.modes import DecayStyle
+from stem_megatron.training.lr_schedule import LRSchedule
 
 MAX, MIN, WARMUP, DECAY = 3e-4, 3e-5, 10, 110
 
