@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Shard
 
-from stem_megatron.model.sharding import full_shape, get_row_block, get_tp_shard
+from stem_megatron.sharding import full_shape, get_row_block, get_tp_shard
 
 
 @dataclass(frozen=True)

@@ -24,8 +24,8 @@ from stem_megatron.model.activation_memory import (
     head_transient_bytes,
 )
 from stem_megatron.model.dense_memory import DenseMemory, DenseSetup, dense_memory
-from stem_megatron.model.sharding import get_tp_shard, is_tied_copy
 from stem_megatron.model.table_memory import TableMemory, TableSetup, table_memory
+from stem_megatron.sharding import get_tp_shard, is_tied_copy
 from stem_megatron.stem.table import is_stem_table
 
 

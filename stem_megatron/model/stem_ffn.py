@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-from stem_megatron.model.sharding import RowBlock, TPGroup, TPShard, set_tp_shard
+from stem_megatron.sharding import RowBlock, TPGroup, TPShard, set_tp_shard
 from stem_megatron.stem.table import StemTable
 
 

@@ -1,7 +1,7 @@
 """Memory of one rank's STEM tables, per tier: what the code allocates for them.
 
 Rows held (`stem.dp_layout`): `replicated`: every DP rank holds all `vocab` rows of each
-table; `vocab_sharded`: DP rank r holds its RowBlock (model/sharding.py) only, and the
+table; `vocab_sharded`: DP rank r holds its RowBlock (sharding.py) only, and the
 optimizer state of those rows. The dry run builds the tables with their real row count, so the
 shapes handed in here are already per rank.
 
@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from stem_megatron.model.sharding import RowBlock
+from stem_megatron.sharding import RowBlock
 
 FP32 = 4
 INT64 = 8

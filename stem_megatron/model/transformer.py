@@ -54,7 +54,8 @@ from megatron.core.transformer import TransformerConfig
 from stem_megatron.config import ModelConfig, RopeScalingConfig
 from stem_megatron.model.recompute import checkpointed, run_layers
 from stem_megatron.model.rope import inverse_frequencies
-from stem_megatron.model.sharding import (
+from stem_megatron.model.stem_ffn import StemMLP, SwiGLUMLP, column_linear, row_linear
+from stem_megatron.sharding import (
     RowBlock,
     TPGroup,
     TPShard,
@@ -67,7 +68,6 @@ from stem_megatron.model.sharding import (
     param_generator,
     set_tp_shard,
 )
-from stem_megatron.model.stem_ffn import StemMLP, SwiGLUMLP, column_linear, row_linear
 from stem_megatron.stem.table import StemTable, xavier_normal_std
 
 

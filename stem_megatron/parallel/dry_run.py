@@ -36,13 +36,13 @@ from stem_megatron.model.accounting import ModelCounts, count_model
 from stem_megatron.model.activation_memory import ActivationSetup
 from stem_megatron.model.dense_memory import DenseSetup
 from stem_megatron.model.memory import RankMemory, ShardParams, count_shard, estimate_rank_memory
-from stem_megatron.model.sharding import RowBlock
 from stem_megatron.model.table_memory import TableSetup
 from stem_megatron.model.transformer import ModelSpec, StemGPTModel, padded_vocab_size
 from stem_megatron.parallel.chunk_stages import chunk_stages, virtual_pipeline_size
 from stem_megatron.parallel.dry_run_format import format_report, report_json
 from stem_megatron.parallel.layout import ParallelLayout, validate_layout
 from stem_megatron.parallel.pipeline_stages import PipelineStage
+from stem_megatron.sharding import RowBlock
 
 
 @dataclass(frozen=True)

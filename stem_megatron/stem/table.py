@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import torch
 
-from stem_megatron.model.sharding import RowBlock, TPShard, set_row_block, set_tp_shard
+from stem_megatron.sharding import RowBlock, TPShard, set_row_block, set_tp_shard
 from stem_megatron.stem.lookup import RowGradAccumulator, staged_lookup, stem_lookup
 from stem_megatron.stem.prefetch import RowPrefetcher, StagedRows, stage_now
 from stem_megatron.stem.storage import MmapFiles, to_host

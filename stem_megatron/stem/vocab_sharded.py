@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from stem_megatron.model.sharding import RowBlock
+from stem_megatron.sharding import RowBlock
 from stem_megatron.stem.lookup import RowGradAccumulator
 from stem_megatron.stem.sync import gather_union_ids
 

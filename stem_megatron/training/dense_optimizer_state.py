@@ -34,7 +34,7 @@ from megatron.core.optimizer.optimizer import MixedPrecisionOptimizer
 
 from stem_megatron.checkpoint.flat_shard import flat_shard_view
 from stem_megatron.checkpoint.model_state import CheckpointMeshes, checkpoint_view
-from stem_megatron.model.sharding import is_tied_copy
+from stem_megatron.sharding import is_tied_copy
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 def full_parameters(trainer) -> dict[str, torch.Tensor]:
     """This rank's parameters as full logical tensors (TP slices gathered)."""
-    from stem_megatron.model.sharding import gather_full, get_row_block, get_tp_shard
+    from stem_megatron.sharding import gather_full, get_row_block, get_tp_shard
     from stem_megatron.training.model_chunks import named_parameters
 
     parallel = trainer.parallel

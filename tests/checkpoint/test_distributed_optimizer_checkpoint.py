@@ -22,8 +22,8 @@ from stem_megatron.checkpoint.flat_shard import flat_range_boxes
 from stem_megatron.checkpoint.offline import OfflineCheckpoint
 from stem_megatron.editing.tables import OPTIM_PREFIX, table_key
 from stem_megatron.hf.exporter import export_checkpoint
-from stem_megatron.model.sharding import TPShard, set_tp_shard
 from stem_megatron.parallel.local_workers import run_local_workers
+from stem_megatron.sharding import TPShard, set_tp_shard
 from stem_megatron.training.short_run import train_steps
 from tools import convert_checkpoint, edit_knowledge
 

@@ -13,7 +13,7 @@ from stem_megatron.checkpoint.inference import load_for_inference
 from stem_megatron.config import ConfigError, load_config
 from stem_megatron.hf.importer import import_llama
 from stem_megatron.hf.llama_config import HFFormatError
-from stem_megatron.model.sharding import param_generator
+from stem_megatron.sharding import param_generator
 from stem_megatron.stem.table import xavier_normal_std
 from stem_megatron.training.trainer import Trainer
 

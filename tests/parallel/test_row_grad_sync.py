@@ -15,8 +15,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from stem_megatron.model.sharding import RowBlock
 from stem_megatron.parallel.local_workers import run_local_workers
+from stem_megatron.sharding import RowBlock
 from stem_megatron.stem.lookup import RowGradAccumulator
 from stem_megatron.stem.sync import sync_replicated_row_grads
 from stem_megatron.stem.vocab_sharded import vocab_sharded_lookup

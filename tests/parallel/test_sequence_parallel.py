@@ -45,7 +45,7 @@ def _model(tp: int, sequence_parallel: bool, recompute: str | None, stem_layers)
 
 
 def _full(local: torch.Tensor, shard, group) -> torch.Tensor:
-    from stem_megatron.model.sharding import gather_full
+    from stem_megatron.sharding import gather_full
 
     if shard is None or dist.get_world_size(group) == 1:
         return local.clone()
@@ -59,8 +59,8 @@ def _loss_and_grads(
 ) -> dict:
     from megatron.core import parallel_state
 
-    from stem_megatron.model.sharding import TPShard, get_tp_shard
     from stem_megatron.parallel.comm_meter import CommMeter
+    from stem_megatron.sharding import TPShard, get_tp_shard
 
     group = parallel_state.get_tensor_model_parallel_group()
     model = _model(tp, sequence_parallel, recompute, stem_layers)
