@@ -16,7 +16,7 @@ import torch
 
 class TPGroup(Protocol):
     """What megatron-core's layers ask of a TP group when they size their shards: a
-    torch.distributed ProcessGroup, or the dry run's LayoutGroup (parallel/dry_run.py)."""
+    torch.distributed ProcessGroup, or the dry run's LayoutGroup (planning/dry_run.py)."""
 
     def size(self) -> int: ...
 

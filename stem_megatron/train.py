@@ -8,6 +8,7 @@ import sys
 import warnings
 
 from stem_megatron.cli_args import HelpFormatter, positive_int
+
 from stem_megatron.config import ConfigError, load_config
 from stem_megatron.writable import unwritable_reason
 
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     # megatron-core announces that its optional CUDA accelerators are absent; they are optional.
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).* not installed")
     if args.dry_run:
-        from stem_megatron.parallel.dry_run import run_dry_run
+        from stem_megatron.planning.dry_run import run_dry_run
 
         return run_dry_run(config, args.world_size)
     problem = run_paths_problem(config)

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
     from stem_megatron.config import ConfigError, load_config
-    from stem_megatron.parallel.dry_run import run_dry_run
+    from stem_megatron.planning.dry_run import run_dry_run
 
     try:
         config = load_config(args.config, args.overrides)

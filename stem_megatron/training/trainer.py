@@ -27,7 +27,6 @@ from stem_megatron.data.bundled import check_bundled_data_prepared
 from stem_megatron.data.indexed import check_vocab, open_dataset
 from stem_megatron.data.sampler import PackedSampleStream, ValidationBatches
 from stem_megatron.data.tokenizer import load_tokenizer
-from stem_megatron.model.accounting import count_model
 from stem_megatron.model.transformer import StemGPTModel
 from stem_megatron.parallel.comm_meter import CommMeter
 from stem_megatron.parallel.data_parallel import (
@@ -36,6 +35,7 @@ from stem_megatron.parallel.data_parallel import (
     zero_grad_buffers,
 )
 from stem_megatron.parallel.state import ParallelState
+from stem_megatron.planning.accounting import count_model
 from stem_megatron.stem.cache import HotRowCache, hot_ids, token_counts
 from stem_megatron.stem.prefetch import RowPrefetcher, RowRequest
 from stem_megatron.stem.vocab_sharded import plan_lookup

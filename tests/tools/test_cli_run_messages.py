@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from stem_megatron.config import ConfigError, load_config
-from stem_megatron.parallel.dry_run import dry_run
+from stem_megatron.planning.dry_run import dry_run
 from stem_megatron.train import main as train_main
 from tests.config_overrides import as_overrides
 from tools import generate

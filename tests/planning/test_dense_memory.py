@@ -1,4 +1,4 @@
-"""The dry run's dense memory (model/dense_memory.py) against what megatron-core allocates:
+"""The dry run's dense memory (planning/dense_memory.py) against what megatron-core allocates:
 a tiny model (sizes that are not multiples of 64, so the distributed optimizer pads) wrapped in
 megatron-core's DDP and optimizer as training wraps it, in a world of one."""
 
@@ -12,11 +12,11 @@ import torch
 from megatron.core.optimizer import get_megatron_optimizer
 
 from stem_megatron.config import load_config
-from stem_megatron.model.dense_memory import DenseSetup, buffer_numel, dense_memory
-from stem_megatron.model.memory import count_shard
 from stem_megatron.parallel.data_parallel import tables_hidden, wrap_data_parallel
 from stem_megatron.parallel.local_workers import run_local_workers
 from stem_megatron.parallel.state import ParallelState
+from stem_megatron.planning.dense_memory import DenseSetup, buffer_numel, dense_memory
+from stem_megatron.planning.memory import count_shard
 from stem_megatron.training.model_chunks import build_model_chunks
 from stem_megatron.training.optimizer import dense_optimizer_config
 

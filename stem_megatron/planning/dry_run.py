@@ -32,16 +32,16 @@ import torch.distributed as dist
 
 from stem_megatron.atomic_file import write_text_atomically
 from stem_megatron.config import ConfigError, RunConfig
-from stem_megatron.model.accounting import ModelCounts, count_model
-from stem_megatron.model.activation_memory import ActivationSetup
-from stem_megatron.model.dense_memory import DenseSetup
-from stem_megatron.model.memory import RankMemory, ShardParams, count_shard, estimate_rank_memory
-from stem_megatron.model.table_memory import TableSetup
 from stem_megatron.model.transformer import ModelSpec, StemGPTModel, padded_vocab_size
 from stem_megatron.parallel.chunk_stages import chunk_stages, virtual_pipeline_size
-from stem_megatron.parallel.dry_run_format import format_report, report_json
 from stem_megatron.parallel.layout import ParallelLayout, validate_layout
 from stem_megatron.parallel.pipeline_stages import PipelineStage
+from stem_megatron.planning.accounting import ModelCounts, count_model
+from stem_megatron.planning.activation_memory import ActivationSetup
+from stem_megatron.planning.dense_memory import DenseSetup
+from stem_megatron.planning.dry_run_format import format_report, report_json
+from stem_megatron.planning.memory import RankMemory, ShardParams, count_shard, estimate_rank_memory
+from stem_megatron.planning.table_memory import TableSetup
 from stem_megatron.sharding import RowBlock
 
 

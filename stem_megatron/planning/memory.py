@@ -1,7 +1,7 @@
 """Memory one rank needs to train its shard of the model: dense weights, gradients and
-optimizer state (model/dense_memory.py: megatron-core's DDP buffers and optimizers), STEM
-tables with their optimizer state and buffers (model/table_memory.py), and activations
-(model/activation_memory.py). Parameter counts are read off the built shard (the dry run builds
+optimizer state (planning/dense_memory.py: megatron-core's DDP buffers and optimizers), STEM
+tables with their optimizer state and buffers (planning/table_memory.py), and activations
+(planning/activation_memory.py). Parameter counts are read off the built shard (the dry run builds
 each model chunk of the rank on the meta device), so they are those of the real model code.
 
 STEM tables stay fp32 rows with SparseRowAdamW's state, on the `stem.storage` tier, holding
@@ -16,15 +16,15 @@ from dataclasses import dataclass
 import torch
 
 from stem_megatron.config import ModelConfig
-from stem_megatron.model.activation_memory import (
+from stem_megatron.planning.activation_memory import (
     ActivationSetup,
     chunk_activations,
     chunk_passes_in_flight,
     head_bytes,
     head_transient_bytes,
 )
-from stem_megatron.model.dense_memory import DenseMemory, DenseSetup, dense_memory
-from stem_megatron.model.table_memory import TableMemory, TableSetup, table_memory
+from stem_megatron.planning.dense_memory import DenseMemory, DenseSetup, dense_memory
+from stem_megatron.planning.table_memory import TableMemory, TableSetup, table_memory
 from stem_megatron.sharding import get_tp_shard, is_tied_copy
 from stem_megatron.stem.table import is_stem_table
 

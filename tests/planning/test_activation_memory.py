@@ -1,4 +1,4 @@
-"""The dry run's activation estimate (model/activation_memory.py) against what autograd really
+"""The dry run's activation estimate (planning/activation_memory.py) against what autograd really
 keeps: a tiny model's forward and backward on CPU, every tensor saved for the backward counted
 once per storage (parameters and buffers are not activations) while it is alive, and the peak
 of that sum compared with the estimate, in fp32 and bf16, without and with recomputation."""
@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from stem_megatron.config import ModelConfig
-from stem_megatron.model.activation_memory import ActivationSetup, chunk_activations, head_bytes
 from stem_megatron.model.transformer import ModelSpec, StemGPTModel
 from stem_megatron.parallel.local_workers import run_local_workers
 from stem_megatron.parallel.state import ParallelState
+from stem_megatron.planning.activation_memory import ActivationSetup, chunk_activations, head_bytes
 from stem_megatron.training.model_chunks import _cast_dense_parameters
 
 # megatron-core warns that a fused attention needs no selective recomputation; ours is torch's

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from stem_megatron.config import RunConfig
 
 if TYPE_CHECKING:
-    from stem_megatron.parallel.dry_run import DryRunReport, RankShard
+    from stem_megatron.planning.dry_run import DryRunReport, RankShard
 
 
 def _n(x: int) -> str:
@@ -137,7 +137,7 @@ def _rows(report: DryRunReport, config: RunConfig) -> list[Row | str]:
 
 
 def _dense_rows(config: RunConfig, dp: int) -> list[Row]:
-    """Dense parameters in megatron-core's DDP buffers and optimizer (model/dense_memory.py)."""
+    """Dense parameters in megatron-core's DDP buffers and optimizer (planning/dense_memory.py)."""
     o, bf16 = config.optim, config.train.bf16
     dtype = "bf16" if bf16 else "fp32"
     grads = "fp32" if config.parallel.grad_reduce_in_fp32 or not bf16 else "bf16"
@@ -206,8 +206,8 @@ def _notes(report: DryRunReport, config: RunConfig) -> list[str]:
         "Activations: Korthikanti et al. 2022 (arXiv 2205.05198) adapted to SwiGLU, GQA, "
         "fused attention and torch's fused RMSNorm (CUDA), with sequence parallelism and "
         "recomputation as configured; calibrated on CPU against the tensors autograd "
-        "keeps (stem_megatron/model/activation_memory.py). Dense: megatron-core's DDP "
-        "buffers and optimizer, padding included (stem_megatron/model/dense_memory.py)."
+        "keeps (stem_megatron/planning/activation_memory.py). Dense: megatron-core's DDP "
+        "buffers and optimizer, padding included (stem_megatron/planning/dense_memory.py)."
     ]
     if vp > 1:
         notes.append(
@@ -226,7 +226,7 @@ def _notes(report: DryRunReport, config: RunConfig) -> list[str]:
             f"once they pass twice its last merge, so it holds at most about twice "
             f"the step's distinct rows. The "
             f"peak row is one table's reduce or {exchange}, one table at a time "
-            f"(stem_megatron/model/table_memory.py). The device total adds every "
+            f"(stem_megatron/planning/table_memory.py). The device total adds every "
             f"peak: an upper bound."
         )
     if report.storage == "device" and report.stem_layers:
