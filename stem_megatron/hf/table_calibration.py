@@ -10,7 +10,7 @@ token t (least squares) is its mean there:
 where h_l,p is the dense model's residual stream entering layer l's FFN. Tokens that never
 occur in the calibration data get the mean over all positions (the best constant without
 the token). The STEM model then starts close to the dense one instead of from xavier noise
-(the paper's choice and our default); docs/huggingface.md reports the measured effect.
+(the paper's choice and our default); benchmarks/RESULTS.md records the measured effect.
 """
 
 from __future__ import annotations

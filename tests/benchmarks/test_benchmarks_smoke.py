@@ -1,4 +1,4 @@
-"""The benchmarks run end to end at tiny sizes and write the JSON their README tables come from."""
+"""The benchmarks run end to end at tiny sizes and write the JSON of RESULTS.md's tables."""
 
 from __future__ import annotations
 
@@ -94,7 +94,7 @@ def test_table_update_benchmark(tmp_path: Path) -> None:
             "torch_sparse_adam",
         }
         assert all(v > 0 for v in r["ms"].values())
-        # The derived figures are the timings' ratios, as the README tables read them.
+        # The derived figures are the timings' ratios, as the RESULTS.md tables read them.
         for kind, ms in r["ms"].items():
             assert r["speedup_vs_fused"][kind] == pytest.approx(out["fused_adamw_ms"] / ms)
         assert set(r["fraction_of_stream"]) == {"lazy", "exact"}

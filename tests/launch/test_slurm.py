@@ -134,7 +134,7 @@ def test_requeued_job_resumes_from_latest(cluster, tmp_path, long_run):
 
 
 def test_srun_without_torchrun_uses_slurm_ranks(cluster, tmp_path, run_overrides, reference_losses):
-    """The README's torchrun-free form: one task per process, MASTER_ADDR/PORT set by the
+    """docs/launching.md's torchrun-free form: one task per process, MASTER_ADDR/PORT set by the
     script, RANK/WORLD_SIZE absent so ParallelState reads SLURM_PROCID/SLURM_NTASKS."""
     out = tmp_path / "job.out"
     args = " ".join(shlex.quote(a) for a in train_command(tmp_path / "run", run_overrides))

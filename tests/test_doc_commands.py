@@ -1,19 +1,21 @@
-"""Every command in the README's `bash` blocks works as written after `make train`.
+"""Every command in the docs' `bash` blocks works as written after `make train`.
 
-Convention (README.md): a fenced block whose info string is `bash` holds commands for a shell
-at the repository root, meant to run top to bottom after `make train`. A block right after
+The docs: README.md, docs/*.md and benchmarks/RESULTS.md. Convention (docs/testing.md): a
+fenced block whose info string is `bash` holds commands for a shell at the repository root,
+meant to run top to bottom after `make train`, each document on its own. A block right after
 the line `<!-- readme-test: not run (REASON) -->` is checked but not run: multi-node, SLURM or
 GPU commands, a Llama directory that is not here, minutes of training, `make test` itself.
 Blocks of other kinds (plain output, `yaml`, `python`) are not commands. Comment lines are
 dropped and backslash continuations joined.
 
-- test_readme_commands_parse (default suite, seconds): each command names a make target,
+- test_doc_commands_parse (default suite, seconds): each command names a make target,
   script, config and flags that exist (flags as the tool's --help lists them), its overrides
   and config pass load_config, and every run directory or output it reads was made before it:
-  `runs/latest` by `make train`, anything else by a command above it.
-- test_readme_commands_run (slow): copies the repository to a temporary directory, shrinks
+  `runs/latest` by `make train`, anything else by a command above it in the same document. No
+  two commands write the same output (the slow test runs every document in one copy).
+- test_doc_commands_run (slow): copies the repository to a temporary directory, shrinks
   configs/tiny.yaml to a 4-step run of a small model, runs `make train`, then every command not
-  marked, in order, and requires exit status 0 from each.
+  marked, document after document, and requires exit status 0 from each.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ NOT_RUN = re.compile(r"<!-- readme-test: not run \((.+)\) -->")
 FENCE = re.compile(r"^```(\S*)")
 ENV_ASSIGNMENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*=")
 PLACEHOLDER = re.compile(r"^[A-Z][A-Z_]+$|<[a-z-]+>")  # TOKENIZER, runs/tiny-<date>
-# Paths the README's commands create and read; anything read there must be made first.
+# Paths the documented commands create and read; anything read there must be made first.
 MADE = ("runs/", "out/", "exported/")
 OUTPUT_FLAGS = ("--output", "--out", "--output-prefix")
 # Tools with an output among their positional arguments: which one, counting from 1.
@@ -54,15 +56,22 @@ MADE_BY_MAKE_TRAIN = ["runs/latest"]
 @dataclass
 class Command:
     text: str  # one shell command, continuations joined
-    line: int  # README line it starts on
+    line: int  # line of the document it starts on
     run: bool  # False: in a block marked not run
+    document: str = "README.md"
 
     def __str__(self) -> str:
-        return f"README.md:{self.line}: {self.text}"
+        return f"{self.document}:{self.line}: {self.text}"
 
 
-def readme_commands(text: str) -> list[Command]:
-    """The commands of the `bash` blocks, in README order."""
+def documents() -> list[str]:
+    """The documents whose commands are checked, repository-relative, in the order run."""
+    docs = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "docs").glob("*.md"))
+    return ["README.md", *docs, "benchmarks/RESULTS.md"]
+
+
+def block_commands(text: str, document: str = "README.md") -> list[Command]:
+    """The commands of one document's `bash` blocks, in order."""
     lines = text.splitlines()
     commands: list[Command] = []
     i = 0
@@ -84,7 +93,7 @@ def readme_commands(text: str) -> list[Command]:
                 start = i
             pending += line[:-1].rstrip() + " " if line.endswith("\\") else line
             if not line.endswith("\\"):
-                commands.append(Command(pending, start, run))
+                commands.append(Command(pending, start, run, document))
                 pending = ""
         i += 1
     return commands
@@ -117,13 +126,20 @@ def _tool_help(script: Path, args: list[str]) -> str:
 
 
 class Checker:
-    """Checks commands in order, remembering what earlier ones made."""
+    """Checks commands in order, remembering what earlier ones of the document made."""
 
     def __init__(self) -> None:
         self.made: list[str] = []
+        self.written: dict[str, Command] = {}  # every output so far, of any document
+        self.command: Command | None = None
         self.targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
 
+    def start(self, document: str) -> None:
+        """A document's commands run after `make train`, not after another document's."""
+        self.made = list(MADE_BY_MAKE_TRAIN)
+
     def check(self, command: Command) -> None:
+        self.command = command
         words = shlex.split(command.text, comments=True)
         for word in words:
             assert not word.startswith("[") and not PLACEHOLDER.match(word), (
@@ -170,7 +186,7 @@ class Checker:
         if load != "auto":
             self._reads(load)
         if not parsed.dry_run and not parsed.config.startswith(MADE):
-            self.made.append(settings.get("logging.run_dir", f"runs/{Path(parsed.config).stem}"))
+            self._writes(settings.get("logging.run_dir", f"runs/{Path(parsed.config).stem}"))
 
     def _config(self, config: str, overrides: list[str]) -> None:
         try:
@@ -201,11 +217,17 @@ class Checker:
             if previous in OUTPUT_FLAGS or (
                 not is_value and OUTPUT_POSITIONAL.get(script) == positional
             ):
-                self.made.append(value)
+                self._writes(value)
             elif value.startswith("configs/"):
                 assert (ROOT / value).is_file(), f"{value} does not exist"
             elif value.startswith(MADE):
                 self._reads(value)
+
+    def _writes(self, path: str) -> None:
+        other = self.written.get(path)
+        assert other is None, f"{path} is written by {other} too: give each output its own name"
+        self.written[path] = self.command
+        self.made.append(path)
 
     def _reads(self, path: str) -> None:
         made = any(
@@ -220,16 +242,43 @@ class Checker:
         )
 
 
-def test_readme_commands_parse():
-    commands = readme_commands((ROOT / "README.md").read_text())
-    assert any(c.run for c in commands) and any(not c.run for c in commands)
-    checker, failures = Checker(), []
+def documented_commands() -> list[Command]:
+    return [c for doc in documents() for c in block_commands((ROOT / doc).read_text(), doc)]
+
+
+def check_commands(commands: list[Command]) -> list[str]:
+    """What is wrong with each command, checked document by document."""
+    checker, failures, document = Checker(), [], None
     for command in commands:
+        if command.document != document:
+            document = command.document
+            checker.start(document)
         try:
             checker.check(command)
         except AssertionError as exc:
             failures.append(f"{command}\n    {exc}")
-    assert not failures, "README commands that cannot work as written:\n" + "\n".join(failures)
+    return failures
+
+
+def test_doc_commands_parse():
+    commands = documented_commands()
+    assert any(c.run for c in commands) and any(not c.run for c in commands)
+    failures = check_commands(commands)
+    assert not failures, "documented commands that cannot work as written:\n" + "\n".join(failures)
+
+
+def test_a_document_reads_only_what_make_train_and_its_own_commands_made():
+    made = Command("python tools/convert_checkpoint.py to-safetensors runs/latest out/st", 1, True)
+    read = "python tools/convert_checkpoint.py from-safetensors out/st runs/again/checkpoints"
+    assert check_commands([made, Command(read, 2, True)]) == []
+    failures = check_commands([made, Command(read, 1, True, "docs/other.md")])
+    assert len(failures) == 1 and "out/st is read" in failures[0]
+
+
+def test_two_documents_may_not_write_one_output():
+    write = "python tools/convert_checkpoint.py to-safetensors runs/latest out/st"
+    failures = check_commands([Command(write, 1, True), Command(write, 1, True, "docs/other.md")])
+    assert len(failures) == 1 and "out/st is written by README.md:1" in failures[0]
 
 
 def test_the_convention_reads_blocks_marks_and_continuations():
@@ -253,7 +302,7 @@ def test_the_convention_reads_blocks_marks_and_continuations():
             "```",
         ]
     )
-    assert [(c.text, c.line, c.run) for c in readme_commands(text)] == [
+    assert [(c.text, c.line, c.run) for c in block_commands(text)] == [
         ("python a.py --x 1 --y 2", 3, True),
         ("make train", 5, True),
         ("sbatch launch/slurm.sbatch", 9, False),
@@ -315,7 +364,7 @@ def _run(command: str, repo: Path, env: dict[str, str]) -> None:
 
 
 @pytest.mark.slow
-def test_readme_commands_run(tmp_path):
+def test_doc_commands_run(tmp_path):
     if (
         not (ROOT / "data/prepared/tokenizer.json").exists()
         or not (ROOT / ".venv/.installed").exists()
@@ -330,7 +379,7 @@ def test_readme_commands_run(tmp_path):
     env["PATH"] = f"{repo / '.venv/bin'}{os.pathsep}{env['PATH']}"  # `python` is the venv's
     _run("make train", repo, env)
     assert (repo / "runs/latest/checkpoints/latest").exists(), "make train made no runs/latest"
-    for command in readme_commands((ROOT / "README.md").read_text()):
+    for command in documented_commands():
         if command.run:
             _run(command.text, repo, env)
     # From outside the repository the tools find the bundled configs and the corpus that
