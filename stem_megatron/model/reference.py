@@ -1,6 +1,7 @@
 """A plain single-process reference of the model's math, with no megatron-core and no
-parallelism: the check for the parallel model, and the engine of conversion and generation
-tools. It reads the full (unsharded) state dict under the same parameter names.
+parallelism. Only tests use it: they check the parallel model, generation, knowledge edits
+and llama3 RoPE scaling against it. It reads the full (unsharded) state dict under the same
+parameter names.
 """
 
 from __future__ import annotations
