@@ -6,8 +6,8 @@
 
 It lists every other file of the checkpoint. Sizes are checked whenever a checkpoint is
 resolved (a stat per file); a file's CRC-32 when its bytes are first read, so a tool that
-reads one tensor checksums only the shard file holding it. CRC-32 (zlib, ~0.8 GB/s on one
-of our CPU cores) detects copy truncation and overwritten blocks; it is not a defence
+reads one tensor checksums only the shard file holding it. CRC-32 (zlib; its rate is
+in benchmarks/RESULTS.md) detects copy truncation and overwritten blocks; it is not a defence
 against a crafted file (the allow-listed unpickler and weights_only loads are). Checkpoints
 saved before the manifest existed load without these checks.
 """
