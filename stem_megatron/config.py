@@ -109,7 +109,7 @@ class StemConfig:
 class ParallelConfig:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
-    # Layers per pipeline stage, e.g. [7, 9, 9, 7]; None: an even split (parallel/pipeline_stages.py)
+    # Layers per pipeline stage, e.g. [7, 9, 9, 7]; None: an even split (pipeline_split.py)
     pipeline_layers: list[int] | None = None
     # Model chunks per pipeline rank for the interleaved 1F1B schedule; None: no interleaving
     virtual_pipeline_model_parallel_size: int | None = None

@@ -11,6 +11,7 @@ from stem_megatron.modes import (
     RecomputeMethod,
     RopeScalingType,
 )
+from stem_megatron.pipeline_split import chunk_stages
 
 
 def validate(config: RunConfig) -> None:
@@ -114,8 +115,6 @@ def validate(config: RunConfig) -> None:
     )
     _validate_memory_features(config, require)
     # The layer split per (virtual) pipeline stage: megatron would only assert on it later.
-    from stem_megatron.parallel.chunk_stages import chunk_stages  # it imports this module
-
     chunk_stages(config)
 
 

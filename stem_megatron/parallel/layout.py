@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from stem_megatron.config import ConfigError, RunConfig
 from stem_megatron.model.transformer import padded_vocab_size
-from stem_megatron.parallel.pipeline_stages import PipelineStage, pipeline_stages
+from stem_megatron.pipeline_split import PipelineStage, pipeline_stages
 
 
 @dataclass(frozen=True)

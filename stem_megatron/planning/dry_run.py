@@ -3,7 +3,7 @@
 process, and report parameters and memory per rank type.
 
 A rank's shard is what training builds for it (training/model_chunks.py): one model chunk per
-virtual pipeline stage (parallel/chunk_stages.py), and under `stem.dp_layout=vocab_sharded`
+virtual pipeline stage (pipeline_split.py), and under `stem.dp_layout=vocab_sharded`
 STEM tables of only the rows its DP rank owns. DP ranks whose blocks have the same number of
 rows hold shards of the same size, so one of them is built per block size.
 
@@ -33,9 +33,8 @@ import torch.distributed as dist
 from stem_megatron.atomic_file import write_text_atomically
 from stem_megatron.config import ConfigError, RunConfig
 from stem_megatron.model.transformer import ModelSpec, StemGPTModel, padded_vocab_size
-from stem_megatron.parallel.chunk_stages import chunk_stages, virtual_pipeline_size
 from stem_megatron.parallel.layout import ParallelLayout, validate_layout
-from stem_megatron.parallel.pipeline_stages import PipelineStage
+from stem_megatron.pipeline_split import PipelineStage, chunk_stages, virtual_pipeline_size
 from stem_megatron.planning.accounting import ModelCounts, count_model
 from stem_megatron.planning.activation_memory import ActivationSetup
 from stem_megatron.planning.dense_memory import DenseSetup

@@ -10,10 +10,9 @@ import torch
 
 from stem_megatron.config import RunConfig
 from stem_megatron.model.transformer import ModelSpec, StemGPTModel
-from stem_megatron.parallel.chunk_stages import chunk_stages, virtual_pipeline_size
 from stem_megatron.parallel.layout import validate_layout
-from stem_megatron.parallel.pipeline_stages import PipelineStage
 from stem_megatron.parallel.state import ParallelState
+from stem_megatron.pipeline_split import PipelineStage, chunk_stages, virtual_pipeline_size
 from stem_megatron.sharding import RowBlock
 from stem_megatron.stem.storage import MmapFiles, check_host_fits, host_table_bytes
 from stem_megatron.stem.table import is_stem_table

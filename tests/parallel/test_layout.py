@@ -6,7 +6,7 @@ import pytest
 
 from stem_megatron.config import ConfigError, load_config
 from stem_megatron.parallel.layout import validate_layout
-from stem_megatron.parallel.pipeline_stages import even_layer_counts, pipeline_stages
+from stem_megatron.pipeline_split import even_layer_counts, pipeline_stages
 
 SMALL = [
     "model.num_layers=4",

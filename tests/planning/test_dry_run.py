@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from stem_megatron.config import load_config
-from stem_megatron.parallel.pipeline_stages import pipeline_stages
+from stem_megatron.pipeline_split import pipeline_stages
 from stem_megatron.planning.dry_run import build_rank_shard, dry_run
 from stem_megatron.train import main as train_main
 

@@ -10,7 +10,7 @@ import pytest
 
 from stem_megatron.config import load_config
 from stem_megatron.parallel.local_workers import run_local_workers
-from stem_megatron.parallel.pipeline_stages import PipelineStage
+from stem_megatron.pipeline_split import PipelineStage
 from stem_megatron.planning.activation_memory import ActivationSetup, chunk_activations
 from stem_megatron.planning.dry_run import build_rank_shard, dry_run, run_dry_run
 from stem_megatron.planning.memory import count_shard
