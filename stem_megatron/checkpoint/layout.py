@@ -30,6 +30,9 @@ DCP_METADATA = ".metadata"
 SCALARS_JSON = "scalars.json"
 METADATA_JSON = "metadata.json"
 TMP_PREFIX = ".tmp_"
+# metadata.json key of a checkpoint that holds model weights only (an HF import): it can start
+# a run with checkpoint.finetune=true, not resume one.
+MODEL_ONLY = "model_only"
 REQUIRED_FILES = (DCP_METADATA, SCALARS_JSON, METADATA_JSON)
 _STEP_DIR = re.compile(r"step_(\d+)")
 

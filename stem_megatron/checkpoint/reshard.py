@@ -136,10 +136,9 @@ def reshard(
     or ConversionError (e.g. overrides that do not match the stored tensors)."""
     from stem_megatron.parallel.layout import validate_layout
     from stem_megatron.parallel.local_workers import run_local_workers
-    from stem_megatron.training.state import MODEL_ONLY
 
     ckpt = OfflineCheckpoint(source)
-    if ckpt.metadata.get(MODEL_ONLY):
+    if ckpt.metadata.get(layout.MODEL_ONLY):
         raise ConversionError(
             f"{ckpt.path} holds model weights only (a model-only checkpoint): it needs no "
             f"resharding, every layout loads it as it is with checkpoint.finetune=true"

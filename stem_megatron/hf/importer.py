@@ -30,6 +30,7 @@ import yaml
 from tqdm import tqdm
 
 from stem_megatron.checkpoint.dcp import Checkpointer
+from stem_megatron.checkpoint.layout import MODEL_ONLY
 from stem_megatron.checkpoint.model_state import CheckpointMeshes, model_state
 from stem_megatron.config import ConfigError, ModelConfig, RunConfig, load_config, save_config
 from stem_megatron.data.indexed import check_vocab, open_dataset
@@ -45,7 +46,6 @@ from stem_megatron.hf.staged_output import staged_output_dir
 from stem_megatron.hf.table_calibration import calibrated_tables
 from stem_megatron.hf.weights import drop_up_projection, llama_names, megatron_from_hf
 from stem_megatron.model.transformer import ModelSpec, StemGPTModel
-from stem_megatron.training.state import MODEL_ONLY
 
 # The paper's continued pretraining from dense Llama-3.2-1B: backbone 1e-5, tables 5e-4
 # without weight decay. Override with --config optim.lr=... stem.optimizer.lr=...

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from stem_megatron.checkpoint.dcp import Checkpointer, resolve
 from stem_megatron.checkpoint.errors import CheckpointMismatchError
-from stem_megatron.checkpoint.layout import METADATA_JSON, read_json
+from stem_megatron.checkpoint.layout import METADATA_JSON, MODEL_ONLY, read_json
 from stem_megatron.checkpoint.model_state import (
     CheckpointMeshes,
     model_state,
@@ -34,10 +34,6 @@ from stem_megatron.training.dense_optimizer_state import DenseOptimizerState
 from stem_megatron.training.metrics import LossWindow
 from stem_megatron.training.model_chunks import named_parameters
 from stem_megatron.training.optimizer import TrainingOptimizer
-
-# metadata.json key of a checkpoint that holds model weights only (tools/hf_checkpoint.py
-# import): it can start a run with checkpoint.finetune=true, not resume one.
-MODEL_ONLY = "model_only"
 
 
 class TrainingState:

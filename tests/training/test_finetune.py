@@ -10,10 +10,10 @@ import torch
 
 from stem_megatron.checkpoint.dcp import Checkpointer
 from stem_megatron.checkpoint.errors import CheckpointMismatchError
+from stem_megatron.checkpoint.layout import MODEL_ONLY
 from stem_megatron.checkpoint.model_state import CheckpointMeshes, model_state
 from stem_megatron.config import ConfigError
 from stem_megatron.training.model_chunks import named_parameters
-from stem_megatron.training.state import MODEL_ONLY
 from stem_megatron.training.trainer import Trainer
 
 
