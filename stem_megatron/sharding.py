@@ -1,13 +1,12 @@
 """How a parameter's full (logical) tensor maps to the slice one tensor-parallel rank holds.
 
-Every parameter is initialised from its full tensor, generated from (seed, parameter name),
-and then sliced; so a model built under any TP layout holds exactly the slices of the
-single-process model, and checkpoints can store the full logical tensor.
+Every parameter is initialised as its part of one full tensor (model/init.py), so a model built
+under any TP layout holds exactly the slices of the single-process model, and checkpoints can
+store the full logical tensor.
 """
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -103,26 +102,11 @@ def full_shape(param: torch.Tensor, tp_size: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def local_slice(
-    full: torch.Tensor, shard: TPShard | None, tp_rank: int, tp_size: int
-) -> torch.Tensor:
-    """The part of `full` that TP rank `tp_rank` of `tp_size` holds."""
-    if shard is None or tp_size == 1:
-        return full
-    blocks = full.chunk(shard.chunks, dim=shard.dim)
-    return torch.cat([b.chunk(tp_size, dim=shard.dim)[tp_rank] for b in blocks], dim=shard.dim)
-
-
 def gather_full(slices: list[torch.Tensor], shard: TPShard | None) -> torch.Tensor:
-    """Inverse of `local_slice`: the full tensor from every TP rank's slice, in rank order."""
+    """The full tensor from every TP rank's slice, in rank order: each of the shard's `chunks`
+    blocks is the ranks' pieces of it, concatenated."""
     if shard is None or len(slices) == 1:
         return slices[0]
     per_rank = [s.chunk(shard.chunks, dim=shard.dim) for s in slices]
     blocks = [torch.cat([p[c] for p in per_rank], dim=shard.dim) for c in range(shard.chunks)]
     return torch.cat(blocks, dim=shard.dim)
-
-
-def param_generator(seed: int, name: str) -> torch.Generator:
-    """A generator that depends only on the run seed and the parameter's name, so a
-    parameter's initial value does not depend on which stage or rank builds it."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))

@@ -52,6 +52,7 @@ from megatron.core.tensor_parallel import (
 from megatron.core.transformer import TransformerConfig
 
 from stem_megatron.config import ModelConfig, RopeScalingConfig
+from stem_megatron.model.init import init_parameters
 from stem_megatron.model.recompute import checkpointed, run_layers
 from stem_megatron.model.rope import inverse_frequencies
 from stem_megatron.model.stem_ffn import StemMLP, SwiGLUMLP, column_linear, row_linear
@@ -59,16 +60,11 @@ from stem_megatron.sharding import (
     RowBlock,
     TPGroup,
     TPShard,
-    full_shape,
-    get_row_block,
-    get_tp_shard,
-    local_slice,
     mark_shared_embedding,
     mark_tied_copy,
-    param_generator,
     set_tp_shard,
 )
-from stem_megatron.stem.table import StemTable, xavier_normal_std
+from stem_megatron.stem.table import StemTable
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
@@ -114,8 +110,8 @@ class ModelSpec:
 def megatron_config(spec: ModelSpec) -> TransformerConfig:
     """The megatron-core config our layers and megatron's schedules read."""
     m = spec.model
-    # Parameters are created on the CPU and initialised by us from full tensors (see
-    # sharding.py), so any TP layout holds exactly the single-process model's slices.
+    # Parameters are created on the CPU and initialised by us (model/init.py), so any TP
+    # layout holds exactly the single-process model's slices.
     return TransformerConfig(
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
@@ -405,23 +401,8 @@ class StemGPTModel(torch.nn.Module):
         labels = labels.transpose(0, 1).contiguous()
         return vocab_parallel_cross_entropy(logits.float(), labels).transpose(0, 1)
 
-    @torch.no_grad()
     def init_parameters(self, seed: int) -> None:
-        """Fill every parameter from its full tensor drawn from (seed, name), then slice."""
-        m = self.spec.model
-        out_std = m.init_method_std / math.sqrt(2.0 * m.num_layers)
-        for name, param in self.named_parameters():
-            shape = full_shape(param, self.spec.tp_size)
-            if name.endswith("layernorm.weight"):
-                full = torch.ones(shape)
-            else:
-                if name.endswith("stem_table.weight"):
-                    std = xavier_normal_std(*shape)
-                elif name.endswith(("linear_proj.weight", "linear_fc2.weight")):
-                    std = out_std
-                else:
-                    std = m.init_method_std
-                full = torch.empty(shape).normal_(0.0, std, generator=param_generator(seed, name))
-            local = local_slice(full, get_tp_shard(param), self.spec.tp_rank, self.spec.tp_size)
-            block = get_row_block(param)
-            param.copy_(local[block.start : block.end] if block is not None else local)
+        """Every parameter in place: its part of the model's seeded initial values
+        (model/init.py), the same in every layout."""
+        spec = self.spec
+        init_parameters(self.named_parameters(), seed, spec.model, spec.tp_rank, spec.tp_size)

@@ -13,7 +13,7 @@ from stem_megatron.checkpoint.inference import load_for_inference
 from stem_megatron.config import ConfigError, load_config
 from stem_megatron.hf.importer import import_llama
 from stem_megatron.hf.llama_config import HFFormatError
-from stem_megatron.sharding import param_generator
+from stem_megatron.model.init import block_generator
 from stem_megatron.stem.table import xavier_normal_std
 from stem_megatron.training.trainer import Trainer
 
@@ -85,7 +85,7 @@ def test_stem_import_keeps_dense_layers_and_initialises_tables(hf_llama, paralle
         expected = torch.empty(VOCAB, 64).normal_(
             0.0,
             xavier_normal_std(VOCAB, 64),
-            generator=param_generator(loaded.config.train.seed, mlp + "stem_table.weight"),
+            generator=block_generator(loaded.config.train.seed, mlp + "stem_table.weight", 0),
         )
         assert torch.equal(table, expected)  # our model's own xavier-normal draw
     for name in (
