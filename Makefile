@@ -5,16 +5,18 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_ID := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install lock data train train-dense edit-demo test test-slow test-slurm test-latest \
-	test-lowest mutants clean-venv
+.PHONY: install lock data train train-dense edit-demo lint test test-slow test-slurm \
+	test-latest test-lowest mutants clean-venv
 
-# The venv holds the exact set CI tests: constraints.txt, written by `make lock`. torch is
-# installed only when none is importable, as TORCH_INSTALL (our CPU machines' wheel; an unpinned
-# torch would pull a multi-GB CUDA build). A torch already in $(BASE_PYTHON)'s site-packages (a GPU
-# cluster's own build) is used as it is: the venv then sees it.
+# The venv holds this project, installed editable with its dev and demo extras (pyproject.toml,
+# the one list of dependencies), at the exact set CI tests: constraints.txt, written by
+# `make lock`. torch is installed only when none is importable, as TORCH_INSTALL (our CPU
+# machines' wheel; an unpinned torch would pull a multi-GB CUDA build). A torch already in
+# $(BASE_PYTHON)'s site-packages (a GPU cluster's own build) is used as it is: the venv then
+# sees it.
 TORCH_INSTALL ?= torch==2.13.0
 export BASE_PYTHON TORCH_INSTALL
-$(STAMP): requirements.txt requirements-dev.txt constraints.txt
+$(STAMP): pyproject.toml constraints.txt
 	tools/dev/venv.sh $(VENV) locked
 	touch $(STAMP)
 
@@ -35,7 +37,12 @@ train-dense: data
 edit-demo: $(STAMP)
 	$(PY) tools/knowledge_demo.py --out runs/knowledge_demo-$(RUN_ID)
 
-test: $(STAMP)
+# ruff's lint rules and formatting (settings in pyproject.toml): the tree stays clean.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q
 
 test-slow: $(STAMP)
@@ -50,7 +57,7 @@ test-slurm: $(STAMP)
 # beside, then moved over the old lock only once the install succeeded.
 lock:
 	tools/dev/venv.sh .venv-lock latest
-	{ echo "# Written by make lock on $$(date -u +%F) from requirements*.txt: the exact set CI installs."; \
+	{ echo "# Written by make lock on $$(date -u +%F) from pyproject.toml: the exact set CI installs."; \
 	  echo "# torch is not here: the Makefile installs TORCH_INSTALL only when none is importable."; \
 	  .venv-lock/bin/pip freeze --exclude-editable | grep -viE '^(torch|nvidia-|triton)'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
@@ -61,7 +68,7 @@ test-latest:
 	tools/dev/venv.sh .venv-latest latest
 	.venv-latest/bin/python -m pytest -q
 
-# The suite against every lower bound in requirements*.txt (torch 2.6.0: a CUDA build, ~3 GB).
+# The suite against every lower bound in pyproject.toml (torch 2.6.0: a CUDA build, ~3 GB).
 test-lowest:
 	tools/dev/venv.sh .venv-lowest lowest
 	.venv-lowest/bin/python -m pytest -q

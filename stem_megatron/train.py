@@ -7,7 +7,7 @@ import argparse
 import sys
 import warnings
 
-from stem_megatron.cli_args import HelpFormatter, positive_int
+from stem_megatron.cli.args import HelpFormatter, positive_int
 from stem_megatron.config import ConfigError, load_config
 from stem_megatron.writable import unwritable_reason
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from stem_megatron.checkpoint.inference import load_for_inference
+from stem_megatron.cli import generate
 from stem_megatron.data.tokenizer import load_tokenizer
 from stem_megatron.generation import generate_ids, generate_text
 from stem_megatron.model.reference import ReferenceGPT
 from stem_megatron.model.transformer import ModelSpec, StemGPTModel
 from stem_megatron.parallel.state import ParallelState
-from tools import generate
 
 
 def run_generate(capsys, *args: str) -> tuple[int, str, str]:

@@ -29,23 +29,17 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # `python tools/x.py` without installing
-warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
-
 # Only light imports here; the functions import what loads torch, so that --help and a bad
 # flag answer before it.
-from stem_megatron.cli_args import (
-    HelpFormatter,
-    int_list,
-    non_negative_int,  # noqa: E402
-    positive_int,
-)
-from stem_megatron.config import load_config  # noqa: E402
-from stem_megatron.data.tokenizer import train_bpe_tokenizer  # noqa: E402
-from stem_megatron.editing.remap import parse_remap  # noqa: E402
-from stem_megatron.editing.spec import EditSpec  # noqa: E402
-from tools.preprocess_data import preprocess  # noqa: E402
+from stem_megatron.cli.args import HelpFormatter, int_list, non_negative_int, positive_int
+from stem_megatron.cli.preprocess_data import preprocess
+from stem_megatron.config import load_config
+from stem_megatron.data.tokenizer import train_bpe_tokenizer
+from stem_megatron.editing.remap import parse_remap
+from stem_megatron.editing.spec import EditSpec
+
+ROOT = Path(__file__).resolve().parents[1]  # the checkout: its corpus and configs
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
 if TYPE_CHECKING:
     from stem_megatron.editing.facts import Fact

@@ -14,9 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from stem_megatron.cli import (
+    convert_checkpoint,
+    edit_knowledge,
+    generate,
+    hf_checkpoint,
+    inspect_checkpoint,
+)
 from stem_megatron.train import main as train_main
 from tests.config_overrides import as_overrides
-from tools import convert_checkpoint, edit_knowledge, generate, hf_checkpoint, inspect_checkpoint
 
 SHARD = "__0_0.distcp"
 

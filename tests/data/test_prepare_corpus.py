@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pytest
 
+from stem_megatron.cli.prepare_corpus import CORPUS, VAL_FRACTION, VOCAB_SIZE, prepare_corpus
 from stem_megatron.data.indexed import check_vocab, open_dataset
 from stem_megatron.data.tokenizer import load_tokenizer
-from tools.prepare_corpus import CORPUS, VAL_FRACTION, VOCAB_SIZE, prepare_corpus
 
 
 @pytest.fixture()

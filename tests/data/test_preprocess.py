@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from stem_megatron.cli.preprocess_data import main, preprocess, split_documents
 from stem_megatron.data.indexed import open_dataset
 from stem_megatron.data.tokenizer import load_tokenizer
-from tools.preprocess_data import main, preprocess, split_documents
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

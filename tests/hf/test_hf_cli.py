@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tools import hf_checkpoint
+from stem_megatron.cli import hf_checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import pytest
 
+from stem_megatron.cli import generate
 from stem_megatron.config import ConfigError, load_config
 from stem_megatron.planning.dry_run import dry_run
 from stem_megatron.train import main as train_main
 from tests.config_overrides import as_overrides
-from tools import generate
 
 
 def test_a_diverged_run_ends_with_one_error_line(tiny_config, capsys):

@@ -11,12 +11,12 @@ import torch
 from safetensors import safe_open
 
 from stem_megatron.checkpoint.offline import OfflineCheckpoint
+from stem_megatron.cli.convert_checkpoint import main
 from stem_megatron.parallel.local_workers import run_local_workers
 from stem_megatron.training.short_run import train_steps
 from stem_megatron.training.trainer import Trainer
 from tests.config_overrides import as_overrides
 from tests.tools.checkpoint_files import snapshot
-from tools.convert_checkpoint import main
 
 TP2_PP2 = ["parallel.tensor_model_parallel_size=2", "parallel.pipeline_model_parallel_size=2"]
 TP1_PP1 = ["parallel.tensor_model_parallel_size=1", "parallel.pipeline_model_parallel_size=1"]

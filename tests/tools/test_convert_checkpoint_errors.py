@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from stem_megatron.checkpoint.offline import OfflineCheckpoint, write_checkpoint
+from stem_megatron.cli.convert_checkpoint import main
 from stem_megatron.training.trainer import Trainer
 from tests.tools.checkpoint_files import snapshot
-from tools.convert_checkpoint import main
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,10 +12,10 @@ from PIL import Image
 from stem_megatron.checkpoint.inference import load_for_inference
 from stem_megatron.checkpoint.offline import OfflineCheckpoint
 from stem_megatron.checkpoint.table_stats import dense_up_outputs, validation_tokens
+from stem_megatron.cli.inspect_checkpoint import main
 from stem_megatron.data.indexed import open_dataset
 from stem_megatron.data.sampler import PackedSampleStream
 from stem_megatron.training.trainer import Trainer
-from tools.inspect_checkpoint import main
 
 STEPS = 3
 TABLE = "model.decoder.layers.1.mlp.stem_table.weight"
