@@ -1,7 +1,8 @@
 """Bytes per training step of STEM vs the dense baseline under TP=2, with and without
-sequence parallelism (SP), and of the STEM table sync under DP=2 vs what a dense table-gradient all-reduce would move (V x d_ff/TP x 4 bytes
-per table). Real gloo processes on this machine; the counts come from the trainer's comm/*
-metrics (stem_megatron/parallel/comm_meter.py), measured on the last of a few steps.
+sequence parallelism (SP), and of the STEM table sync under DP=2 vs what a dense
+table-gradient all-reduce would move (V x d_ff/TP x 4 bytes per table). Real gloo processes
+on this machine; the counts come from the trainer's comm/* metrics
+(stem_megatron/parallel/comm_meter.py), measured on the last of a few steps.
 
 The meter counts payload: the tensor each rank hands to a collective. Under SP an all-reduce
 of S bytes becomes a reduce-scatter (payload S) and an all-gather (payload S/TP), which move
@@ -26,13 +27,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from stem_megatron.atomic_file import write_text_atomically
+from stem_megatron.config import ConfigError, DataConfig, load_config
+from stem_megatron.parallel.local_workers import run_local_workers
+from stem_megatron.training.short_run import train_steps
 
-from stem_megatron.atomic_file import write_text_atomically  # noqa: E402
-from stem_megatron.config import ConfigError, DataConfig, load_config  # noqa: E402
-from stem_megatron.parallel.local_workers import run_local_workers  # noqa: E402
-from stem_megatron.training.short_run import train_steps  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # A small STEM model on the bundled corpus (vocab 8192): 4 layers, STEM in layers 1 and 3.
 MODEL = [

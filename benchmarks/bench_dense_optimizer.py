@@ -29,16 +29,14 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.bench_table_update import median_ms  # noqa: E402
-from stem_megatron.atomic_file import write_text_atomically  # noqa: E402
+from stem_megatron.atomic_file import write_text_atomically
+from stem_megatron.timing import median_ms
 
 HYPER = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
 BASELINE = "torch_fused"

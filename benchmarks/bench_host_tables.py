@@ -4,11 +4,12 @@ with and without the hot-row cache, against device tables; on configs/tiny.yaml 
 
 The three variants are real trainers on the prepared corpus (`python tools/prepare_corpus.py`)
 built side by side; each repeat runs one training step of each in turn (the order rotating
-between repeats), so a load change on the shared machine hits all of them alike. Reported per variant: median step time, and means
-over the timed steps of prefetch stall, bytes host -> device and cache hit rate; then host /
-device ratios. Target: host step time <= 1.10x device. A second group runs without gradient
-clipping, where host-table updates can overlap the backward (training/table_update.py): host
-with the update after the backward, and overlapped, each against device without clipping.
+between repeats), so a load change on the shared machine hits all of them alike. Reported
+per variant: median step time, and means over the timed steps of prefetch stall, bytes
+host -> device and cache hit rate; then host / device ratios. Target: host step time
+<= 1.10x device. A second group runs without gradient clipping, where host-table updates can
+overlap the backward (stem/overlap.py): host with the update after the backward, and
+overlapped, each against device without clipping.
 
     .venv/bin/python benchmarks/bench_host_tables.py [--models tiny 100m] [--steps N]
 """
@@ -19,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -27,13 +27,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
-from stem_megatron.config import load_config  # noqa: E402
-from stem_megatron.parallel.state import ParallelState  # noqa: E402
-from stem_megatron.stem.storage import synchronize  # noqa: E402
-from stem_megatron.training.trainer import Trainer  # noqa: E402
+from stem_megatron.config import load_config
+from stem_megatron.parallel.state import ParallelState
+from stem_megatron.stem.storage import synchronize
+from stem_megatron.training.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 # ~100M parameters: 8 layers, hidden 512, d_ff 2048, vocab 8192 (the prepared tokenizer's),
 # STEM in the 4 odd layers; 2 micro-batches of 2 x 128 tokens keep a CPU step to seconds.

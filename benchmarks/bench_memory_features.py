@@ -19,7 +19,7 @@ parallel.sequence_parallel (TP=2); optim.optimizer_cpu_offload (on the bf16 dist
 optimizer, which it needs). A configuration that fails is reported with its error line, and
 the others still run.
 
-On CPU this measures what CPU runs pay; see the README for what only a GPU shows (bf16
+On CPU this measures what CPU runs pay; see benchmarks/RESULTS.md for what only a GPU shows (bf16
 tensor-core matmuls, overlap of the grad reduce with the backward, PCIe traffic of offload).
 
     .venv/bin/python benchmarks/bench_memory_features.py [--models tiny 100m --steps 3]
@@ -39,11 +39,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from stem_megatron.atomic_file import write_text_atomically
+from stem_megatron.config import ConfigError, load_config
 
-from stem_megatron.atomic_file import write_text_atomically  # noqa: E402
-from stem_megatron.config import ConfigError, load_config  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 CONFIG = ROOT / "configs" / "tiny.yaml"
 
@@ -64,7 +63,8 @@ MODELS = {
 }
 BF16, DIST_OPT = "train.bf16=true", "optim.use_distributed_optimizer=true"
 TP2 = "parallel.tensor_model_parallel_size=2"
-# name -> (processes, overrides, the configuration it is compared with: the same without the feature)
+# name -> (processes, overrides, the configuration it is compared with: the same without
+# the feature)
 VARIANTS = {
     "baseline": (1, [], None),
     "bf16": (1, [BF16], "baseline"),
@@ -379,10 +379,10 @@ def main() -> None:
 
 def print_report(out: dict) -> None:
     print(
-        f"\n{out['steps']} steps per run ({out['warmup']} untimed), {out['cores']} cores, load avg "
-        f"{out['load_avg_before'][0]:.1f} -> {out['load_avg_after'][0]:.1f}; ratios: the feature on "
-        f"/ the same layout off (x off), and / the one-process baseline (x base). Wall step time "
-        f"follows the machine's load; CPU s is the ranks' CPU time per step, summed"
+        f"\n{out['steps']} steps per run ({out['warmup']} untimed), {out['cores']} cores, "
+        f"load avg {out['load_avg_before'][0]:.1f} -> {out['load_avg_after'][0]:.1f}; ratios: "
+        "the feature on / the same layout off (x off), and / the one-process baseline (x base). "
+        "Wall step time follows the machine's load; CPU s is the ranks' CPU time per step, summed"
     )
     print(
         "\n| model | configuration | procs | step s | x off | x base | step CPU s | x off | x base "

@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -27,13 +26,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
-from megatron.core import ModelParallelConfig  # noqa: E402
+from megatron.core import ModelParallelConfig
 
-from stem_megatron.model.stem_ffn import StemMLP, SwiGLUMLP  # noqa: E402
-from stem_megatron.parallel.state import ParallelState  # noqa: E402
-from stem_megatron.stem.table import xavier_normal_std  # noqa: E402
+from stem_megatron.model.stem_ffn import StemMLP, SwiGLUMLP
+from stem_megatron.parallel.state import ParallelState
+from stem_megatron.stem.table import xavier_normal_std
 
 SEQ_PER_SAMPLE = 1024
 ZIPF_EXPONENT = 1.1
@@ -153,18 +151,21 @@ def main() -> None:
     args.json.write_text(json.dumps(out, indent=2) + "\n")
 
     print(
-        f"\n{out['threads']} threads, load avg {load_before[0]:.2f} -> {out['load_avg_after'][0]:.2f}"
+        f"\n{out['threads']} threads, "
+        f"load avg {load_before[0]:.2f} -> {out['load_avg_after'][0]:.2f}"
     )
     print(
-        "\n| tokens | d | d_ff | V | unique ids | dense ms | STEM ms | emb+dense grad ms | STEM/dense | emb/dense | STEM/emb |"
+        "\n| tokens | d | d_ff | V | unique ids | dense ms | STEM ms | emb+dense grad ms "
+        "| STEM/dense | emb/dense | STEM/emb |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         m = r["ms"]
         print(
-            f"| {r['tokens']} | {r['hidden']} | {r['ffn_hidden']} | {r['vocab']} | {r['unique_ids']} | "
-            f"{m['dense']:.1f} | {m['stem']:.1f} | {m['stem_dense_grad']:.1f} | {r['stem_vs_dense']:.2f} | "
-            f"{r['stem_dense_grad_vs_dense']:.2f} | {r['stem_vs_stem_dense_grad']:.2f} |"
+            f"| {r['tokens']} | {r['hidden']} | {r['ffn_hidden']} | {r['vocab']} "
+            f"| {r['unique_ids']} | {m['dense']:.1f} | {m['stem']:.1f} "
+            f"| {m['stem_dense_grad']:.1f} | {r['stem_vs_dense']:.2f} "
+            f"| {r['stem_dense_grad_vs_dense']:.2f} | {r['stem_vs_stem_dense_grad']:.2f} |"
         )
 
 

@@ -26,37 +26,16 @@ import argparse
 import json
 import logging
 import os
-import statistics
-import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stem_megatron.stem.sparse_adam import SparseRowAdamW  # noqa: E402
+from stem_megatron.stem.sparse_adam import SparseRowAdamW
+from stem_megatron.timing import median_ms
 
 BYTES_PER_ELEMENT = 28
 ZIPF_EXPONENT = 1.1
-
-
-def median_ms(
-    step: Callable[[], None],
-    warmup: int,
-    repeats: int,
-    clock: Callable[[], float] = time.perf_counter,
-) -> float:
-    """Median milliseconds of `step` by `clock` (time.process_time: CPU time, which a loaded
-    machine's waits do not inflate)."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        start = clock()
-        step()
-        times.append(clock() - start)
-    return 1e3 * statistics.median(times)
 
 
 def draw_rows(
@@ -232,11 +211,13 @@ def print_report(out: dict) -> None:
         else out["deepspeed_status"]
     )
     print(
-        f"\ntable {out['rows']} x {out['dim']} fp32, {out['threads']} threads, row kernel {out['row_kernel']}, "
+        f"\ntable {out['rows']} x {out['dim']} fp32, {out['threads']} threads, "
+        f"row kernel {out['row_kernel']}, "
         f"load avg {out['load_avg_before'][0]:.2f} -> {out['load_avg_after'][0]:.2f}"
     )
     print(
-        f"whole table: AdamW(fused=True) {out['fused_adamw_ms']:.1f} ms ({out['stream_gbs']:.1f} GB/s at 28 B/element), "
+        f"whole table: AdamW(fused=True) {out['fused_adamw_ms']:.1f} ms "
+        f"({out['stream_gbs']:.1f} GB/s at 28 B/element), "
         f"DeepSpeedCPUAdam {ds}"
     )
     cols = ["exact", "lazy", "lazy_torch_fused", "lazy_torch", "torch_sparse_adam"]

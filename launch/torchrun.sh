@@ -47,8 +47,9 @@ fi
 "$python" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('torch') is None)" \
     || usage "interpreter '$python' cannot import torch: set PYTHON to one that can" \
              "(e.g. PYTHON=$root/.venv/bin/python after 'make install')"
-# The package is not installed into the venv: make it importable from any directory.
-export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
+"$python" -c "import stem_megatron" 2>/dev/null \
+    || usage "interpreter '$python' cannot import stem_megatron: install it with" \
+             "'$python -m pip install -e $root' (make install does, into $root/.venv)"
 
 # Workers get their own TCPStore (rank 0 hosts it) instead of sharing the rendezvous store:
 # with the shared store, restarted workers read the previous attempt's gloo/NCCL addresses

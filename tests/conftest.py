@@ -5,24 +5,22 @@ from __future__ import annotations
 
 import json
 import lzma
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+from stem_megatron.config import RunConfig, load_config
+from stem_megatron.data.tokenizer import train_bpe_tokenizer
 
-from stem_megatron.config import RunConfig, load_config  # noqa: E402
-from stem_megatron.data.tokenizer import train_bpe_tokenizer  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
 
 @pytest.fixture(scope="session")
 def small_corpus(tmp_path_factory) -> dict[str, Path]:
     """Six works of the bundled corpus (~0.7 MB), a 512-token BPE and train/val datasets."""
-    from tools.preprocess_data import preprocess
+    from stem_megatron.cli.preprocess_data import preprocess
 
     out = tmp_path_factory.mktemp("corpus")
     with lzma.open(ROOT / "data/corpus/shakespeare.jsonl.xz", "rt") as fh:

@@ -1,15 +1,11 @@
 """Shared fixtures for the data tests: a small synthetic corpus and a tokenizer trained on it."""
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-# The repo root on sys.path: `tools` is imported from there (also under a bare `pytest`).
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
-from stem_megatron.data.tokenizer import train_bpe_tokenizer  # noqa: E402
+from stem_megatron.data.tokenizer import train_bpe_tokenizer
 
 _WORDS = (
     "the of and to a in that is was he for it with as his on be at by had not are but from "

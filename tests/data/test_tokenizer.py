@@ -45,15 +45,14 @@ def test_training_is_reproducible_across_runs_and_threads(tmp_path, texts):
     # Another process with a single-threaded pool must produce the same bytes too.
     c = tmp_path / "c.json"
     code = (
-        "import sys, json; sys.path.insert(0, sys.argv[1]);"
+        "import sys, json;"
         "from stem_megatron.data.tokenizer import train_bpe_tokenizer;"
-        "train_bpe_tokenizer(json.load(open(sys.argv[2])), 450, sys.argv[3])"
+        "train_bpe_tokenizer(json.load(open(sys.argv[1])), 450, sys.argv[2])"
     )
     (tmp_path / "texts.json").write_text(json.dumps(texts))
     env = {**os.environ, "RAYON_NUM_THREADS": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     subprocess.run(
-        [sys.executable, "-c", code, root, str(tmp_path / "texts.json"), str(c)],
+        [sys.executable, "-c", code, str(tmp_path / "texts.json"), str(c)],
         check=True,
         env=env,
     )

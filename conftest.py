@@ -1,1 +1,0 @@
-# Makes the repository root importable for tests (stem_megatron, tools).
