@@ -31,7 +31,9 @@ import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import yaml
@@ -47,8 +49,15 @@ PLACEHOLDER = re.compile(r"^[A-Z][A-Z_]+$|<[a-z-]+>")  # TOKENIZER, runs/tiny-<d
 # Paths the documented commands create and read; anything read there must be made first.
 MADE = ("runs/", "out/", "exported/")
 OUTPUT_FLAGS = ("--output", "--out", "--output-prefix")
-# Tools with an output among their positional arguments: which one, counting from 1.
-OUTPUT_POSITIONAL = {"tools/convert_checkpoint.py": 3}  # <command> <source> <out>
+# Tools with an output among their positional arguments: which one, counting from 1
+# (<command> <source> <out>).
+OUTPUT_POSITIONAL = {"tools/convert_checkpoint.py": 3, "stem-convert": 3}
+# The console scripts pyproject.toml installs (make install): name -> "module:function".
+CONSOLE_SCRIPTS = {
+    ep.name: ep.value
+    for ep in entry_points(group="console_scripts")
+    if ep.value.startswith("stem_megatron.")
+}
 # What `make train` leaves for the commands below it (configs/tiny.yaml's run).
 MADE_BY_MAKE_TRAIN = ["runs/latest"]
 
@@ -99,18 +108,26 @@ def block_commands(text: str, document: str = "README.md") -> list[Command]:
     return commands
 
 
-def _tool_help(script: Path, args: list[str]) -> str:
-    """The tool's --help text (of its subcommand when the first argument is one), from the
-    tool's own parser: its main() parses before it does anything else."""
-    spec = importlib.util.spec_from_file_location(f"readme_tool_{script.stem}", script)
+def _load(program: str) -> ModuleType:
+    """The module whose main() `program` runs: a console script's, or a script file's."""
+    if program in CONSOLE_SCRIPTS:
+        return importlib.import_module(CONSOLE_SCRIPTS[program].split(":")[0])
+    script = ROOT / program
+    spec = importlib.util.spec_from_file_location(f"doc_tool_{script.stem}", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
 
+
+def _tool_help(program: str, args: list[str]) -> str:
+    """The tool's --help text (of its subcommand when the first argument is one), from the
+    tool's own parser: its main() parses before it does anything else."""
+    module = _load(program)
     takes_argv = bool(inspect.signature(module.main).parameters)  # else it reads sys.argv
 
     def help_of(argv: list[str]) -> str:
         out, saved = io.StringIO(), sys.argv
-        sys.argv = [str(script), *argv]
+        sys.argv = [program, *argv]
         try:
             with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
                 module.main(argv) if takes_argv else module.main()
@@ -152,11 +169,16 @@ class Checker:
             assert args and args[0] in self.targets, f"no make target {args}"
             if args[0] == "train":
                 self.made += MADE_BY_MAKE_TRAIN
+        elif CONSOLE_SCRIPTS.get(program) == "stem_megatron.train:main":
+            self._train(args)
+        elif program in CONSOLE_SCRIPTS:
+            self._tool(program, args)
         elif program in ("python", ".venv/bin/python"):
             if args[:2] == ["-m", "stem_megatron.train"]:
                 self._train(args[2:])
             else:
-                self._script(args[0], args[1:])
+                assert (ROOT / args[0]).is_file(), f"{args[0]} does not exist"
+                self._tool(args[0], args[1:])
         elif program == "torchrun":
             assert "stem_megatron.train" in args, "torchrun runs -m stem_megatron.train"
             self._train(args[args.index("stem_megatron.train") + 1 :])
@@ -198,15 +220,14 @@ class Checker:
         except ConfigError as exc:
             raise AssertionError(f"config error: {exc}") from None
 
-    def _script(self, script: str, args: list[str]) -> None:
-        assert (ROOT / script).is_file(), f"{script} does not exist"
-        help_text = _tool_help(ROOT / script, args)
+    def _tool(self, program: str, args: list[str]) -> None:
+        help_text = _tool_help(program, args)
         positional = 0
         for i, word in enumerate(args):
             flag = word.split("=", 1)[0]
             if word.startswith("-"):
                 assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", help_text), (
-                    f"{script} has no option {flag} (see its --help)"
+                    f"{program} has no option {flag} (see its --help)"
                 )
                 continue
             previous = args[i - 1] if i else ""
@@ -215,7 +236,7 @@ class Checker:
                 positional += 1
             value = word.split("=", 1)[1] if "=" in word and not is_value else word
             if previous in OUTPUT_FLAGS or (
-                not is_value and OUTPUT_POSITIONAL.get(script) == positional
+                not is_value and OUTPUT_POSITIONAL.get(program) == positional
             ):
                 self._writes(value)
             elif value.startswith("configs/"):
