@@ -136,7 +136,7 @@ class SampleSettings:
     def command(self, checkpoint: str | Path) -> str:
         tool = REPO_ROOT / "tools" / "generate.py"
         here = Path.cwd().resolve()
-        if tool.is_relative_to(here):  # as the README writes it, from the repository
+        if tool.is_relative_to(here):  # as the docs write paths, from the repository
             tool = tool.relative_to(here)
         return shlex.join(
             [

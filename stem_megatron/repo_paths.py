@@ -1,5 +1,5 @@
 """The files the repository bundles (configs/*.yaml, the corpus prepared under data/prepared/)
-are named by repository-relative paths, in the README, the configs and every run's recorded
+are named by repository-relative paths, in the docs, the configs and every run's recorded
 config. Given from another working directory, such a path names the repository's file, so the
 commands work from anywhere; a file of that name in the working directory still comes first."""
 
