@@ -94,24 +94,23 @@ def open_dataset(
     if os.path.getsize(idx_path) != expected_idx:
         raise DatasetError(
             f"{idx_path}: index is {os.path.getsize(idx_path)} bytes but its header describes "
-            f"{seq_count} sequences / {doc_count} document marks ({expected_idx} bytes): truncated or corrupt; {_FIX}"
+            f"{seq_count} sequences / {doc_count} document marks ({expected_idx} bytes): "
+            f"truncated or corrupt; {_FIX}"
         )
     if seq_count == 0 or doc_count < 2:
         raise DatasetError(
             f"{idx_path}: dataset {prefix} holds no documents; {_FIX} from non-empty inputs"
         )
-    if (
-        os.path.getsize(bin_path) == 0
-    ):  # checked before megatron-core, which cannot mmap an empty file
+    # Checked before megatron-core, which cannot mmap an empty file.
+    if os.path.getsize(bin_path) == 0:
         raise DatasetError(
             f"{bin_path}: truncated to 0 bytes but {idx_path} lists {seq_count} sequences; {_FIX}"
         )
     try:
         index = IndexedDataset(prefix, mmap=True)
     except AssertionError as e:  # megatron-core's own consistency asserts
-        raise DatasetError(
-            f"{idx_path}: index is inconsistent ({e or 'sequence/document counts disagree'}); {_FIX}"
-        ) from e
+        why = e or "sequence/document counts disagree"
+        raise DatasetError(f"{idx_path}: index is inconsistent ({why}); {_FIX}") from e
     lengths = index.sequence_lengths.astype(np.int64)
     itemsize = np.dtype(dtype).itemsize
     starts = np.concatenate(([0], np.cumsum(lengths)[:-1])) * itemsize
@@ -168,7 +167,8 @@ def _check_meta(
     if not os.path.isfile(path):
         if required:
             raise DatasetError(
-                f"{path}: sidecar of dataset {prefix} is missing, so its tokenizer is unknown; {_FIX} "
+                f"{path}: sidecar of dataset {prefix} is missing, so its tokenizer is unknown; "
+                f"{_FIX} "
                 "(datasets from Megatron-LM's preprocess_data.py: set data.require_meta=false)"
             )
         return None
@@ -184,9 +184,10 @@ def _check_meta(
         raise DatasetError(f"{path}: unreadable sidecar ({e}); {_FIX}") from e
     actual = (docs, tokens, bin_bytes, _sha256(idx_path))
     if recorded != actual:
+        same_counts = "" if recorded[:3] != actual[:3] else " (same counts, different index)"
         raise DatasetError(
-            f"{path}: sidecar records {recorded[0]} documents / {recorded[1]} tokens, but the .bin/.idx "
-            f"hold {docs} / {tokens}{'' if recorded[:3] != actual[:3] else ' (same counts, different index)'}: "
+            f"{path}: sidecar records {recorded[0]} documents / {recorded[1]} tokens, but the "
+            f".bin/.idx hold {docs} / {tokens}{same_counts}: "
             f"the files come from different preprocessing runs; {_FIX}"
         )
     return meta
@@ -209,9 +210,10 @@ def check_token_range(
             )
         )
         raise DatasetError(
-            f"{get_bin_path(dataset.prefix)}: token id {int(toks[pos])} at position {pos} (document {doc}) "
-            f"is outside the vocabulary of size {vocab_size} (max id in this block {int(block.max())}): the "
-            f"data was tokenized with a larger tokenizer; use the matching tokenizer/model vocab or {_FIX}"
+            f"{get_bin_path(dataset.prefix)}: token id {int(toks[pos])} at position {pos} "
+            f"(document {doc}) is outside the vocabulary of size {vocab_size} "
+            f"(max id in this block {int(block.max())}): the data was tokenized with a larger "
+            f"tokenizer; use the matching tokenizer/model vocab or {_FIX}"
         )
 
 
@@ -231,19 +233,21 @@ def check_vocab(
     tok = meta["tokenizer"]
     if model_vocab_size < tok["vocab_size"]:
         raise DatasetError(
-            f"{dataset.prefix}: tokenized with {tok['name']} (vocab_size {tok['vocab_size']}) but the model's "
-            f"vocab_size is {model_vocab_size}: ids up to {tok['vocab_size'] - 1} would index past the "
-            f"embedding/STEM tables; set the model vocab_size >= {tok['vocab_size']}"
+            f"{dataset.prefix}: tokenized with {tok['name']} (vocab_size {tok['vocab_size']}) "
+            f"but the model's vocab_size is {model_vocab_size}: ids up to "
+            f"{tok['vocab_size'] - 1} would index past the embedding/STEM tables; "
+            f"set the model vocab_size >= {tok['vocab_size']}"
         )
     if tokenizer is not None and (
         tokenizer.vocab_size != tok["vocab_size"]
         or tokenizer.eod_id != tok["eod_id"]
         or tokenizer.fingerprint != tok["fingerprint"]
     ):
+        same_size = "" if tokenizer.vocab_size != tok["vocab_size"] else ", a different file"
         raise DatasetError(
-            f"{dataset.prefix}: tokenized with {tok['name']} (vocab_size {tok['vocab_size']}, eod {tok['eod_id']}) "
-            f"but the tokenizer given is {tokenizer.name} (vocab_size {tokenizer.vocab_size}, eod "
-            f"{tokenizer.eod_id}){'' if tokenizer.vocab_size != tok['vocab_size'] else ', a different file'}; "
+            f"{dataset.prefix}: tokenized with {tok['name']} (vocab_size {tok['vocab_size']}, "
+            f"eod {tok['eod_id']}) but the tokenizer given is {tokenizer.name} "
+            f"(vocab_size {tokenizer.vocab_size}, eod {tokenizer.eod_id}){same_size}; "
             f"use the tokenizer the data was made with, or {_FIX} with this tokenizer"
         )
 
@@ -277,7 +281,8 @@ class DatasetWriter:
         # The builder casts to uint16 silently; an out-of-range id must fail here instead.
         if arr.size and (arr.min() < 0 or arr.max() >= self._tokenizer.vocab_size):
             raise DatasetError(
-                f"{self.prefix}: token id outside [0, {self._tokenizer.vocab_size}) in document {self.num_documents}"
+                f"{self.prefix}: token id outside [0, {self._tokenizer.vocab_size}) "
+                f"in document {self.num_documents}"
             )
         self._builder.add_item(torch.from_numpy(arr))
         self._builder.end_document()

@@ -68,8 +68,9 @@ class PackedSampleStream:
         group = micro_batch_size * dp_size
         if self.samples_per_epoch < group:
             raise ValueError(
-                f"{tokens.shape[0]} tokens give {self.samples_per_epoch} samples of seq_length {seq_length}, "
-                f"fewer than one step's micro_batch_size * dp_size = {group}: use more data or smaller batches"
+                f"{tokens.shape[0]} tokens give {self.samples_per_epoch} samples of seq_length "
+                f"{seq_length}, fewer than one step's micro_batch_size * dp_size = {group}: "
+                "use more data or smaller batches"
             )
         # Position of the next group in the global order; identical on every DP rank.
         self.epoch = 0
@@ -123,8 +124,9 @@ class PackedSampleStream:
         for key in ("seed", "seq_length", "samples_per_epoch"):
             if int(state[key]) != mine[key]:
                 raise ValueError(
-                    f"cannot resume the data stream: checkpoint has {key}={state[key]}, this run has "
-                    f"{mine[key]} (different data, seed or seq_length would silently change the sample order)"
+                    f"cannot resume the data stream: checkpoint has {key}={state[key]}, "
+                    f"this run has {mine[key]} (different data, seed or seq_length would "
+                    "silently change the sample order)"
                 )
         if not 0 <= int(state["position"]) < self.samples_per_epoch or int(state["epoch"]) < 0:
             raise ValueError(f"invalid data stream state {state}")
@@ -152,9 +154,10 @@ class ValidationBatches:
         need = num_batches * micro_batch_size * dp_size
         if num_batches < 1 or micro_batch_size < 1 or need > available:
             raise ValueError(
-                f"validation needs {num_batches} batches x micro_batch_size {micro_batch_size} x dp_size "
-                f"{dp_size} = {need} samples of seq_length {seq_length}, but the validation set has "
-                f"{available}: lower the number of eval batches or hold out more data"
+                f"validation needs {num_batches} batches x micro_batch_size {micro_batch_size} "
+                f"x dp_size {dp_size} = {need} samples of seq_length {seq_length}, but the "
+                f"validation set has {available}: lower the number of eval batches or hold out "
+                "more data"
             )
         self.tokens = tokens
         self.seq_length = seq_length

@@ -56,7 +56,8 @@ class Tokenizer(ABC):
     def decode(self, ids: Iterable[int]) -> str: ...
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.name}, vocab_size={self.vocab_size}, eod_id={self.eod_id})"
+        kind = type(self).__name__
+        return f"{kind}({self.name}, vocab_size={self.vocab_size}, eod_id={self.eod_id})"
 
 
 class HuggingFaceTokenizer(Tokenizer):
@@ -68,7 +69,8 @@ class HuggingFaceTokenizer(Tokenizer):
             eod_token = next((t for t in _EOD_CANDIDATES if t in vocab), None)
         if eod_token is None or eod_token not in vocab:
             raise ValueError(
-                f"tokenizer {name} has no end-of-document token (looked for {', '.join(_EOD_CANDIDATES)})"
+                f"tokenizer {name} has no end-of-document token "
+                f"(looked for {', '.join(_EOD_CANDIDATES)})"
             )
         # Document text must never turn into control tokens: a literal "<|endoftext|>" in a
         # web page is text; preprocessing appends the real eod id itself.
