@@ -2,7 +2,8 @@
 
 `manifest.json` sits next to `metadata.json` in each `step_N/`:
 
-    {"format": 1, "checksum": "crc32", "files": {"__0_0.distcp": {"bytes": 9735388, "crc32": "1a2b3c4d"}, ...}}
+    {"format": 1, "checksum": "crc32",
+     "files": {"__0_0.distcp": {"bytes": 9735388, "crc32": "1a2b3c4d"}, ...}}
 
 It lists every other file of the checkpoint. Sizes are checked whenever a checkpoint is
 resolved (a stat per file); a file's CRC-32 when its bytes are first read, so a tool that

@@ -1,4 +1,5 @@
-"""Whether a checkpoint fits where it is going: its size from the state, and the disk's free space."""
+"""Whether a checkpoint fits where it is going: its size from the state, and the disk's free
+space."""
 
 from __future__ import annotations
 

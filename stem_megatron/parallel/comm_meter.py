@@ -3,10 +3,12 @@
 While counting, the meter wraps torch.distributed's collective and point-to-point functions
 (megatron-core, its DDP and our STEM code all call them through the module, so every call is
 seen) and adds each call's payload to a counter: the bytes of the tensor(s) this rank
-hands to a collective, and the bytes it sends point-to-point (receives are the peer's sends). Purpose comes from the process group: the tensor-parallel group is `tp`,
-point-to-point traffic and the tied embedding's gradient sum over the first and last stages
-are `pp`, the data-parallel group is `dp-stem` (our table collectives) unless the DDP buckets'
-syncs mark theirs `dp-dense`; anything else (loss and grad-norm reductions) is `other`. The wrappers exist only inside `counting()`; nothing else in torch changes.
+hands to a collective, and the bytes it sends point-to-point (receives are the peer's sends).
+Purpose comes from the process group: the tensor-parallel group is `tp`, point-to-point
+traffic and the tied embedding's gradient sum over the first and last stages are `pp`, the
+data-parallel group is `dp-stem` (our table collectives) unless the DDP buckets' syncs mark
+theirs `dp-dense`; anything else (loss and grad-norm reductions) is `other`. The wrappers
+exist only inside `counting()`; nothing else in torch changes.
 """
 
 from __future__ import annotations

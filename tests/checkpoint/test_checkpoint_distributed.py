@@ -2,8 +2,9 @@
 
 Each rank holds its own tensors and scalars under rank-named keys, a replicated
 tensor and scalar under shared keys, and a STEM-like table as a DTensor sharded by
-rows that is loaded back sharded by columns, and by one process as a plain tensor. Workers come from a forkserver with torch
-preloaded (a fresh interpreter per rank costs seconds of imports).
+rows that is loaded back sharded by columns, and by one process as a plain tensor. Workers
+come from a forkserver with torch preloaded (a fresh interpreter per rank costs seconds of
+imports).
 """
 
 import json

@@ -45,7 +45,7 @@ def randomize(model: torch.nn.Module, seed: int) -> None:
     mapped or skipped tensor shows in the logits."""
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             noise = torch.randn(p.shape, generator=generator)
             p.copy_(1.0 + 0.2 * noise if p.dim() == 1 else 0.15 * noise)
 
