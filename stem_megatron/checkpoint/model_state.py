@@ -28,17 +28,13 @@ class CheckpointMeshes:
 
     @classmethod
     def build(cls, parallel) -> CheckpointMeshes:
-        """Collective over the world: every rank learns the [dp, tp] grid of its stage."""
+        """The meshes of this rank (a ParallelState): its stage's [dp, tp] grid of global ranks
+        comes from the rank grid (parallel/dims.py), with no collective."""
         device = parallel.device.type
         tp = DeviceMesh.from_group(parallel.tp_group, device)
         if parallel.dp_size == 1:
             return cls(tp)
-        coords = [None] * parallel.world_size
-        dist.all_gather_object(coords, (parallel.pp_rank, parallel.dp_rank, parallel.tp_rank))
-        grid = torch.empty(parallel.dp_size, parallel.tp_size, dtype=torch.int)
-        for rank, (pp, dp, tp_rank) in enumerate(coords):
-            if pp == parallel.pp_rank:
-                grid[dp, tp_rank] = rank
+        grid = torch.tensor(parallel.grid.stage_ranks(parallel.pp_rank), dtype=torch.int)
         dp_tp = DeviceMesh.from_group(
             [parallel.dp_group, parallel.tp_group], device, mesh=grid, mesh_dim_names=("dp", "tp")
         )

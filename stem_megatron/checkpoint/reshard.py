@@ -134,7 +134,7 @@ def reshard(
     `overrides` on tp x pp x `dp` processes; returns the new step dir. Raises ConfigError
     (bad overrides or layout), CheckpointNotFoundError, CheckpointExistsError (out exists)
     or ConversionError (e.g. overrides that do not match the stored tensors)."""
-    from stem_megatron.parallel.layout import validate_layout
+    from stem_megatron.parallel.dims import ParallelDims
     from stem_megatron.parallel.local_workers import run_local_workers
 
     ckpt = OfflineCheckpoint(source)
@@ -151,7 +151,7 @@ def reshard(
     config = target_config(ckpt.config_dict, overrides)
     vocab = vocab_size(ckpt, config)
     world = world_size(config, dp)
-    validate_layout(config, world, vocab)
+    ParallelDims(config, world, vocab)  # a ConfigError before any process starts
     carried = {
         key[len("rng.") :]: ckpt.read(key)
         for key in ckpt.keys()

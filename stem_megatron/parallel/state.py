@@ -1,8 +1,10 @@
-"""The one object that knows the parallel layout of a run and hands out its groups.
+"""The running side of the parallel layout: this process's rank, its device and its process
+groups, built on a RankGrid (parallel/dims.py) that gives the sizes and every rank's
+coordinates.
 
 megatron-core keeps its process groups in module globals (`parallel_state`); this is the
 only module of ours that initialises or tears them down. Everything else receives a
-`ParallelState` and asks it for ranks, sizes and the device.
+`ParallelState` and asks it for ranks, sizes, groups and the device.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from stem_megatron.parallel import cpu_compat
+from stem_megatron.parallel.dims import RANK_ORDER, RankCoords, RankGrid
 
 
 def _env_int(*names: str, default: int | None = None) -> int | None:
@@ -28,26 +31,41 @@ def _env_int(*names: str, default: int | None = None) -> int | None:
 @dataclass(frozen=True)
 class ParallelState:
     rank: int
-    world_size: int
-    tp_size: int
-    pp_size: int
+    grid: RankGrid
     device: torch.device
 
     @property
+    def world_size(self) -> int:
+        return self.grid.world_size
+
+    @property
+    def tp_size(self) -> int:
+        return self.grid.tp
+
+    @property
+    def pp_size(self) -> int:
+        return self.grid.pp
+
+    @property
     def dp_size(self) -> int:
-        return self.world_size // (self.tp_size * self.pp_size)
+        return self.grid.dp
+
+    @property
+    def coords(self) -> RankCoords:
+        """This rank's place in the grid: megatron-core's groups follow the same order."""
+        return self.grid.coords(self.rank)
 
     @property
     def tp_rank(self) -> int:
-        return parallel_state.get_tensor_model_parallel_rank()
+        return self.coords.tp
 
     @property
     def pp_rank(self) -> int:
-        return parallel_state.get_pipeline_model_parallel_rank()
+        return self.coords.pp
 
     @property
     def dp_rank(self) -> int:
-        return parallel_state.get_data_parallel_rank()
+        return self.coords.dp
 
     @property
     def tp_group(self) -> dist.ProcessGroup:
@@ -99,12 +117,7 @@ class ParallelState:
         rank = _env_int("RANK", "SLURM_PROCID", default=0)
         world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
         local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
-        if world_size % (tp_size * pp_size) != 0:
-            raise ValueError(
-                f"world size {world_size} is not divisible by tensor_model_parallel_size "
-                f"({tp_size}) x pipeline_model_parallel_size ({pp_size}); the data-parallel size "
-                f"must be a whole number: launch a multiple of {tp_size * pp_size} processes"
-            )
+        grid = RankGrid(world_size, tp_size, pp_size)  # a ConfigError if the world does not fit
         if torch.cuda.is_available():
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
@@ -127,10 +140,9 @@ class ParallelState:
             tensor_model_parallel_size=tp_size,
             pipeline_model_parallel_size=pp_size,
             virtual_pipeline_model_parallel_size=vp_size,
+            order=RANK_ORDER,
         )
-        return cls(
-            rank=rank, world_size=world_size, tp_size=tp_size, pp_size=pp_size, device=device
-        )
+        return cls(rank=rank, grid=grid, device=device)
 
     def barrier(self) -> None:
         dist.barrier()

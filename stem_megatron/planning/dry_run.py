@@ -2,10 +2,11 @@
 (no memory allocated) for the config's TP/PP(/VP) layout on `world_size` ranks, in one
 process, and report parameters and memory per rank type.
 
-A rank's shard is what training builds for it (training/model_chunks.py): one model chunk per
-virtual pipeline stage (pipeline_split.py), and under `stem.dp_layout=vocab_sharded`
-STEM tables of only the rows its DP rank owns. DP ranks whose blocks have the same number of
-rows hold shards of the same size, so one of them is built per block size.
+A rank's shard is what training builds for it: the ModelSpecs the layout (parallel/dims.py)
+gives its coordinates, one model chunk per virtual pipeline stage, and under
+`stem.dp_layout=vocab_sharded` STEM tables of only the rows its DP rank owns. DP ranks whose
+blocks have the same number of rows hold shards of the same size, so one of them is built per
+block size.
 
 How one process builds rank r of a TP group of size t: megatron-core's parallel layers size
 their shards from `get_pg_size(tp_group)` / `get_pg_rank(tp_group)` (megatron/core/utils.py),
@@ -32,16 +33,17 @@ import torch.distributed as dist
 
 from stem_megatron.atomic_file import write_text_atomically
 from stem_megatron.config import ConfigError, RunConfig
-from stem_megatron.model.transformer import ModelSpec, StemGPTModel, padded_vocab_size
-from stem_megatron.parallel.layout import ParallelLayout, validate_layout
-from stem_megatron.pipeline_split import PipelineStage, chunk_stages, virtual_pipeline_size
-from stem_megatron.planning.accounting import ModelCounts, count_model
+from stem_megatron.data.tokenizer import load_tokenizer
+from stem_megatron.model.transformer import ModelSpec, StemGPTModel
+from stem_megatron.modes import TableOptimizerMode
+from stem_megatron.parallel.dims import ParallelDims, RankCoords, RankGrid
+from stem_megatron.planning.accounting import count_model
 from stem_megatron.planning.activation_memory import ActivationSetup
 from stem_megatron.planning.dense_memory import DenseSetup
 from stem_megatron.planning.dry_run_format import format_report, report_json
-from stem_megatron.planning.memory import RankMemory, ShardParams, count_shard, estimate_rank_memory
+from stem_megatron.planning.memory import ShardParams, count_shard, estimate_rank_memory
+from stem_megatron.planning.report import DryRunReport, RankShard
 from stem_megatron.planning.table_memory import TableSetup
-from stem_megatron.sharding import RowBlock
 
 
 @dataclass(frozen=True)
@@ -72,81 +74,11 @@ def _one_process_world() -> Iterator[None]:
         dist.destroy_process_group()
 
 
-def build_rank_shard(
-    config: RunConfig,
-    vocab_size: int,
-    stage: PipelineStage,
-    tp_rank: int,
-    tp_size: int,
-    vocab_shard: tuple[int, int] | None = None,
-) -> StemGPTModel:
-    """The real model chunk of TP rank `tp_rank` for pipeline (or virtual) `stage`, all
-    tensors on meta; `vocab_shard` (dp_rank, dp_size): vocab-sharded STEM tables."""
-    vp = virtual_pipeline_size(config)
-    spec = ModelSpec(
-        model=config.model,
-        vocab_size=vocab_size,
-        stem_layers=tuple(config.stem_layers()),
-        tp_size=tp_size,
-        tp_rank=tp_rank,
-        pp_size=config.parallel.pipeline_model_parallel_size,
-        vp_size=vp if vp > 1 else None,
-        layers=stage.layers,
-        vocab_shard=vocab_shard,
-        pre_process=stage.pre_process,
-        post_process=stage.post_process,
-    )
+def build_rank_shard(spec: ModelSpec) -> StemGPTModel:
+    """The real model chunk of `spec` (a rank's, from ParallelDims.model_spec), all tensors on
+    meta."""
     with _one_process_world(), torch.device("meta"):
-        return StemGPTModel(spec, tp_group=LayoutGroup(tp_rank, tp_size))
-
-
-@dataclass(frozen=True)
-class RankShard:
-    stage: int  # pipeline rank
-    tp_rank: int
-    dp_ranks: tuple[int, ...]  # the DP ranks whose shard this is (all of them unless sharded)
-    chunks: tuple[tuple[int, ...], ...]  # global layers of each model chunk
-    stem_layers: tuple[int, ...]
-    params: ShardParams  # all chunks together
-    memory: RankMemory
-
-    @property
-    def layers(self) -> tuple[int, ...]:
-        return tuple(sorted(layer for chunk in self.chunks for layer in chunk))
-
-
-@dataclass(frozen=True)
-class DryRunReport:
-    name: str
-    layout: ParallelLayout
-    vp_size: int
-    vocab_size: int
-    padded_vocab_size: int
-    counts: ModelCounts
-    stem_layers: tuple[int, ...]
-    num_microbatches: int
-    vocab_sharded: bool  # tables split by rows over DP ranks
-    storage: str
-    ranks: tuple[RankShard, ...]  # one per (stage, tp rank, table block size)
-
-    def rank_types(self) -> list[list[RankShard]]:
-        """Shards grouped by stage and by identical numbers (TP ranks usually agree)."""
-        groups: dict[tuple, list[RankShard]] = {}
-        for r in self.ranks:
-            groups.setdefault((r.stage, r.params, r.memory), []).append(r)
-        return list(groups.values())
-
-    def replica_sums(self) -> tuple[int, int]:
-        """(dense over one replica, each TP-replicated parameter once and a tied embedding's
-        copy not at all; tables over the ranks that together hold each table once: one
-        replica, or every DP rank when sharded)."""
-        tp = self.layout.tp_size
-        one_block = [r for r in self.ranks if 0 in r.dp_ranks]
-        dense = sum(r.params.dense - r.params.replicated - r.params.tied_copy for r in one_block)
-        dense += sum(r.params.replicated for r in one_block) // tp
-        if self.vocab_sharded:
-            return dense, sum(r.params.tables * len(r.dp_ranks) for r in self.ranks)
-        return dense, sum(r.params.tables for r in self.ranks)
+        return StemGPTModel(spec, tp_group=LayoutGroup(spec.tp_rank, spec.tp_size))
 
 
 def resolve_vocab_size(config: RunConfig) -> int:
@@ -157,32 +89,24 @@ def resolve_vocab_size(config: RunConfig) -> int:
             f"model.vocab_size is unset and the tokenizer "
             f"'{config.data.tokenizer}' does not exist: set model.vocab_size"
         )
-    from stem_megatron.data.tokenizer import load_tokenizer
-
     return load_tokenizer(config.data.tokenizer).vocab_size
 
 
-def dp_ranks_by_block(rows: int, dp_size: int) -> list[tuple[int, ...]]:
-    """DP ranks grouped by the size of their RowBlock of `rows` rows, in rank order."""
+def dp_ranks_by_block(dims: ParallelDims) -> list[tuple[int, ...]]:
+    """DP ranks grouped by the number of table rows they hold, in rank order."""
     groups: dict[int, list[int]] = {}
-    for rank in range(dp_size):
-        block = RowBlock.of(rows, rank, dp_size)
-        groups.setdefault(block.end - block.start, []).append(rank)
+    for rank in range(dims.dp_size):
+        block = dims.table_rows(rank)
+        rows = dims.vocab_size if block is None else block.end - block.start
+        groups.setdefault(rows, []).append(rank)
     return [tuple(ranks) for ranks in groups.values()]
 
 
-def _rank_params(
-    config: RunConfig,
-    vocab: int,
-    stages: list[PipelineStage],
-    tp_rank: int,
-    tp: int,
-    vocab_shard: tuple[int, int] | None,
-) -> ShardParams:
+def _rank_params(specs: list[ModelSpec]) -> ShardParams:
     """Parameters of every chunk of one rank, each chunk built on meta and dropped in turn."""
     params = ShardParams(0, 0, 0, ())
-    for stage in stages:
-        params += count_shard(build_rank_shard(config, vocab, stage, tp_rank, tp, vocab_shard))
+    for spec in specs:
+        params += count_shard(build_rank_shard(spec))
     return params
 
 
@@ -191,25 +115,21 @@ def dry_run(config: RunConfig, world_size: int | None = None) -> DryRunReport:
     `world_size` None: one model replica (TP x PP ranks)."""
     p, o, t, s = config.parallel, config.optim, config.train, config.stem
     tp, pp = p.tensor_model_parallel_size, p.pipeline_model_parallel_size
-    if world_size is not None and world_size < 1:  # 0 is not "unset": say so, plan nothing
-        raise ConfigError(f"world size must be >= 1, got {world_size}")
-    vocab = resolve_vocab_size(config)
-    layout = validate_layout(config, tp * pp if world_size is None else world_size, vocab)
-    per_rank_stages = chunk_stages(config)
-    vp, dp = virtual_pipeline_size(config), layout.dp_size
-    stem_layers = tuple(config.stem_layers())
-    padded = padded_vocab_size(vocab, config.model.make_vocab_size_divisible_by)
-    num_microbatches = layout.num_microbatches
-    sharded = s.dp_layout == "vocab_sharded" and dp > 1  # as training/model_chunks.py
+    if world_size is not None:  # 0 is not "unset": refuse it before reading the tokenizer
+        RankGrid(world_size, tp, pp)
+    dims = ParallelDims(
+        config, tp * pp if world_size is None else world_size, resolve_vocab_size(config)
+    )
+    dp, stem_layers = dims.dp_size, tuple(config.stem_layers())
     tables = TableSetup(
-        vocab=vocab,
+        vocab=dims.vocab_size,
         dp_size=dp,
-        vocab_sharded=sharded,
+        vocab_sharded=dims.vocab_sharded,
         storage=s.storage,
-        exact=s.optimizer.mode == "exact",
+        exact=s.optimizer.mode == TableOptimizerMode.EXACT,
         cache_rows=s.cache_rows,
         ids_per_microbatch=t.micro_batch_size * config.model.seq_length,
-        num_microbatches=num_microbatches,
+        num_microbatches=dims.num_microbatches,
     )
     dense = DenseSetup(
         bf16=t.bf16,
@@ -226,25 +146,23 @@ def dry_run(config: RunConfig, world_size: int | None = None) -> DryRunReport:
         micro_batch_size=t.micro_batch_size,
         bf16=t.bf16,
     )
-    dp_groups = dp_ranks_by_block(vocab, dp) if sharded else [tuple(range(dp))]
     ranks = []
     with _one_process_world():
-        for pp_rank, stages in enumerate(per_rank_stages):
+        for pp_rank in range(pp):
+            stages = dims.chunk_stages(pp_rank)
             for tp_rank in range(tp):
-                for dp_ranks in dp_groups:
-                    shard = _rank_params(
-                        config, vocab, stages, tp_rank, tp, (dp_ranks[0], dp) if sharded else None
-                    )
+                for dp_ranks in dp_ranks_by_block(dims):
+                    shard = _rank_params(dims.rank_specs(RankCoords(tp_rank, pp_rank, dp_ranks[0])))
                     memory = estimate_rank_memory(
                         shard,
                         config.model,
                         chunk_layers=tuple(len(c.layers) for c in stages),
                         post_process=stages[-1].post_process,
-                        padded_vocab=padded,
+                        padded_vocab=dims.padded_vocab_size,
                         pp_rank=pp_rank,
                         pp_size=pp,
-                        vp_size=vp,
-                        num_microbatches=num_microbatches,
+                        vp_size=dims.vp_size,
+                        num_microbatches=dims.num_microbatches,
                         dense=dense,
                         activations=activations,
                         tables=tables,
@@ -260,19 +178,8 @@ def dry_run(config: RunConfig, world_size: int | None = None) -> DryRunReport:
                             memory,
                         )
                     )
-    return DryRunReport(
-        name=config.name,
-        layout=layout,
-        vp_size=vp,
-        vocab_size=vocab,
-        padded_vocab_size=padded,
-        counts=count_model(config.model, vocab, stem_layers),
-        stem_layers=stem_layers,
-        num_microbatches=num_microbatches,
-        vocab_sharded=sharded,
-        storage=s.storage,
-        ranks=tuple(ranks),
-    )
+    counts = count_model(config.model, dims.vocab_size, stem_layers)
+    return DryRunReport(name=config.name, layout=dims, counts=counts, ranks=tuple(ranks))
 
 
 def run_dry_run(

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from stem_megatron.config import RunConfig
-
-if TYPE_CHECKING:
-    from stem_megatron.planning.dry_run import DryRunReport, RankShard
+from stem_megatron.planning.report import DryRunReport, RankShard
 
 
 def _n(x: int) -> str:

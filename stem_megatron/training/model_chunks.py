@@ -10,10 +10,8 @@ import torch
 
 from stem_megatron.config import RunConfig
 from stem_megatron.model.transformer import ModelSpec, StemGPTModel
-from stem_megatron.parallel.layout import validate_layout
+from stem_megatron.parallel.dims import ParallelDims
 from stem_megatron.parallel.state import ParallelState
-from stem_megatron.pipeline_split import PipelineStage, chunk_stages, virtual_pipeline_size
-from stem_megatron.sharding import RowBlock
 from stem_megatron.stem.storage import MmapFiles, check_host_fits, host_table_bytes
 from stem_megatron.stem.table import is_stem_table
 
@@ -23,37 +21,22 @@ def build_model_chunks(
 ) -> list[StemGPTModel]:
     """This rank's chunks, initialised from the seed (the same values as the matching
     parameters of the single-process model)."""
-    validate_layout(config, parallel.world_size, vocab_size)
-    pp, vp = parallel.pp_size, virtual_pipeline_size(config)
-    my_stages = chunk_stages(config)[parallel.pp_rank]
-    vocab_shard = None
-    if config.stem.dp_layout == "vocab_sharded" and parallel.dp_size > 1:
-        vocab_shard = (parallel.dp_rank, parallel.dp_size)
+    dims = ParallelDims(config, parallel.world_size, vocab_size)
+    if dims.grid != parallel.grid:
+        raise ValueError(
+            f"the process groups are TP {parallel.tp_size} x PP {parallel.pp_size}, the config "
+            f"asks for TP {dims.tp_size} x PP {dims.pp_size}: initialise ParallelState with "
+            f"the config's sizes"
+        )
+    specs = dims.rank_specs(parallel.coords)
+    block = dims.table_rows(parallel.dp_rank)
+    rows = vocab_size if block is None else block.end - block.start  # per table on this rank
     off_device = config.stem.storage in ("host", "mmap")
     files = table_files(config)
     if off_device:
-        rows = vocab_size  # per table on this rank: its own block when vocab-sharded
-        if vocab_shard is not None:
-            block = RowBlock.of(vocab_size, *vocab_shard)
-            rows = block.end - block.start
-        _check_tables_fit(config, parallel, rows, my_stages, files)
+        _check_tables_fit(config, parallel, rows, specs, files)
     chunks = []
-    for stage in my_stages:
-        spec = ModelSpec(
-            model=config.model,
-            vocab_size=vocab_size,
-            stem_layers=tuple(config.stem_layers()),
-            tp_size=parallel.tp_size,
-            tp_rank=parallel.tp_rank,
-            pp_size=pp,
-            vp_size=vp if vp > 1 else None,
-            layers=stage.layers,
-            vocab_shard=vocab_shard,
-            pre_process=stage.pre_process,
-            post_process=stage.post_process,
-            bf16=config.train.bf16,
-            sequence_parallel=config.parallel.sequence_parallel,
-        )
+    for spec in specs:
         chunk = StemGPTModel(spec)  # on the CPU: off-device tables never visit the device
         for table in chunk.stem_tables().values():
             table.dp_group = parallel.dp_group  # vocab-sharded lookups gather over it
@@ -84,13 +67,13 @@ def _check_tables_fit(
     config: RunConfig,
     parallel: ParallelState,
     rows: int,
-    stages: list[PipelineStage],
+    specs: list[ModelSpec],
     files: MmapFiles | None,
 ) -> None:
     """Refuse host tables (with their optimizer state) of `rows` rows each larger than free
     host RAM, or mmap tables larger than the free disk, before any is allocated."""
     stem = set(config.stem_layers())
-    tables = sum(1 for stage in stages for layer in stage.layers if layer in stem)
+    tables = sum(1 for spec in specs for layer in spec.layers if layer in stem)
     width = config.model.ffn_hidden_size // parallel.tp_size
     exact = config.stem.optimizer.mode == "exact"
     what = (

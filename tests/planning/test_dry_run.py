@@ -13,11 +13,19 @@ import pytest
 import torch
 
 from stem_megatron.config import load_config
+from stem_megatron.parallel.dims import ParallelDims
 from stem_megatron.pipeline_split import pipeline_stages
 from stem_megatron.planning.dry_run import build_rank_shard, dry_run
 from stem_megatron.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+WHOLE_MODEL = (
+    "parallel.tensor_model_parallel_size=1",
+    "parallel.pipeline_model_parallel_size=1",
+    "parallel.sequence_parallel=false",
+)
 
 
 def config(name: str, *overrides: str):
@@ -69,10 +77,11 @@ def test_per_rank_sums_equal_the_model(name, world_size, overrides):
 
 
 def test_meta_build_allocates_nothing():
-    c = config("stem_30b")  # 42B parameters: 157 GiB in fp32 if anything were allocated
+    # 42B parameters: 157 GiB in fp32 if anything were allocated
+    c = config("stem_30b", *WHOLE_MODEL)
     stage = pipeline_stages(c.model.num_layers, 1)[0]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    model = build_rank_shard(c, c.model.vocab_size, stage, tp_rank=0, tp_size=1)
+    model = build_rank_shard(ParallelDims(c, 1, c.model.vocab_size).model_spec(stage, tp_rank=0))
     grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
     assert {p.device.type for p in model.parameters()} == {"meta"}
     assert {b.device.type for b in model.buffers()} == {"meta"}
@@ -83,7 +92,8 @@ def test_meta_build_allocates_nothing():
 def test_rank_shards_have_megatrons_per_rank_shapes():
     c = config("stem_30b")  # TP 8: 64 heads, 8 KV groups, head dim 128, d_ff 22016
     first, second, *_ = pipeline_stages(48, 4)
-    model = build_rank_shard(c, 32000, first, tp_rank=5, tp_size=8)
+    dims = ParallelDims(c, 32, 32000)  # one replica: TP 8 x PP 4
+    model = build_rank_shard(dims.model_spec(first, tp_rank=5))
     params = dict(model.named_parameters())
     assert params["embedding.word_embeddings.weight"].shape == (4000, 8192)
     assert model.embedding.word_embeddings.vocab_start_index == 5 * 4000
@@ -97,12 +107,12 @@ def test_rank_shards_have_megatrons_per_rank_shapes():
     assert params["decoder.layers.1.mlp.stem_table.weight"].shape == (32000, 2752)
     assert params["decoder.layers.1.mlp.linear_fc2.weight"].shape == (8192, 2752)
     assert "output_layer.weight" not in params
-    last = build_rank_shard(c, 32000, pipeline_stages(48, 4)[3], tp_rank=7, tp_size=8)
+    last = build_rank_shard(dims.model_spec(pipeline_stages(48, 4)[3], tp_rank=7))
     names = dict(last.named_parameters())
     assert names["output_layer.weight"].shape == (4000, 8192)
     assert "embedding.word_embeddings.weight" not in names
     assert min(int(n.split(".")[2]) for n in names if n.startswith("decoder.layers")) == 36
-    middle = dict(build_rank_shard(c, 32000, second, 0, 8).named_parameters())
+    middle = dict(build_rank_shard(dims.model_spec(second, 0)).named_parameters())
     assert not any(n.startswith(("embedding", "output_layer", "decoder.final")) for n in middle)
 
 

@@ -165,7 +165,8 @@ def test_interleaved_rank_params_are_its_chunks():
     for rank in report.ranks:
         stages = expected[rank.stage]
         assert rank.chunks == tuple(s.layers for s in stages)
-        chunks = [count_shard(build_rank_shard(config, 32000, s, rank.tp_rank, 4)) for s in stages]
+        specs = [report.layout.model_spec(s, rank.tp_rank) for s in stages]
+        chunks = [count_shard(build_rank_shard(spec)) for spec in specs]
         assert rank.params.dense == sum(c.dense for c in chunks)
         assert rank.params.tables == sum(c.tables for c in chunks)
         assert rank.stem_layers == tuple(

@@ -1,11 +1,13 @@
-"""Layout checks (before anything is allocated) and pipeline stage assignment."""
+"""The layout object (parallel/dims.py): its checks (before anything is allocated), the rank
+numbering it shares with megatron-core, what each rank holds, and pipeline stage assignment."""
 
 from __future__ import annotations
 
 import pytest
+from megatron.core.parallel_state import RankGenerator
 
 from stem_megatron.config import ConfigError, load_config
-from stem_megatron.parallel.layout import validate_layout
+from stem_megatron.parallel.dims import RANK_ORDER, ParallelDims, RankCoords, RankGrid
 from stem_megatron.pipeline_split import even_layer_counts, pipeline_stages
 
 SMALL = [
@@ -22,7 +24,7 @@ SMALL = [
 
 
 def layout(world_size: int, *overrides: str, vocab_size: int = 1000):
-    return validate_layout(load_config(None, SMALL + list(overrides)), world_size, vocab_size)
+    return ParallelDims(load_config(None, SMALL + list(overrides)), world_size, vocab_size)
 
 
 def test_a_good_layout():
@@ -135,3 +137,47 @@ def test_uneven_stages():
     ]
     (only,) = pipeline_stages(4, 1)
     assert only.pre_process and only.post_process and only.layers == (0, 1, 2, 3)
+
+
+@pytest.mark.parametrize("tp,pp,dp", [(1, 1, 4), (2, 1, 3), (2, 2, 2), (4, 2, 1), (1, 4, 2)])
+def test_coordinates_follow_megatrons_rank_order(tp, pp, dp):
+    """Every group megatron-core builds (in the order parallel/state.py passes it) is the set
+    of ranks that share all coordinates but one, ordered by that one."""
+    grid = RankGrid(tp * pp * dp, tp, pp)
+    megatron = RankGenerator(tp=tp, ep=1, dp=dp, pp=pp, cp=1, order=RANK_ORDER)
+    for dim in ("tp", "dp", "pp"):
+        for group in megatron.get_ranks(dim):
+            coords = [grid.coords(r) for r in group]
+            assert [getattr(c, dim) for c in coords] == list(range(len(group)))
+            others = {tuple(v for k, v in vars(c).items() if k != dim) for c in coords}
+            assert len(others) == 1
+    for rank in range(grid.world_size):
+        assert grid.rank(grid.coords(rank)) == rank
+
+
+def test_a_stage_grid_names_the_dp_by_tp_ranks_of_one_pipeline_stage():
+    grid = RankGrid(8, tp=2, pp=2)  # DP 2
+    assert grid.stage_ranks(0) == [[0, 1], [2, 3]]
+    assert grid.stage_ranks(1) == [[4, 5], [6, 7]]
+
+
+def test_each_rank_builds_its_chunks_and_its_row_block():
+    dims = layout(
+        8,
+        "parallel.tensor_model_parallel_size=2",
+        "parallel.pipeline_model_parallel_size=2",
+        "stem.dp_layout=vocab_sharded",
+        "train.global_batch_size=8",
+        vocab_size=1001,
+    )
+    assert dims.vocab_sharded and dims.dp_size == 2 and dims.num_microbatches == 4
+    assert [(b.start, b.end) for b in map(dims.table_rows, range(2))] == [(0, 501), (501, 1001)]
+    coords = dims.coords(7)
+    assert coords == RankCoords(tp=1, pp=1, dp=1)
+    (spec,) = dims.rank_specs(coords)
+    assert (spec.tp_rank, spec.tp_size, spec.pp_size, spec.layers) == (1, 2, 2, (2, 3))
+    assert spec.vocab_shard == (1, 2) and spec.table_rows == dims.table_rows(1)
+    assert not spec.pre_process and spec.post_process
+    replicated = layout(2, "stem.dp_layout=replicated", "train.global_batch_size=8")
+    assert not replicated.vocab_sharded and replicated.table_rows(1) is None
+    assert replicated.rank_specs(replicated.coords(1))[0].vocab_shard is None
