@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from stem_megatron.checkpoint.offline import OfflineCheckpoint
+from stem_megatron.data.indexed import open_dataset
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -209,7 +210,5 @@ def dense_token_spreads(
 
 def validation_tokens(prefix: str, vocab_size: int, count: int) -> torch.Tensor:
     """The first `count` tokens of the indexed dataset at `prefix`."""
-    from stem_megatron.data.indexed import open_dataset
-
     data = open_dataset(prefix, vocab_size=vocab_size)
     return torch.from_numpy(np.asarray(data.tokens[:count], dtype=np.int64))

@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         CheckpointNotFoundError,
         UnsafeCheckpointError,
     )
-    from stem_megatron.checkpoint.reshard import ConversionError, reshard
     from stem_megatron.checkpoint.safetensors_io import SafetensorsFormatError
+    from stem_megatron.training.reshard import ConversionError, reshard
 
     start = time.perf_counter()
     try:

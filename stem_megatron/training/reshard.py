@@ -18,12 +18,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from stem_megatron.checkpoint import layout
 from stem_megatron.checkpoint.dcp import Checkpointer
 from stem_megatron.checkpoint.errors import CheckpointExistsError
 from stem_megatron.checkpoint.offline import OfflineCheckpoint, publish
 from stem_megatron.config import ConfigError, RunConfig, config_from_dict
+from stem_megatron.data.tokenizer import load_tokenizer
+from stem_megatron.parallel.data_parallel import wrap_data_parallel
+from stem_megatron.parallel.dims import ParallelDims
+from stem_megatron.parallel.local_workers import run_local_workers
+from stem_megatron.parallel.state import ParallelState
+from stem_megatron.training.model_chunks import build_model_chunks
+from stem_megatron.training.optimizer import TrainingOptimizer
+from stem_megatron.training.state import TrainingState
 
 RNG_PREFIX = "rng.torch_rank"
 
@@ -45,8 +54,6 @@ def vocab_size(ckpt: OfflineCheckpoint, config: RunConfig) -> int:
     for key, info in ckpt.infos().items():
         if key.startswith("model.") and key.endswith(".stem_table.weight"):
             return info.shape[0]
-    from stem_megatron.data.tokenizer import load_tokenizer
-
     return load_tokenizer(config.data.tokenizer).vocab_size
 
 
@@ -79,13 +86,6 @@ def _convert_rank(
 ) -> dict[str, Any]:
     """One rank of the target world: build (from `build_dict`), load the source, save into
     `tmp` recording `config_dict`."""
-    from tqdm import tqdm
-
-    from stem_megatron.parallel.data_parallel import wrap_data_parallel
-    from stem_megatron.parallel.state import ParallelState
-    from stem_megatron.training.model_chunks import build_model_chunks
-    from stem_megatron.training.optimizer import TrainingOptimizer
-    from stem_megatron.training.state import TrainingState
 
     class CarryingState(TrainingState):
         def _state(self, *args, **kwargs) -> dict:
@@ -134,9 +134,6 @@ def reshard(
     `overrides` on tp x pp x `dp` processes; returns the new step dir. Raises ConfigError
     (bad overrides or layout), CheckpointNotFoundError, CheckpointExistsError (out exists)
     or ConversionError (e.g. overrides that do not match the stored tensors)."""
-    from stem_megatron.parallel.dims import ParallelDims
-    from stem_megatron.parallel.local_workers import run_local_workers
-
     ckpt = OfflineCheckpoint(source)
     if ckpt.metadata.get(layout.MODEL_ONLY):
         raise ConversionError(
