@@ -28,7 +28,8 @@ import tempfile
 from pathlib import Path
 
 from stem_megatron.atomic_file import write_text_atomically
-from stem_megatron.config import ConfigError, DataConfig, load_config
+from stem_megatron.config import ConfigError, DataConfig
+from stem_megatron.config_loader import load_config
 from stem_megatron.parallel.local_workers import run_local_workers
 from stem_megatron.training.short_run import train_steps
 

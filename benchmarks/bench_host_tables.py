@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
-from stem_megatron.config import load_config
+from stem_megatron.config_loader import load_config
 from stem_megatron.parallel.state import ParallelState
 from stem_megatron.stem.storage import synchronize
 from stem_megatron.training.trainer import Trainer

@@ -40,7 +40,8 @@ import time
 from pathlib import Path
 
 from stem_megatron.atomic_file import write_text_atomically
-from stem_megatron.config import ConfigError, load_config
+from stem_megatron.config import ConfigError
+from stem_megatron.config_loader import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

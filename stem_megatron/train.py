@@ -8,7 +8,8 @@ import sys
 import warnings
 
 from stem_megatron.cli.args import HelpFormatter, positive_int
-from stem_megatron.config import ConfigError, load_config
+from stem_megatron.config import ConfigError
+from stem_megatron.config_loader import load_config
 from stem_megatron.writable import unwritable_reason
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from stem_megatron.config import RunConfig, load_config
+from stem_megatron.config import RunConfig
+from stem_megatron.config_loader import load_config
 from stem_megatron.data.tokenizer import train_bpe_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stem_megatron.config import ConfigError, load_config, save_config
+from stem_megatron.config import ConfigError
+from stem_megatron.config_loader import load_config, save_config
 
 ROOT = Path(__file__).resolve().parents[1]
 

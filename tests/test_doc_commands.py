@@ -38,7 +38,8 @@ from types import ModuleType
 import pytest
 import yaml
 
-from stem_megatron.config import ConfigError, load_config
+from stem_megatron.config import ConfigError
+from stem_megatron.config_loader import load_config
 from stem_megatron.train import parse_args as parse_train_args
 
 ROOT = Path(__file__).resolve().parents[1]

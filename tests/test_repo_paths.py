@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from stem_megatron.config import ConfigError, load_config
+from stem_megatron.config import ConfigError
+from stem_megatron.config_loader import load_config
 from stem_megatron.repo_paths import REPO_ROOT
 
 PREPARED = (REPO_ROOT / "data/prepared/shakespeare_train.idx").exists()

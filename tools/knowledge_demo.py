@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 # flag answer before it.
 from stem_megatron.cli.args import HelpFormatter, int_list, non_negative_int, positive_int
 from stem_megatron.cli.preprocess_data import preprocess
-from stem_megatron.config import load_config
+from stem_megatron.config_loader import load_config
 from stem_megatron.data.tokenizer import train_bpe_tokenizer
 from stem_megatron.editing.remap import parse_remap
 from stem_megatron.editing.spec import EditSpec

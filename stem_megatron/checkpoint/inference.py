@@ -9,7 +9,8 @@ import torch
 from stem_megatron.checkpoint import layout
 from stem_megatron.checkpoint.dcp import Checkpointer
 from stem_megatron.checkpoint.model_state import CheckpointMeshes, model_state
-from stem_megatron.config import RunConfig, config_from_dict
+from stem_megatron.config import RunConfig
+from stem_megatron.config_loader import config_from_dict
 from stem_megatron.data.tokenizer import Tokenizer, load_tokenizer
 from stem_megatron.model.transformer import ModelSpec, StemGPTModel
 

@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
-    from stem_megatron.config import ConfigError, load_config
+    from stem_megatron.config import ConfigError
+    from stem_megatron.config_loader import load_config
     from stem_megatron.planning.dry_run import run_dry_run
 
     try:

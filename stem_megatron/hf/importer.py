@@ -32,7 +32,8 @@ from tqdm import tqdm
 from stem_megatron.checkpoint.dcp import Checkpointer
 from stem_megatron.checkpoint.layout import MODEL_ONLY
 from stem_megatron.checkpoint.model_state import CheckpointMeshes, model_state
-from stem_megatron.config import ConfigError, ModelConfig, RunConfig, load_config, save_config
+from stem_megatron.config import ConfigError, ModelConfig, RunConfig
+from stem_megatron.config_loader import load_config, save_config
 from stem_megatron.data.indexed import check_vocab, open_dataset
 from stem_megatron.data.tokenizer import load_tokenizer
 from stem_megatron.hf.llama_config import (

@@ -24,7 +24,8 @@ from stem_megatron.checkpoint import layout
 from stem_megatron.checkpoint.dcp import Checkpointer
 from stem_megatron.checkpoint.errors import CheckpointExistsError
 from stem_megatron.checkpoint.offline import OfflineCheckpoint, publish
-from stem_megatron.config import ConfigError, RunConfig, config_from_dict
+from stem_megatron.config import ConfigError, RunConfig
+from stem_megatron.config_loader import config_from_dict
 from stem_megatron.data.tokenizer import load_tokenizer
 from stem_megatron.parallel.data_parallel import wrap_data_parallel
 from stem_megatron.parallel.dims import ParallelDims

@@ -65,7 +65,7 @@ def built_layout(trainer) -> dict:
 def train_steps(overrides: list[str], steps: int, save_at: int | None = None) -> dict:
     """Build a Trainer from overrides, run `steps` optimizer steps (saving a checkpoint after
     step `save_at`), and report losses, comm metrics, full parameters and the layout built."""
-    from stem_megatron.config import load_config
+    from stem_megatron.config_loader import load_config
     from stem_megatron.parallel.state import ParallelState
     from stem_megatron.training.trainer import Trainer
 

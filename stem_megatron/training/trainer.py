@@ -22,7 +22,8 @@ import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from stem_megatron.checkpoint.dcp import Checkpointer
-from stem_megatron.config import RunConfig, save_config
+from stem_megatron.config import RunConfig
+from stem_megatron.config_loader import save_config
 from stem_megatron.data.bundled import check_bundled_data_prepared
 from stem_megatron.data.indexed import check_vocab, open_dataset
 from stem_megatron.data.sampler import PackedSampleStream, ValidationBatches

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from stem_megatron.config import load_config
+from stem_megatron.config_loader import load_config
 from stem_megatron.hf.exporter import export_checkpoint
 from stem_megatron.hf.importer import Calibration, import_llama
 from stem_megatron.training.trainer import Trainer

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from stem_megatron.checkpoint.inference import load_for_inference
-from stem_megatron.config import ConfigError, load_config
+from stem_megatron.config import ConfigError
+from stem_megatron.config_loader import load_config
 from stem_megatron.hf.importer import import_llama
 from stem_megatron.hf.llama_config import HFFormatError
 from stem_megatron.model.init import block_generator

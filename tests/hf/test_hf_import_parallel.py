@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from stem_megatron.config import load_config
+from stem_megatron.config_loader import load_config
 from stem_megatron.hf.importer import import_llama
 from stem_megatron.parallel.local_workers import run_local_workers
 from stem_megatron.training.short_run import full_parameters, train_steps

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from stem_megatron.checkpoint.inference import load_for_inference
-from stem_megatron.config import ConfigError, ModelConfig, RopeScalingConfig, load_config
+from stem_megatron.config import ConfigError, ModelConfig, RopeScalingConfig
+from stem_megatron.config_loader import load_config
 from stem_megatron.hf.exporter import export_checkpoint
 from stem_megatron.hf.importer import import_llama
 from stem_megatron.hf.llama_config import HFFormatError

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from stem_megatron.config import load_config
+from stem_megatron.config_loader import load_config
 from stem_megatron.data.indexed import open_dataset
 from stem_megatron.data.sampler import PackedSampleStream
 from stem_megatron.parallel.comm_meter import CommMeter

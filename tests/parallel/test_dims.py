@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 from megatron.core.parallel_state import RankGenerator
 
-from stem_megatron.config import ConfigError, load_config
+from stem_megatron.config import ConfigError
+from stem_megatron.config_loader import load_config
 from stem_megatron.parallel.dims import RANK_ORDER, ParallelDims, RankCoords, RankGrid
 from stem_megatron.pipeline_split import even_layer_counts, pipeline_stages
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from megatron.core.optimizer import get_megatron_optimizer
 
-from stem_megatron.config import load_config
+from stem_megatron.config_loader import load_config
 from stem_megatron.parallel.data_parallel import tables_hidden, wrap_data_parallel
 from stem_megatron.parallel.local_workers import run_local_workers
 from stem_megatron.parallel.state import ParallelState

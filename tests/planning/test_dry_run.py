@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from stem_megatron.config import load_config
+from stem_megatron.config_loader import load_config
 from stem_megatron.parallel.dims import ParallelDims
 from stem_megatron.pipeline_split import pipeline_stages
 from stem_megatron.planning.dry_run import build_rank_shard, dry_run

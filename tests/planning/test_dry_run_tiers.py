@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from stem_megatron.config import load_config
+from stem_megatron.config_loader import load_config
 from stem_megatron.parallel.local_workers import run_local_workers
 from stem_megatron.pipeline_split import PipelineStage
 from stem_megatron.planning.activation_memory import ActivationSetup, chunk_activations

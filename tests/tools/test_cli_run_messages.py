@@ -6,7 +6,8 @@ from __future__ import annotations
 import pytest
 
 from stem_megatron.cli import generate
-from stem_megatron.config import ConfigError, load_config
+from stem_megatron.config import ConfigError
+from stem_megatron.config_loader import load_config
 from stem_megatron.planning.dry_run import dry_run
 from stem_megatron.train import main as train_main
 from tests.config_overrides import as_overrides
