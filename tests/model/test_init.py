@@ -18,7 +18,10 @@ from stem_megatron.parallel.state import ParallelState
 from stem_megatron.sharding import (
     RowBlock,
     TPShard,
+    full_shape,
     gather_full,
+    get_row_block,
+    get_tp_shard,
     set_row_block,
     set_tp_shard,
 )
@@ -127,7 +130,7 @@ def _fill(shape, shard, tp_rank, tp_size, row_block, block_elements):
     param = torch.nn.Parameter(torch.full(local_shape, float("nan")))
     set_tp_shard(param, shard)
     set_row_block(param, row_block)
-    assert init.full_shape(param, tp_size)[0] == full_rows
+    assert full_shape(param, tp_size)[0] == full_rows
     init.fill_normal_(param, "t", 0.5, 9, tp_rank, tp_size, block_elements)
     return param.detach()
 
@@ -155,9 +158,9 @@ def test_every_layout_holds_slices_of_one_tensor(shard, vocab_shards):
             assert torch.equal(local, old_local_slice(full, shard, tp_rank, 2, block))
             slices.append(local)
         if shard is not None:  # the TP slices gather back into the whole tensor
-            other = torch.cat(slices)
-            mine = _fill(shape, shard, 1 - tp_rank, 2, None, blocks)
-            pair = [other, mine] if tp_rank == 0 else [mine, other]
+            this = torch.cat(slices)
+            peer = _fill(shape, shard, 1 - tp_rank, 2, None, blocks)
+            pair = [this, peer] if tp_rank == 0 else [peer, this]
             assert torch.equal(gather_full(pair, shard), full)
 
 
@@ -168,7 +171,7 @@ def test_models_of_every_layout_hold_slices_of_the_one_process_model(monkeypatch
         for dp_rank in range(2):
             model = build(tp_rank, 2, vocab_shard=(dp_rank, 2))
             for name, param in model.named_parameters():
-                shard, block = init.get_tp_shard(param), init.get_row_block(param)
+                shard, block = get_tp_shard(param), get_row_block(param)
                 expected = old_local_slice(whole[name], shard, tp_rank, 2, block)
                 assert torch.equal(param, expected), (name, tp_rank, dp_rank)
 
