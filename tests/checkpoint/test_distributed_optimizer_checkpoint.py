@@ -20,12 +20,12 @@ from safetensors.torch import load_file
 
 from stem_megatron.checkpoint.flat_shard import flat_range_boxes
 from stem_megatron.checkpoint.offline import OfflineCheckpoint
+from stem_megatron.cli import convert_checkpoint, edit_knowledge
 from stem_megatron.editing.tables import OPTIM_PREFIX, table_key
 from stem_megatron.hf.exporter import export_checkpoint
 from stem_megatron.parallel.local_workers import run_local_workers
 from stem_megatron.sharding import TPShard, set_tp_shard
 from stem_megatron.training.short_run import train_steps
-from tools import convert_checkpoint, edit_knowledge
 
 STEPS, SAVE_AT, RTOL = 5, 3, 1e-5
 DIST_OPT = ["optim.use_distributed_optimizer=true"]
@@ -186,7 +186,7 @@ def test_flat_ranges_save_and_load_as_the_full_tensor(tmp_path):
     ranges = {"matrix": [(0, 17), (17, 35)], "fc1": [(0, 5), (5, 24)], "norm": [(0, 4), (4, 9)]}
     loaded = run_local_workers(2, _flat_ranges_worker, str(tmp_path), ranges)
     ckpt = OfflineCheckpoint(tmp_path)
-    for key, (like, full) in FULL.items():
+    for key, (_, full) in FULL.items():
         stored = ckpt.read(key)
         expected = full.view(2, 2, 6) if key == "fc1" else full  # fc1's checkpoint shape
         assert torch.equal(stored, expected), key
