@@ -4,7 +4,7 @@ scripts around the package (tools/, benchmarks/, tests/). Every import counts, f
 ones too: an import moved into a function to dodge a cycle is still the cycle. Imports under
 `if TYPE_CHECKING:` do not count; they never run.
 
-The layers, lowest first (docs/architecture.md shows them):
+The layers, lowest first:
 
     leaf helpers   atomic_file, repo_paths, writable, timing, modes, sharding
     config         config (the dataclasses), pipeline_split (the layer split the checks use),

@@ -3,7 +3,7 @@ the vocab, it checks the layout once (before anything is allocated; every error 
 numbers involved) and then answers, for any rank and without processes, what that rank is and
 holds: sizes, coordinates, pipeline stages and model chunks, micro-batches, the STEM table
 rows of a DP rank, and the ModelSpec of each of its chunks. Training builds its process groups
-(parallel/state.py) and its chunks (training/model_chunks.py) from it; the dry run
+on its RankGrid (parallel/state.py) and its chunks from it (training/model_chunks.py); the dry run
 (planning/dry_run.py) builds every rank's shard from it on the meta device; checkpoints take
 their device meshes from its rank grid (checkpoint/model_state.py).
 
