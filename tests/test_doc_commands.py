@@ -401,9 +401,12 @@ def test_doc_commands_run(tmp_path):
     env["PATH"] = f"{repo / '.venv/bin'}{os.pathsep}{env['PATH']}"  # `python` is the venv's
     _run("make train", repo, env)
     assert (repo / "runs/latest/checkpoints/latest").exists(), "make train made no runs/latest"
+    # The venv's console scripts import the package installed editable (the checkout this test
+    # runs from); the copy's own code comes first.
+    in_copy = {**env, "PYTHONPATH": str(repo)}
     for command in documented_commands():
         if command.run:
-            _run(command.text, repo, env)
+            _run(command.text, repo, in_copy)
     # From outside the repository the tools find the bundled configs and the corpus that
     # the run's recorded config names by repository-relative paths.
     elsewhere = tmp_path / "elsewhere"
