@@ -75,7 +75,7 @@ class StemOptimizerConfig:
     weight_decay: float = 0.0
     # Host/mmap tables: start a table's update as soon as the step's last backward through it
     # is done, while the backward continues (only without grad clipping and without the
-    # replicated DP sync, which need every gradient first; training/table_update.py).
+    # replicated DP sync, which need every gradient first; stem/overlap.py).
     overlap_update: bool = True
 
 
@@ -218,9 +218,14 @@ class RunConfig:
         return dataclasses.replace(self, model=model, stem=stem)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain values (modes as their strings), as YAML and JSON write them."""
-        return dataclasses.asdict(self, dict_factory=_plain_dict)
+        return plain_dict(self)
 
 
-def _plain_dict(items: list[tuple[str, Any]]) -> dict[str, Any]:
+def plain_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass as nested plain values (modes as their strings), as YAML and JSON
+    write them."""
+    return dataclasses.asdict(config, dict_factory=_plain_items)
+
+
+def _plain_items(items: list[tuple[str, Any]]) -> dict[str, Any]:
     return {k: v.value if isinstance(v, Mode) else v for k, v in items}

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from stem_megatron.atomic_file import write_text_atomically
-from stem_megatron.config import ConfigError, RunConfig
+from stem_megatron.config import ConfigError, RunConfig, plain_dict
 from stem_megatron.config_validation import validate
 from stem_megatron.modes import Mode
 from stem_megatron.repo_paths import data_from_repo_root, from_repo_root
@@ -121,7 +121,7 @@ def _yaml_problem(exc: yaml.YAMLError) -> str:
 
 def _dataclass_tree(cls: type) -> dict[str, Any]:
     """Default values of `cls` as a nested dict, so overrides can be merged into it."""
-    return dataclasses.asdict(cls())
+    return plain_dict(cls())
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

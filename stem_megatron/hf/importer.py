@@ -19,7 +19,6 @@ initialised a world-of-one ParallelState (megatron-core's layers read its groups
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from tqdm import tqdm
 from stem_megatron.checkpoint.dcp import Checkpointer
 from stem_megatron.checkpoint.layout import MODEL_ONLY
 from stem_megatron.checkpoint.model_state import CheckpointMeshes, model_state
-from stem_megatron.config import ConfigError, ModelConfig, RunConfig
+from stem_megatron.config import ConfigError, ModelConfig, RunConfig, plain_dict
 from stem_megatron.config_loader import load_config, save_config
 from stem_megatron.data.indexed import check_vocab, open_dataset
 from stem_megatron.data.tokenizer import load_tokenizer
@@ -82,7 +81,7 @@ def _continued_pretraining_config(
     user's overrides, of which those changing the architecture are refused."""
     tree = {
         "name": out.name,
-        "model": dataclasses.asdict(m),
+        "model": plain_dict(m),
         **CONTINUED_PRETRAINING,
         "checkpoint": {"load": str(out / "checkpoints"), "finetune": True},
     }

@@ -56,6 +56,7 @@ from stem_megatron.model.init import init_parameters
 from stem_megatron.model.recompute import checkpointed, run_layers
 from stem_megatron.model.rope import inverse_frequencies
 from stem_megatron.model.stem_ffn import StemMLP, SwiGLUMLP, column_linear, row_linear
+from stem_megatron.modes import RecomputeGranularity
 from stem_megatron.sharding import (
     RowBlock,
     TPGroup,
@@ -179,7 +180,7 @@ class SelfAttention(torch.nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         qkv = self.linear_qkv(x)[0]  # the whole sequence (gathered here under SP)
         if (
-            self.config.recompute_granularity == "selective"
+            self.config.recompute_granularity == RecomputeGranularity.SELECTIVE
             and self.training
             and torch.is_grad_enabled()
         ):

@@ -2,10 +2,9 @@
 
 Token frequencies are Zipfian, so a few thousand rows serve most lookups. The hot set is
 chosen once, statically, from the token counts of the whole training set (one numpy bincount
-over its memmap at start-up): the stream samples that data, the counts are the same on every
-rank (no communication; replicated tables stay identical) and a pass costs about 3.5 s per
-10^9 tokens held in memory (measured 0.34 s per 10^8), plus reading them from disk. Counting only the first batches would see a few thousand sequences and miss rows
-that are hot over the run.
+over its memmap at start-up): the stream samples that data, and the counts are the same on
+every rank (no communication; replicated tables stay identical). Counting only the first
+batches would see a few thousand sequences and miss rows that are hot over the run.
 
 The host table stays the master copy: the sparse optimizer updates host rows as before, and the
 cache copies host -> device every cached row the optimizer wrote (its update, exact mode's

@@ -107,7 +107,8 @@ class RowGradAccumulator:
         return self._reduced
 
     def squared_norm(self) -> Tensor:
-        """Squared L2 norm of the combined gradient (0-d, fp32 or fp64), for global-norm clipping."""
+        """Squared L2 norm of the combined gradient (0-d, fp32 or fp64), for global-norm
+        clipping."""
         _, grad = self.reduce()
         return grad.pow(2).sum()
 

@@ -10,48 +10,16 @@ param, exp_avg and exp_avg_sq. Per element that is 28 bytes of traffic in fp32 i
 from __future__ import annotations
 
 import ctypes
-import math
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
+from stem_megatron.modes import TableOptimizerMode
 from stem_megatron.stem.csrc import row_kernel
 from stem_megatron.stem.csrc.row_kernel import Kernel
-
-Mode = Literal["lazy", "exact"]
-# Rows of the per-step history (exact mode); column i is step _base + 1 + i, except
-# _LOG_DECAY whose column i sums log(decay) over steps _base + 1 .. _base + i.
-_LR, _STEP_SIZE, _INV_BC2_SQRT, _DECAY, _LOG_DECAY = range(5)
-
-
-def _f32(x: float) -> float:
-    """x rounded to fp32: torch applies a Python scalar to an fp32 tensor in fp32."""
-    return torch.tensor(x, dtype=torch.float32).item()
-
-
-def exact_tail_steps(betas: tuple[float, float], rel_tol: float = 2.0**-24) -> int:
-    """Idle steps after which the rest of a row's decaying momentum moves it by < rel_tol * lr.
-
-    With zero gradients, idle step j moves a row by at most lr / (1 - beta1) * |m| / sqrt(v)
-    * r^j with r = beta1 / sqrt(beta2), and Cauchy-Schwarz over the gradient history gives
-    |m| / sqrt(v) <= (1 - beta1) / sqrt((1 - beta2) * (1 - beta1^2 / beta2)). eps in the
-    denominator only shrinks the movement. So steps past J move the row by at most
-    lr * C * r^(J+1) / (1 - r) in total; J is the smallest with that below rel_tol * lr.
-    (0.9, 0.999): J = 221.
-    """
-    beta1, beta2 = betas
-    if beta1 == 0.0:
-        return 1
-    if beta1**2 >= beta2:
-        raise ValueError(
-            f"exact mode needs beta1^2 < beta2 for the momentum tail to vanish, got {betas}"
-        )
-    r = beta1 / math.sqrt(beta2)
-    c = 1.0 / math.sqrt((1 - beta2) * (1 - beta1**2 / beta2))
-    return max(1, math.ceil(math.log(rel_tol * (1 - r) / c) / math.log(r)) - 1)
+from stem_megatron.stem.exact_history import ExactHistory
 
 
 class SparseRowAdamW:
@@ -112,12 +80,14 @@ class SparseRowAdamW:
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 0.0,
-        mode: Mode = "lazy",
+        mode: TableOptimizerMode | str = TableOptimizerMode.LAZY,
         kernel: Kernel = "auto",
         allocate: Callable[[tuple[int, ...], torch.dtype], Tensor] | None = None,
     ) -> None:
-        if mode not in ("lazy", "exact"):
-            raise ValueError(f"SparseRowAdamW mode must be 'lazy' or 'exact', got {mode!r}")
+        if mode not in {m.value for m in TableOptimizerMode}:
+            raise ValueError(
+                f"SparseRowAdamW mode must be one of {TableOptimizerMode.choices()}, got {mode!r}"
+            )
         if not 0.0 <= betas[0] < 1.0 or not 0.0 <= betas[1] < 1.0:
             raise ValueError(f"betas must be in [0, 1), got {betas}")
         if lr < 0.0 or eps < 0.0 or weight_decay < 0.0:
@@ -134,7 +104,7 @@ class SparseRowAdamW:
         self.betas = betas
         self.eps = eps
         self.weight_decay = weight_decay
-        self.mode: Mode = mode
+        self.mode = TableOptimizerMode(mode)
         self.kernel = row_kernel.select(kernel, list(self.tables.values()))
         self.step_count = 0
         self.exp_avg: dict[str, Tensor] = {}
@@ -146,14 +116,9 @@ class SparseRowAdamW:
                     if allocate
                     else torch.zeros(table.shape, dtype=torch.float32, device=table.device)
                 )
-        if mode == "exact":
-            self._tail = exact_tail_steps(betas)
-            # Step each row's state is current at; all rows are current at step `_base`.
-            self._settled = {
-                n: torch.zeros(t.shape[0], dtype=torch.long, device=t.device)
-                for n, t in self.tables.items()
-            }
-            self._reset_history()
+        self.exact = None  # exact mode: each row's settled step and the LR history
+        if self.mode == TableOptimizerMode.EXACT:
+            self.exact = ExactHistory(self.tables, betas, eps, weight_decay, self.step_count)
 
     @torch.no_grad()
     def step(self, grads: Mapping[str, tuple[Tensor, Tensor]], lr: float | None = None) -> None:
@@ -175,8 +140,8 @@ class SparseRowAdamW:
         a time per table). `step` does both."""
         lr = self.lr if lr is None else float(lr)
         self.step_count += 1
-        if self.mode == "exact":
-            self._record_step(lr)
+        if self.exact is not None:
+            self.exact.record(lr, self.step_count)
         return lr
 
     @torch.no_grad()
@@ -191,8 +156,10 @@ class SparseRowAdamW:
         if self.kernel == "cpp":
             self._cpp_rows(name, ids, grad.contiguous(), lr)
             return
-        if self.mode == "exact":
-            self._settle_rows(name, ids, self.step_count - 1)
+        if self.exact is not None:
+            self.exact.settle_rows(
+                name, table, self.exp_avg[name], self.exp_avg_sq[name], ids, self.step_count - 1
+            )
         p = table.data.index_select(0, ids).float()
         m = self.exp_avg[name].index_select(0, ids)
         v = self.exp_avg_sq[name].index_select(0, ids)
@@ -200,8 +167,8 @@ class SparseRowAdamW:
         table.data.index_copy_(0, ids, p.to(table.dtype))
         self.exp_avg[name].index_copy_(0, ids, m)
         self.exp_avg_sq[name].index_copy_(0, ids, v)
-        if self.mode == "exact":
-            self._settled[name].index_fill_(0, ids, self.step_count)
+        if self.exact is not None:
+            self.exact.mark(name, ids, self.step_count)
 
     def _check_table_rows(self, name: str, ids: Tensor, grad: Tensor) -> None:
         if name not in self.tables:
@@ -260,22 +227,8 @@ class SparseRowAdamW:
                 eps=self.eps,
             )
         settle = row_kernel.SettleArgs()
-        if self.mode == "exact":
-            h = self._hist
-            settle = row_kernel.SettleArgs(
-                settled=row_kernel.ptr(self._settled[name], ctypes.c_int64),
-                upto=t - 1 if grad is not None else t,
-                base=self._base,
-                step_size=_row_ptr(h[_STEP_SIZE]),
-                inv_bc2_sqrt=_row_ptr(h[_INV_BC2_SQRT]),
-                decay=_row_ptr(h[_DECAY]),
-                log_decay=_row_ptr(h[_LOG_DECAY]),
-                tail=self._tail,
-                beta1_idle=1 - _f32(1 - beta1),
-                beta2_idle=_f32(beta2),
-                eps=self.eps,
-                settled_to=t,
-            )
+        if self.exact is not None:
+            settle = self.exact.kernel_args(name, t - 1 if grad is not None else t, t)
         ids = ids.contiguous()
         row_kernel.load().stem_row_adamw(
             self.tables[name].data.data_ptr(),
@@ -290,128 +243,51 @@ class SparseRowAdamW:
             torch.get_num_threads(),
         )
 
-    # ---- exact mode: settling the idle steps a row owes -------------------------------
-
-    def _reset_history(self) -> None:
-        """Forget the LR history: every row is settled up to the current step."""
-        self._base = self.step_count
-        for settled in self._settled.values():
-            settled.fill_(self.step_count)
-        # Per-step values since _base (rows _LR.. above); grows by doubling.
-        self._hist = np.zeros((5, 1024))
-
-    def _record_step(self, lr: float) -> None:
-        """Append step `step_count`'s LR and the per-step factors the settling needs."""
-        n = self.step_count - self._base
-        if n >= self._hist.shape[1]:
-            self._hist = np.concatenate([self._hist, np.zeros_like(self._hist)], axis=1)
-        beta1, beta2 = self.betas
-        decay = _f32(1 - lr * self.weight_decay)  # rounded to fp32 like torch applies it
-        h, i = self._hist, n - 1
-        h[_LR, i], h[_DECAY, i] = lr, decay
-        h[_STEP_SIZE, i] = lr / (1 - beta1**self.step_count)
-        h[_INV_BC2_SQRT, i] = 1 / (1 - beta2**self.step_count) ** 0.5
-        h[_LOG_DECAY, n] = h[_LOG_DECAY, i] + math.log(decay)
-
-    def _settle_rows(self, name: str, ids: Tensor, upto: int) -> None:
-        """Bring rows `ids` from their settled step to step `upto`, as dense AdamW would move
-        them with zero gradients."""
-        settled = self._settled[name].index_select(0, ids)
-        owing = settled < upto
-        if not bool(owing.any()):
-            return
-        ids, settled = ids[owing], settled[owing]
-        table = self.tables[name]
-        p = table.data.index_select(0, ids).float()
-        m = self.exp_avg[name].index_select(0, ids)
-        v = self.exp_avg_sq[name].index_select(0, ids)
-        # Replay the first idle steps one by one while the momentum can still move the row;
-        # a row with zero momentum never moves (m / denom == 0), it only decays.
-        moving = (m != 0).any(dim=1)
-        replay = torch.where(moving, (upto - settled).clamp(max=self._tail), 0)
-        # Longest debts first, so step j acts on a contiguous prefix of the rows.
-        order = torch.argsort(replay, descending=True)
-        ids, settled, replay = ids[order], settled[order], replay[order]
-        p, m, v = p[order], m[order], v[order]
-        active = torch.bincount(replay, minlength=self._tail + 1).flip(0).cumsum(0).flip(0).tolist()
-        lrs = torch.from_numpy(self._hist[_LR]).to(p.device)
-        for j in range(1, int(replay[0]) + 1):
-            n = active[j]
-            self._idle_step(
-                p[:n], m[:n], v[:n], lrs[settled[:n] + j - 1 - self._base], settled[:n] + j
-            )
-        # The remaining idle steps only decay: m, v by powers of the fp32 betas torch applies,
-        # p by the prefix product of its fp32 weight-decay factors.
-        beta1, beta2 = self.betas
-        done = settled + replay
-        rest = (upto - done).to(torch.float64)
-        m.mul_(((1 - _f32(1 - beta1)) ** rest).to(torch.float32)[:, None])
-        v.mul_((_f32(beta2) ** rest).to(torch.float32)[:, None])
-        if self.weight_decay != 0:
-            log_decay = torch.from_numpy(self._hist[_LOG_DECAY]).to(p.device)
-            decay = torch.exp(log_decay[upto - self._base] - log_decay[done - self._base])
-            p.mul_(decay.to(torch.float32)[:, None])
-        table.data.index_copy_(0, ids, p.to(table.dtype))
-        self.exp_avg[name].index_copy_(0, ids, m)
-        self.exp_avg_sq[name].index_copy_(0, ids, v)
-        self._settled[name].index_fill_(0, ids, upto)
-
-    def _idle_step(self, p: Tensor, m: Tensor, v: Tensor, lr: Tensor, step: Tensor) -> None:
-        """`_adamw_rows` with g = 0 and a per-row step number and LR ([n] tensors), rounding
-        each per-row scalar to fp32 as torch does with its Python scalars."""
-        beta1, beta2 = self.betas
-        if self.weight_decay != 0:
-            p.mul_((1 - lr * self.weight_decay).to(torch.float32)[:, None])
-        m.lerp_(m.new_zeros(()), 1 - beta1)
-        v.mul_(beta2)
-        t = step.to(torch.float64)
-        bias_correction1 = 1 - beta1**t
-        bias_correction2 = 1 - beta2**t
-        neg_step_size = (-(lr / bias_correction1)).to(torch.float32)[:, None]
-        denom = (v.sqrt() / (bias_correction2**0.5).to(torch.float32)[:, None]).add_(self.eps)
-        # addcdiv_ computes p + (value * m) / denom; keep that order.
-        p.add_((neg_step_size * m).div_(denom))
-
     @torch.no_grad()
     def settle_rows(self, rows: Mapping[str, Tensor]) -> None:
         """Exact mode: bring the given rows ({table: sorted unique ids}) up to the current step,
         as dense AdamW would have moved them while idle. Call before a step reads them, so the
         forward sees the values dense AdamW would have (a no-op in lazy mode)."""
-        if self.mode != "exact":
+        if self.exact is None:
             return
         for name, ids in rows.items():
             if ids.numel() == 0:
                 continue
-            if self.kernel == "cpp":
-                self._cpp_rows(name, ids, None, self.lr)
-            else:
-                self._settle_rows(name, ids, self.step_count)
+            self._settle(name, ids)
+
+    def _settle(self, name: str, ids: Tensor) -> None:
+        if self.kernel == "cpp":
+            self._cpp_rows(name, ids, None, self.lr)
+        else:
+            self.exact.settle_rows(
+                name,
+                self.tables[name],
+                self.exp_avg[name],
+                self.exp_avg_sq[name],
+                ids,
+                self.step_count,
+            )
 
     def unsettled(self, rows: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Of `rows` ({table: ids}), those that owe idle steps: the rows `settle_rows` would
         write (none in lazy mode)."""
-        if self.mode != "exact":
+        if self.exact is None:
             return {name: ids[:0] for name, ids in rows.items()}
-        return {
-            name: ids[self._settled[name].index_select(0, ids) < self.step_count]
-            for name, ids in rows.items()
-        }
+        return {name: self.exact.owing(name, ids, self.step_count) for name, ids in rows.items()}
 
     def settle(self) -> None:
-        """Exact mode: bring every row of every table up to the current step (a no-op in lazy mode)."""
-        if self.mode != "exact":
+        """Exact mode: bring every row of every table up to the current step (lazy: a no-op)."""
+        if self.exact is None:
             return
         for name, table in self.tables.items():
             if self.kernel == "cpp":
-                self._cpp_rows(name, torch.arange(table.shape[0]), None, self.lr)
+                self._settle(name, torch.arange(table.shape[0]))
                 continue
             # In blocks: settling gathers fp32 copies of the rows' param and moments.
             for start in range(0, table.shape[0], self._SETTLE_BLOCK):
                 stop = min(start + self._SETTLE_BLOCK, table.shape[0])
-                self._settle_rows(
-                    name, torch.arange(start, stop, device=table.device), self.step_count
-                )
-        self._reset_history()
+                self._settle(name, torch.arange(start, stop, device=table.device))
+        self.exact.reset(self.step_count)
 
     @staticmethod
     def _check_rows(name: str, table: Tensor, ids: Tensor, grad: Tensor) -> None:
@@ -428,7 +304,8 @@ class SparseRowAdamW:
             raise ValueError(f"table {name!r}: row ids must be sorted and unique")
         if int(ids[0]) < 0 or int(ids[-1]) >= table.shape[0]:
             raise IndexError(
-                f"table {name!r}: row ids must lie in [0, {table.shape[0]}), got {int(ids[0])}..{int(ids[-1])}"
+                f"table {name!r}: row ids must lie in [0, {table.shape[0]}), "
+                f"got {int(ids[0])}..{int(ids[-1])}"
             )
 
     def state_dict(self) -> dict[str, Any]:
@@ -454,7 +331,8 @@ class SparseRowAdamW:
         missing, unexpected = set(self.tables) - set(tables), set(tables) - set(self.tables)
         if missing or unexpected:
             raise KeyError(
-                f"SparseRowAdamW state mismatch: missing tables {sorted(missing)}, unexpected {sorted(unexpected)}"
+                f"SparseRowAdamW state mismatch: missing tables {sorted(missing)}, "
+                f"unexpected {sorted(unexpected)}"
             )
         for name, entry in tables.items():
             for key in ("exp_avg", "exp_avg_sq"):
@@ -467,9 +345,5 @@ class SparseRowAdamW:
             self.exp_avg[name].copy_(entry["exp_avg"])
             self.exp_avg_sq[name].copy_(entry["exp_avg_sq"])
         self.step_count = int(state_dict["step"])
-        if self.mode == "exact":
-            self._reset_history()
-
-
-def _row_ptr(row: np.ndarray) -> ctypes._Pointer:
-    return row.ctypes.data_as(ctypes.POINTER(ctypes.c_double))
+        if self.exact is not None:
+            self.exact.reset(self.step_count)

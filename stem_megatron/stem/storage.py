@@ -2,12 +2,13 @@
 
 `device` tier: the table is an ordinary tensor on the compute device. `host` tier: the table
 and its optimizer state live in host memory and the rows each micro-batch needs are staged
-ahead of use (stem/prefetch.py). `mmap` tier: as `host`, but the table and its optimizer
-state are memory-mapped files on a local disk (`MmapFiles`), so they may exceed host RAM: the
-kernel pages rows in when the prefetch gathers them and writes updated rows back. This file is the one place that looks at the machine's
-capabilities: host memory is pinned when CUDA is present (so copies can be asynchronous), and
-the copies then run on their own CUDA stream with events ordering them against the compute
-stream; on a CPU machine the same logic runs and a copy is a memcpy.
+ahead of use (stem/prefetch.py). `mmap` tier: as `host`, but the table and its optimizer state
+are memory-mapped files on a local disk (`MmapFiles`), so they may exceed host RAM: the kernel
+pages rows in when the prefetch gathers them and writes updated rows back. This file is the one
+place that looks at the machine's capabilities: host memory is pinned when CUDA is present (so
+copies can be asynchronous), and the copies then run on their own CUDA stream with events
+ordering them against the compute stream; on a CPU machine the same logic runs and a copy is a
+memcpy.
 """
 
 from __future__ import annotations

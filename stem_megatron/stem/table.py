@@ -14,6 +14,7 @@ import math
 from collections.abc import Iterator
 
 import torch
+import torch.distributed as dist
 
 from stem_megatron.sharding import RowBlock, TPShard, set_row_block, set_tp_shard
 from stem_megatron.stem.lookup import RowGradAccumulator, staged_lookup, stem_lookup
@@ -61,12 +62,20 @@ class StemTable(torch.nn.Module):
         set_row_block(self.weight, row_block)
         self.weight.is_stem_table = True
         self.row_block = row_block
-        self.dp_group = None
         self.grad_accumulator = RowGradAccumulator()
         self.compute_device: torch.device | None = None  # set by move_to_host
-        self.prefetcher: RowPrefetcher | None = None
-        self.prefetch_key = ""
+        # Set by `connect` (stem/tables.py, the tables' owner) before the first lookup:
+        self.dp_group: dist.ProcessGroup | None = None  # vocab-sharded lookups gather over it
+        self.prefetcher: RowPrefetcher | None = None  # stages host rows ahead of lookups
+        self.prefetch_key = ""  # this table's name in the prefetcher
         self.replay: StagedReplay | None = None  # set while a recomputed region runs
+
+    def connect(
+        self, dp_group: dist.ProcessGroup | None, prefetcher: RowPrefetcher | None, key: str
+    ) -> None:
+        """Wire the lookup to its DP group and, for host tables, the prefetcher that stages
+        its rows under `key`."""
+        self.dp_group, self.prefetcher, self.prefetch_key = dp_group, prefetcher, key
 
     @property
     def on_host(self) -> bool:

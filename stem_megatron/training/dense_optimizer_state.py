@@ -114,7 +114,7 @@ def _per_param_step(adam: torch.optim.Optimizer) -> bool:
 
 
 class DenseOptimizerState:
-    """Checkpoint views of megatron-core's dense optimizer (TrainingOptimizer.dense) over
+    """Checkpoint views of megatron-core's dense optimizer (DenseOptimizer.megatron) over
     `params`, the dense parameters by name. Build one per save or load: it reads the
     optimizer's current tensors."""
 

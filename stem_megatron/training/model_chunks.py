@@ -9,10 +9,10 @@ from collections.abc import Iterator
 import torch
 
 from stem_megatron.config import RunConfig
-from stem_megatron.model.transformer import ModelSpec, StemGPTModel
+from stem_megatron.model.transformer import StemGPTModel
 from stem_megatron.parallel.dims import ParallelDims
 from stem_megatron.parallel.state import ParallelState
-from stem_megatron.stem.storage import MmapFiles, check_host_fits, host_table_bytes
+from stem_megatron.stem.placement import TablePlacement
 from stem_megatron.stem.table import is_stem_table
 
 
@@ -31,17 +31,14 @@ def build_model_chunks(
     specs = dims.rank_specs(parallel.coords)
     block = dims.table_rows(parallel.dp_rank)
     rows = vocab_size if block is None else block.end - block.start  # per table on this rank
-    off_device = config.stem.storage in ("host", "mmap")
-    files = table_files(config)
-    if off_device:
-        _check_tables_fit(config, parallel, rows, specs, files)
+    placement = TablePlacement.of(config, parallel.device)
+    stem = set(config.stem_layers())
+    tables = sum(1 for spec in specs for layer in spec.layers if layer in stem)
+    placement.check_fits(tables, rows, config.model.ffn_hidden_size // parallel.tp_size)
     chunks = []
     for spec in specs:
         chunk = StemGPTModel(spec)  # on the CPU: off-device tables never visit the device
-        for table in chunk.stem_tables().values():
-            table.dp_group = parallel.dp_group  # vocab-sharded lookups gather over it
-            if off_device:
-                table.move_to_host(parallel.device, files)
+        placement.place(chunk)
         chunk = chunk.to(parallel.device)
         chunk.init_parameters(config.train.seed)  # in place, wherever each tensor lives
         if config.train.bf16:
@@ -56,34 +53,6 @@ def _cast_dense_parameters(chunk: torch.nn.Module, dtype: torch.dtype) -> None:
     for param in chunk.parameters():
         if not is_stem_table(param):
             param.data = param.data.to(dtype)
-
-
-def table_files(config: RunConfig) -> MmapFiles | None:
-    """Where `mmap`-tier tables and their optimizer state are mapped (None: other tiers)."""
-    return MmapFiles(config.mmap_dir) if config.stem.storage == "mmap" else None
-
-
-def _check_tables_fit(
-    config: RunConfig,
-    parallel: ParallelState,
-    rows: int,
-    specs: list[ModelSpec],
-    files: MmapFiles | None,
-) -> None:
-    """Refuse host tables (with their optimizer state) of `rows` rows each larger than free
-    host RAM, or mmap tables larger than the free disk, before any is allocated."""
-    stem = set(config.stem_layers())
-    tables = sum(1 for spec in specs for layer in spec.layers if layer in stem)
-    width = config.model.ffn_hidden_size // parallel.tp_size
-    exact = config.stem.optimizer.mode == "exact"
-    what = (
-        f"{tables} {config.stem.storage}-tier STEM tables of [{rows}, {width}] with their "
-        f"optimizer state"
-    )
-    if files is None:
-        check_host_fits(tables * host_table_bytes(rows, width, torch.float32, exact), what)
-    else:  # exact mode's per-row steps stay in RAM; tables and moments are mapped
-        files.check_fits(tables * host_table_bytes(rows, width, torch.float32, False), what)
 
 
 def named_parameters(chunks: list[torch.nn.Module]) -> Iterator[tuple[str, torch.nn.Parameter]]:

@@ -2,8 +2,9 @@
 interval otherwise (SLURM logs, `| tee`, CI).
 
 Plain line (stdout, flushed), fields `name value` separated by ` | `, the step padded to
-the width of train_iters so columns line up:
-    step   100/2000 | loss 4.1234 | lr 3.00e-04 | grad_norm 0.812 | tok/s 12,345 | elapsed 0:01:23 | eta 0:20:11
+the width of train_iters so columns line up (one line, wrapped here):
+    step   100/2000 | loss 4.1234 | lr 3.00e-04 | grad_norm 0.812 | tok/s 12,345
+    | elapsed 0:01:23 | eta 0:20:11
 `loss` is what the caller reports (the trainer: the mean over the log window, as logged),
 `tok/s` the interval's throughput, `lr` and
 `grad_norm` the last values (omitted when not given). `eta` comes from the average time

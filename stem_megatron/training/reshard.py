@@ -31,8 +31,9 @@ from stem_megatron.parallel.data_parallel import wrap_data_parallel
 from stem_megatron.parallel.dims import ParallelDims
 from stem_megatron.parallel.local_workers import run_local_workers
 from stem_megatron.parallel.state import ParallelState
+from stem_megatron.stem.tables import StemTables
 from stem_megatron.training.model_chunks import build_model_chunks
-from stem_megatron.training.optimizer import TrainingOptimizer
+from stem_megatron.training.optimizer import DenseOptimizer
 from stem_megatron.training.state import TrainingState
 
 RNG_PREFIX = "rng.torch_rank"
@@ -106,10 +107,9 @@ def _convert_rank(
         with tqdm(total=3, desc="reshard", unit="phase", disable=parallel.rank != 0) as bar:
             bar.set_postfix_str("build")
             chunks = build_model_chunks(build, parallel, vocab)
-            optimizer = TrainingOptimizer(
-                wrap_data_parallel(chunks, build), chunks, build, parallel
-            )
-            state = CarryingState(chunks, optimizer, _DataPosition(), parallel)
+            optimizer = DenseOptimizer(wrap_data_parallel(chunks, build), chunks, build)
+            tables = StemTables(chunks, build, parallel)
+            state = CarryingState(chunks, optimizer, tables, _DataPosition(), parallel)
             bar.update()
             bar.set_postfix_str("load")
             step = state.load(Checkpointer(Path(source).parent), source)

@@ -7,6 +7,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from stem_megatron.modes import TableLayout
+
 
 def full_parameters(trainer) -> dict[str, torch.Tensor]:
     """This rank's parameters as full logical tensors (TP slices gathered)."""
@@ -58,7 +60,9 @@ def built_layout(trainer) -> dict:
         "dp_size": dist.get_world_size(parallel.dp_group),
         "vp_size": len(trainer.chunks),
         "chunk_layers": chunk_layers,
-        "dp_layout": "vocab_sharded" if trainer.optimizer.vocab_sharded else "replicated",
+        "dp_layout": str(
+            TableLayout.VOCAB_SHARDED if trainer.tables.vocab_sharded else TableLayout.REPLICATED
+        ),
     }
 
 
@@ -86,8 +90,8 @@ def train_steps(overrides: list[str], steps: int, save_at: int | None = None) ->
             unique_rows = metrics["stem/unique_rows"]
             if save_at is not None and trainer.step == save_at:
                 trainer.state.save(trainer.checkpointer, trainer.step, config)
-        tables = sum(t.weight.numel() for t in trainer.optimizer.tables.values())
-        dense = sum(p.numel() for p in trainer.optimizer.dense_params)
+        tables = sum(t.weight.numel() for t in trainer.tables.tables.values())
+        dense = sum(p.numel() for p in trainer.optimizer.params)
         return {
             "start": start,
             "losses": losses,

@@ -30,21 +30,23 @@ from stem_megatron.checkpoint.safe_io import read_dcp_metadata
 from stem_megatron.config import RunConfig
 from stem_megatron.data.sampler import PackedSampleStream
 from stem_megatron.parallel.state import ParallelState
+from stem_megatron.stem.tables import StemTables
 from stem_megatron.training.dense_optimizer_state import DenseOptimizerState
 from stem_megatron.training.metrics import LossWindow
 from stem_megatron.training.model_chunks import named_parameters
-from stem_megatron.training.optimizer import TrainingOptimizer
+from stem_megatron.training.optimizer import DenseOptimizer
 
 
 class TrainingState:
     def __init__(
         self,
         chunks: list[torch.nn.Module],
-        optimizer: TrainingOptimizer,
+        optimizer: DenseOptimizer,
+        tables: StemTables,
         train_stream: PackedSampleStream,
         parallel: ParallelState,
     ):
-        self.chunks, self.optimizer = chunks, optimizer
+        self.chunks, self.optimizer, self.tables = chunks, optimizer, tables
         self.train_stream, self.parallel = train_stream, parallel
         self.loss_window = LossWindow()
         self.meshes = CheckpointMeshes.build(parallel)
@@ -53,9 +55,9 @@ class TrainingState:
         return f"torch_rank{self.parallel.rank}"  # per-rank keys: DCP must not dedupe them
 
     def _dense(self) -> DenseOptimizerState:
-        dense_ids = {id(p) for p in self.optimizer.dense_params}
+        dense_ids = {id(p) for p in self.optimizer.params}
         params = {name: p for name, p in named_parameters(self.chunks) if id(p) in dense_ids}
-        return DenseOptimizerState(self.optimizer.dense, params, self.meshes)
+        return DenseOptimizerState(self.optimizer.megatron, params, self.meshes)
 
     def _model(self, dense: DenseOptimizerState, saving: bool) -> dict[str, torch.Tensor]:
         """`model.*`: the dense parameters' fp32 values (DenseOptimizerState.model_views),
@@ -66,8 +68,8 @@ class TrainingState:
         return {**model_state(others, self.meshes), **dense.model_views(saving)}
 
     def _state(self, dense: DenseOptimizerState, saving: bool) -> dict:
-        sparse = self.optimizer.sparse.state_dict()  # settles exact-mode debts first
-        tables = {name: t.weight for name, t in self.optimizer.tables.items()}
+        sparse = self.tables.state_dict()  # settles exact-mode debts first
+        tables = self.tables.weights()
         return {
             "model": self._model(dense, saving),
             "optim": dense.optimizer_views(saving),
@@ -85,9 +87,7 @@ class TrainingState:
             "loss_window": self.loss_window.state_dict(),
             "config": config.to_dict(),
         }
-        path = checkpointer.save(step, self._state(self._dense(), saving=True), metadata)
-        self.optimizer.refresh_cache()  # exact mode: the save settled every host row
-        return path
+        return checkpointer.save(step, self._state(self._dense(), saving=True), metadata)
 
     def check_can_save(self, checkpointer: Checkpointer, step: int, train_iters: int) -> None:
         """Before training from `step`: the checkpoint dir is writable, has room for a
@@ -103,9 +103,8 @@ class TrainingState:
             dense.forget_created()
 
     def _check_optimizer_mode(self, checkpoint: Path) -> None:
-        """Lazy and exact table states look alike but mean different things (exact-mode
-        moments carry every idle step's decay); resuming one as the other silently changes
-        the run, so it is refused before anything is read. So is resuming a model-only one."""
+        """Refused before anything is read: a model-only checkpoint, and table optimizer
+        state of the other mode (StemTables.check_mode)."""
         saved = read_json(checkpoint, METADATA_JSON)
         if saved.get(MODEL_ONLY):
             raise ValueError(
@@ -113,11 +112,7 @@ class TrainingState:
                 f"or data state): start from it with checkpoint.finetune=true"
             )
         mode = saved.get("config", {}).get("stem", {}).get("optimizer", {}).get("mode")
-        if mode is not None and mode != self.optimizer.sparse.mode:
-            raise ValueError(
-                f"checkpoint {checkpoint} was trained with stem.optimizer.mode={mode}, this run "
-                f"uses {self.optimizer.sparse.mode}: resume with stem.optimizer.mode={mode}"
-            )
+        self.tables.check_mode(mode, checkpoint)
 
     def load(self, checkpointer: Checkpointer, path: str) -> int:
         """Restore everything from the checkpoint at `path`; returns its step. A checkpoint
@@ -134,8 +129,7 @@ class TrainingState:
         }
         metadata = checkpointer.load(path, state)  # model and Adam states load in place
         dense.loaded()
-        self.optimizer.sparse.load_state_dict(unwrap(state["stem_optim"]))
-        self.optimizer.refresh_cache()  # the host rows were replaced
+        self.tables.load_state_dict(unwrap(state["stem_optim"]))
         if self._rng_key() in state["rng"]:
             torch.set_rng_state(state["rng"][self._rng_key()])
         self.train_stream.load_state_dict(metadata["data"])
@@ -167,4 +161,4 @@ class TrainingState:
             path, {"model": self._model(dense, saving=False)}, strict=False
         )
         dense.loaded()
-        self.optimizer.refresh_cache()  # host tables: cached rows were replaced
+        self.tables.rows_replaced()

@@ -1,22 +1,19 @@
 """The training loop: one object that builds a run's components and steps them.
 
-Each optimizer step runs the step's micro-batches through megatron-core's forward-backward
-schedule (no pipelining, 1F1B or interleaved, as the layout says) over the chunks in
-megatron-core's DDP, synchronises table rows over data-parallel replicas, clips the global norm
-over dense and table gradients, updates dense parameters with megatron-core's optimizer and
-the touched table rows with the row-sparse AdamW,
-logs (with the bytes each step moved), evaluates and checkpoints.
+Each optimizer step prepares the STEM tables for the step's micro-batches (stem/tables.py),
+runs them through megatron-core's forward-backward schedule (no pipelining, 1F1B or
+interleaved, as the layout says) over the chunks in megatron-core's DDP, then steps the dense
+optimizer and the tables under one global-norm clip (training/optimizer.py); it logs (with the
+bytes each step moved), evaluates and checkpoints. docs/architecture.md draws one step.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -37,13 +34,11 @@ from stem_megatron.parallel.data_parallel import (
 )
 from stem_megatron.parallel.state import ParallelState
 from stem_megatron.planning.accounting import count_model
-from stem_megatron.stem.cache import HotRowCache, hot_ids, token_counts
-from stem_megatron.stem.prefetch import RowPrefetcher, RowRequest
-from stem_megatron.stem.vocab_sharded import plan_lookup
+from stem_megatron.stem.tables import StemTables
 from stem_megatron.training.lr_schedule import LRSchedule
 from stem_megatron.training.metrics import MetricsLogger
 from stem_megatron.training.model_chunks import build_model_chunks
-from stem_megatron.training.optimizer import TrainingOptimizer
+from stem_megatron.training.optimizer import DenseOptimizer, optimizer_step
 from stem_megatron.training.preemption import StopRequest
 from stem_megatron.training.progress import TrainingProgress
 from stem_megatron.training.state import TrainingState
@@ -91,8 +86,8 @@ class Trainer:
         )
         # What the schedule runs: the chunks in megatron-core's DDP.
         self.wrapped_chunks = wrap_data_parallel(self.chunks, c, self.comm)
-        self.optimizer = TrainingOptimizer(self.wrapped_chunks, self.chunks, c, parallel)
-        self.prefetcher = self._host_table_prefetcher(train_data.tokens)
+        self.optimizer = DenseOptimizer(self.wrapped_chunks, self.chunks, c)
+        self.tables = StemTables(self.chunks, c, parallel, train_data.tokens)
         self.schedule = LRSchedule.from_megatron(
             lr=c.optim.lr,
             min_lr=c.optim.min_lr,
@@ -125,7 +120,9 @@ class Trainer:
                 dp_size=parallel.dp_size,
             )
         self.checkpointer = Checkpointer(c.save_dir)
-        self.state = TrainingState(self.chunks, self.optimizer, self.train_stream, parallel)
+        self.state = TrainingState(
+            self.chunks, self.optimizer, self.tables, self.train_stream, parallel
+        )
         self.step = 0
         load, model_only = self._resume_path()
         if model_only:
@@ -174,51 +171,6 @@ class Trainer:
             )
         return load, False
 
-    def _host_table_prefetcher(self, train_tokens: np.ndarray) -> RowPrefetcher | None:
-        """One prefetcher for every host-resident table of this rank (None: no host tables),
-        with a cache of the `stem.cache_rows` ids most frequent in the training data."""
-        tables = {name: t for name, t in self.optimizer.tables.items() if t.on_host}
-        if not tables:
-            return None
-        weights = {name: t.weight for name, t in tables.items()}
-        # Vocab-sharded: this rank stages (and caches) only rows of its own block.
-        self.host_row_block = next(iter(tables.values())).row_block
-        cache = None
-        if self.config.stem.cache_rows:
-            counts = token_counts(train_tokens, self.vocab_size)
-            if self.host_row_block is not None:
-                counts = counts[self.host_row_block.start : self.host_row_block.end]
-            cache = HotRowCache(
-                weights, hot_ids(counts, self.config.stem.cache_rows), self.parallel.device
-            )
-            self.optimizer.cache = cache
-        prefetcher = RowPrefetcher(weights, self.parallel.device, cache)
-        for name, table in tables.items():
-            table.prefetcher, table.prefetch_key = prefetcher, name
-        return prefetcher
-
-    @contextlib.contextmanager
-    def _prefetching(self, batches: list[torch.Tensor], metrics: dict[str, float]):
-        """Stage host-table rows of `batches` while the block runs the schedule over them;
-        adds the staging metrics to `metrics`. The staging thread is joined when the block
-        ends, before the step's table update, and the next step's staging starts after it."""
-        if self.prefetcher is None:
-            yield
-            return
-        with self.prefetcher.prefetching([self._row_request(_inputs(b)) for b in batches]):
-            yield
-        metrics.update(self.prefetcher.finish())
-
-    def _row_request(self, ids: torch.Tensor) -> RowRequest:
-        """The host rows a micro-batch reads. Vocab-sharded: the rows this rank owns of the
-        union every DP rank needs, found by exchanging ids now (a collective, so before the
-        schedule, in the same order on every rank), and the plan the lookups then follow."""
-        block = self.host_row_block
-        if block is None:
-            return RowRequest.of_ids(ids)
-        plan = plan_lookup(ids.to(self.parallel.device), block, self.parallel.dp_group)
-        return RowRequest(plan.owned(self.parallel.dp_rank, block).cpu(), ids.numel(), plan)
-
     # -- one step ----------------------------------------------------------------------
     def _forward_step(self, data_iterator: Iterator[torch.Tensor], model: StemGPTModel):
         # Every pipeline stage reads the micro-batch: each STEM layer needs the token ids.
@@ -253,28 +205,24 @@ class Trainer:
                 loss /= p.dp_size
         return loss.item()
 
-    @staticmethod
-    def _input_ids(batches: list[torch.Tensor]) -> torch.Tensor:
-        return torch.cat([b[:, :-1].reshape(-1) for b in batches])
-
     def train_step(self) -> dict[str, float]:
         zero_grad_buffers(self.wrapped_chunks)
         self.optimizer.zero_grad()
+        self.tables.zero_grad()
         batches = [next(self.train_stream) for _ in range(self.num_microbatches)]
-        metrics = {"stem/bytes_h2d": 0.0, "stem/prefetch_stall_ms": 0.0}
+        metrics = {}
         with self.comm.counting():
-            self.optimizer.settle_rows_to_read(self._input_ids(batches))
             lr_factor = self.schedule.factor(self.step)
             with (
-                self.optimizer.overlapping_table_updates(lr_factor, len(batches)),
-                self._prefetching(batches, metrics),
+                self.tables.prepare([_inputs(b) for b in batches], lr_factor),
                 nan_check_reported_as_divergence(),
             ):
                 # The schedule ends with megatron-core's finalize_model_grads: DP reduction,
                 # the tied embedding over PP, norm weights over TP under SP.
                 metrics["loss/train"] = self._run_schedule(batches, forward_only=False)
-            metrics.update(self.optimizer.step(lr_factor))
-        metrics["stem/bytes_h2d"] += metrics["stem/cache_refresh_bytes"]
+            metrics.update(
+                optimizer_step(self.optimizer, self.tables, self.config.optim.clip_grad, lr_factor)
+            )
         metrics.update(self.comm.take())  # bytes this step moved, by purpose and kind
         self.step += 1
         return metrics
@@ -287,8 +235,7 @@ class Trainer:
             chunk.eval()
         try:
             batches = list(self.val_batches)
-            self.optimizer.settle_rows_to_read(self._input_ids(batches))
-            with self._prefetching(batches, {}):
+            with self.tables.prepare([_inputs(b) for b in batches], lr_factor=None):
                 return self._run_schedule(batches, forward_only=True)
         finally:
             for chunk in self.chunks:

@@ -11,6 +11,7 @@ import torch
 
 from stem_megatron.checkpoint.inference import load_for_inference
 from stem_megatron.checkpoint.offline import OfflineCheckpoint
+from stem_megatron.cli import edit_knowledge, generate
 from stem_megatron.data.tokenizer import load_tokenizer
 from stem_megatron.editing.remap import parse_remap
 from stem_megatron.editing.tables import OPTIM_PREFIX, table_key
@@ -19,7 +20,6 @@ from stem_megatron.model.reference import ReferenceGPT
 from stem_megatron.parallel.state import ParallelState
 from stem_megatron.training.trainer import Trainer
 from tests.conftest import train_in_process
-from tools import edit_knowledge, generate
 
 A, B = "the", "and"  # single tokens (after a space) in the small corpus's 512-token BPE
 
@@ -113,7 +113,7 @@ def test_training_resumes_from_an_edited_exact_checkpoint(trained, tiny_config, 
     try:
         trainer = Trainer(config, parallel)
         assert trainer.step == 3
-        sparse = trainer.optimizer.sparse
+        sparse = trainer.tables.optimizer
         for name, table in sparse.tables.items():
             layer = int(name.split(".")[2])
             assert torch.equal(table.detach(), edited.read(table_key(layer)))

@@ -81,8 +81,8 @@ def test_exact_mode_tables_are_settled_in_the_saved_checkpoint(tiny_config, para
     trainer = Trainer(config, parallel)
     for _ in range(4):
         trainer.train_step()
-    sparse = trainer.optimizer.sparse
-    name, live = next(iter(trainer.optimizer.tables.items()))
+    sparse = trainer.tables.optimizer
+    name, live = next(iter(trainer.tables.tables.items()))
     idle = sparse.unsettled({name: torch.arange(live.weight.shape[0])})[name]
     assert idle.numel() > 0  # some rows owe idle steps (momentum and decay) before the save
     before = live.weight.detach().clone()

@@ -74,7 +74,7 @@ def train_step(model: StemGPTModel, batches: list[torch.Tensor]):
             {n: t.weight for n, t in model.stem_tables().items()}, torch.device("cpu")
         )
         for name, table in model.stem_tables().items():
-            table.prefetcher, table.prefetch_key = prefetcher, name
+            table.connect(None, prefetcher, name)
         prefetcher.start([RowRequest.of_ids(b[:, :-1]) for b in batches])
     losses = []
     for tokens in batches:

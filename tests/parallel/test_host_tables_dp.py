@@ -22,7 +22,7 @@ STEPS = 50
         (STEPS, []),  # DP=2, replicated tables
         (STEPS, ["stem.dp_layout=vocab_sharded"]),
         (STEPS, ["stem.dp_layout=vocab_sharded", "stem.optimizer.mode=exact"]),
-        # No clipping: host-table updates start during the backward (training/table_update.py).
+        # No clipping: host-table updates start during the backward (stem/overlap.py).
         (20, ["stem.dp_layout=vocab_sharded", "optim.clip_grad=0"]),
         # Interleaved 1F1B: each rank's two chunks read the micro-batches at different offsets,
         # so the prefetcher serves each table its own sequence.

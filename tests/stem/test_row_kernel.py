@@ -26,7 +26,8 @@ def _state(opt: SparseRowAdamW) -> list[torch.Tensor]:
 
 
 def _zipf_steps(vocab: int, dim: int, steps: int, tokens: int, seed: int = 1):
-    """Sorted unique Zipf(1.1) ids and gradients, a third of the elements ~1e-7 (sqrt(v) near eps)."""
+    """Sorted unique Zipf(1.1) ids and gradients, a third of the elements ~1e-7 (sqrt(v) near
+    eps)."""
     gen = torch.Generator().manual_seed(seed)
     probs = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64) ** 1.1
     for step in range(1, steps + 1):
@@ -60,7 +61,7 @@ def test_exact_matches_torch_replay_over_long_idle_stretches() -> None:
     cpp, ref = _pair(("cpp", "torch"), 500, 16, mode="exact")
     owed = []
     for ids, grad, lr in _zipf_steps(500, 16, 300, tokens=48):
-        owed.append(int(cpp.step_count - cpp._settled["u"][ids].min()))
+        owed.append(int(cpp.step_count - cpp.exact.settled["u"][ids].min()))
         cpp.step({"u": (ids, grad)}, lr=lr)
         ref.step({"u": (ids, grad)}, lr=lr)
     assert max(owed) > 221
@@ -68,7 +69,7 @@ def test_exact_matches_torch_replay_over_long_idle_stretches() -> None:
         opt.settle()
     for got, want in zip(_state(cpp), _state(ref)):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * want.abs().max().item())
-    assert torch.equal(cpp._settled["u"], ref._settled["u"])
+    assert torch.equal(cpp.exact.settled["u"], ref.exact.settled["u"])
 
 
 def test_settle_only_idle_rows_and_exact_state_dict() -> None:

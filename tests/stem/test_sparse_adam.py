@@ -8,7 +8,8 @@ import math
 import pytest
 import torch
 
-from stem_megatron.stem.sparse_adam import SparseRowAdamW, exact_tail_steps
+from stem_megatron.stem.exact_history import exact_tail_steps
+from stem_megatron.stem.sparse_adam import SparseRowAdamW
 
 V, D = 40, 6
 BETAS = (0.9, 0.999)
@@ -132,7 +133,8 @@ def test_skipped_table_still_counts_step() -> None:
         },
         lr=0.1,
     )
-    # Step 5 with m = 0.1 g, v = 0.001 g^2: p moves by lr * (0.1 / (1 - 0.9^5)) / sqrt(0.001 / (1 - 0.999^5)).
+    # Step 5 with m = 0.1 g, v = 0.001 g^2:
+    # p moves by lr * (0.1 / (1 - 0.9^5)) / sqrt(0.001 / (1 - 0.999^5)).
     expected = 0.1 * (0.1 / (1 - 0.9**5)) / math.sqrt(0.001 / (1 - 0.999**5))
     torch.testing.assert_close(
         before[3] - table.detach()[3], torch.full((D,), expected), rtol=1e-5, atol=0
@@ -320,5 +322,5 @@ def test_exact_tail_length() -> None:
     assert exact_tail_steps((0.9, 0.95)) == 271
     with pytest.raises(ValueError, match="beta1\\^2 < beta2"):
         SparseRowAdamW({"u": _table()}, betas=(0.99, 0.95), mode="exact")
-    with pytest.raises(ValueError, match="'lazy' or 'exact'"):
+    with pytest.raises(ValueError, match="one of 'lazy', 'exact', got 'dense'"):
         SparseRowAdamW({"u": _table()}, mode="dense")  # type: ignore[arg-type]

@@ -1,7 +1,7 @@
 """Exact-mode STEM tables trained through the Trainer equal dense torch.optim.AdamW over the
 whole table, with the run's schedule (warmup, then cosine), a table LR and weight decay of
 their own, on device tables (update after the backward) and host tables (update started
-during the backward, training/table_update.py).
+during the backward, stem/overlap.py).
 
 The reference replays each step's row gradients as a dense [vocab, d_ff] gradient (zeros for
 untouched rows) through torch's AdamW at table_lr x schedule factor. Two reads are checked:
@@ -79,7 +79,7 @@ def test_exact_tables_through_the_trainer_equal_dense_adamw(
         *OVERRIDES, f"stem.storage={storage}", f"logging.run_dir={tmp_path / 'run'}"
     )
     trainer = Trainer(config, parallel)
-    assert (trainer.optimizer.overlap is not None) == overlap
+    assert (trainer.tables.overlap is not None) == overlap
     modules = trainer.chunks[0].stem_tables()
     o = trainer.config.optim
     reference = {
@@ -105,7 +105,7 @@ def test_exact_tables_through_the_trainer_equal_dense_adamw(
                     reference[name].detach()[ids],
                     rtol=0,
                     atol=ATOL,
-                    msg=lambda m: f"step {step} {name}: {m}",
+                    msg=lambda m, step=step, name=name: f"step {step} {name}: {m}",
                 )
                 idle_reads += int((last_touched[name][ids] < step - 1).sum())
         factors.append(trainer.schedule.factor(step))
@@ -142,5 +142,5 @@ def test_exact_tables_through_the_trainer_equal_dense_adamw(
             reference[name].detach(),
             rtol=0,
             atol=ATOL,
-            msg=lambda m: f"saved {name}: {m}",
+            msg=lambda m, name=name: f"saved {name}: {m}",
         )

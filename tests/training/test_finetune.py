@@ -50,8 +50,8 @@ def test_finetune_takes_weights_only_and_a_requeue_resumes_in_full(
     assert loaded.keys() == trained.keys()
     for name in trained:  # the seed differs, so only a load can make these equal
         assert torch.equal(loaded[name], trained[name]), name
-    assert not trainer.optimizer.dense_parts[0].optimizer.state  # fresh AdamW
-    assert trainer.optimizer.sparse.step_count == 0
+    assert not trainer.optimizer.parts[0].optimizer.state  # fresh AdamW
+    assert trainer.tables.optimizer.step_count == 0
     fresh = Trainer(tiny_config(*overrides[2:]), parallel)  # same data seed, no load
     assert trainer.train_stream.state_dict() == fresh.train_stream.state_dict()
     trainer.run()
@@ -60,7 +60,7 @@ def test_finetune_takes_weights_only_and_a_requeue_resumes_in_full(
 
     requeued = Trainer(tiny_config(*overrides[:3], "train.train_iters=4", *overrides[4:]), parallel)
     assert requeued.step == 2  # its own latest checkpoint, optimizer and all
-    assert requeued.optimizer.sparse.step_count == 2
+    assert requeued.tables.optimizer.step_count == 2
 
 
 @pytest.mark.parametrize("storage", ["device", "host"])

@@ -38,9 +38,9 @@ def test_cache_trains_bitwise_like_no_cache_and_moves_fewer_bytes(
             {n: p.detach().clone() for n, p in trainer.chunks[0].named_parameters()},
         )
         if rows:  # the cache holds exactly the host rows it caches
-            cache = trainer.prefetcher.cache
+            cache = trainer.tables.prefetcher.cache
             assert cache.num_rows == CACHE_ROWS
-            for name, table in trainer.optimizer.tables.items():
+            for name, table in trainer.tables.tables.items():
                 assert torch.equal(cache.rows[name], table.weight.detach()[cache.ids])
     (plain, plain_params), (cached, cached_params) = runs[0], runs[CACHE_ROWS]
     for step in range(1, STEPS + 1):

@@ -27,8 +27,8 @@ def test_host_tables_train_exactly_like_device_tables(tiny_config, parallel, tmp
         )
         trainer = Trainer(config, parallel)
         trainer.run()
-        assert trainer.prefetcher is None or not trainer.prefetcher.active
-        tables = trainer.optimizer.tables.values()
+        assert trainer.tables.prefetcher is None or not trainer.tables.prefetcher.active
+        tables = trainer.tables.tables.values()
         assert all(t.on_host == (storage == "host") for t in tables)
         runs[storage] = (
             metrics_by_step(config.run_dir),

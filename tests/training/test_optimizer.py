@@ -150,11 +150,11 @@ def test_dense_optimizer_is_megatron_cores_of_the_configured_kind(tiny_config, p
     ]
     for overrides, kind, dense_dtype in cases:
         trainer = Trainer(tiny_config(*overrides), parallel)
-        (dense,) = trainer.optimizer.dense_parts
+        (dense,) = trainer.optimizer.parts
         assert isinstance(dense, kind), overrides
         stepped = [p for group in dense.optimizer.param_groups for p in group["params"]]
         assert stepped and all(p.dtype == torch.float32 for p in stepped), overrides
-        tables = {id(t.weight) for t in trainer.optimizer.tables.values()}
+        tables = {id(t.weight) for t in trainer.tables.tables.values()}
         assert tables and not tables & {id(p) for p in stepped}
         for name, param in trainer.chunks[0].named_parameters():
             expected = torch.float32 if id(param) in tables else dense_dtype

@@ -1,4 +1,4 @@
-"""Host-table updates overlapped with the backward (training/table_update.py): bitwise the
+"""Host-table updates overlapped with the backward (stem/overlap.py): bitwise the
 same training as the update after the backward; started during the backward for every table
 when allowed, never with gradient clipping."""
 
@@ -24,7 +24,7 @@ def run(tiny_config, parallel, tmp_path, name: str, *overrides: str):
     trainer = Trainer(config, parallel)
     trainer.run()
     params = {n: p.detach().clone() for n, p in trainer.chunks[0].named_parameters()}
-    return metrics_by_step(config.run_dir), params, trainer.optimizer.overlap is not None
+    return metrics_by_step(config.run_dir), params, trainer.tables.overlap is not None
 
 
 def test_overlapped_updates_equal_updates_after_the_backward(tiny_config, parallel, tmp_path):
