@@ -51,7 +51,7 @@ class SparseRowAdamW:
     a total movement below 2^-24 * lr. Rows whose momentum is zero (never touched) only
     decay. Against torch.optim.AdamW (300 steps, Zipfian ids, warmup + cosine, wd 0.1, 30%
     of gradient elements ~1e-7): the moments are bit-identical, p is within 1e-6 relative +
-    1e-6 * max|p| absolute (measured 1.5e-8 at max|p| 0.03): the closed-form weight decay
+    1e-6 * max|p| absolute (tests/stem/test_sparse_adam.py): the closed-form weight decay
     skips torch's per-step fp32 roundings of p, a random walk of ~sqrt(k) ulps.
     `settle()` brings every row up to date: call it (`state_dict()` does) before reading
     the tables for a checkpoint, an export or an edit. Cost: up to 221 replayed row-steps
@@ -180,7 +180,7 @@ class SparseRowAdamW:
         order, or (`torch_fused`) the kernel of AdamW(fused=True)."""
         beta1, beta2 = self.betas
         if self.kernel == "torch_fused":
-            # One pass over the rows instead of ~10 (about 10x faster on CPU); p then differs
+            # One pass over the rows instead of ~10 (benchmarks/bench_table_update.py); p differs
             # from the single-tensor path by a few ulps, as AdamW(fused=True) does.
             step_t = torch.tensor(float(step), device=p.device)
             torch._fused_adamw_(

@@ -4,7 +4,7 @@ Paths:
 - `cpp`: the C++ kernel. Updates the touched rows of param, exp_avg and exp_avg_sq in place
   (each read once, written once, no gathered copies), OpenMP over rows. In exact mode it
   settles a row's owed idle steps in the same pass, in closed form (see the source).
-  JIT-built on first use with `torch.utils.cpp_extension.load` (about 2 s: the source uses no
+  JIT-built on first use with `torch.utils.cpp_extension.load` (quick: the source uses no
   torch headers) and cached under TORCH_EXTENSIONS_DIR; called through ctypes.
 - `torch`: torch ops on gathered rows, op for op torch.optim.AdamW's single-tensor path;
   exact mode replays the owed idle steps one by one.
