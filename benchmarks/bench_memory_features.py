@@ -39,6 +39,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from proc_stats import children_running, cpu_seconds, memory_bytes, reset_high_water
+
 from stem_megatron.atomic_file import write_text_atomically
 from stem_megatron.config import ConfigError
 from stem_megatron.config_loader import load_config
@@ -92,59 +94,11 @@ VARIANTS = {
     ),
 }
 POLL_S = 0.05
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def children(pid: int) -> list[int]:
-    try:
-        return [
-            int(c)
-            for task in Path(f"/proc/{pid}/task").iterdir()
-            for c in (task / "children").read_text().split()
-        ]
-    except (FileNotFoundError, ProcessLookupError):  # exited meanwhile
-        return []
-
-
-def training_pids(launcher: int) -> list[int]:
-    """The ranks: the torchrun agent's worker processes (the launcher execs the agent)."""
-    found = []
-    for pid in children(launcher):
-        try:
-            if b"stem_megatron.train" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                found.append(pid)
-        except (FileNotFoundError, ProcessLookupError):
-            continue
-    return found
 
 
 def high_water_kib(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return None
-
-
-def reset_high_water(pid: int) -> int | None:
-    """The process's peak RSS so far (KiB), then reset to its current RSS (clear_refs 5)."""
-    peak = high_water_kib(pid)
-    try:
-        Path(f"/proc/{pid}/clear_refs").write_text("5")
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return peak
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (0 once it is gone)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime, stime
+    memory = memory_bytes(pid)
+    return None if memory is None else memory["hwm"] // 1024
 
 
 def logged_steps(metrics: Path) -> list[dict]:
@@ -199,7 +153,7 @@ def run_config(
                 break
             # The high-water marks first, then the log: if the last step is still unlogged,
             # the marks were read before the save began.
-            ranks = training_pids(proc.pid)
+            ranks = children_running(proc.pid, b"stem_megatron.train")  # torchrun's workers
             marks = {pid: high_water_kib(pid) for pid in ranks if pid in startup}
             cpu = sum(cpu_seconds(pid) for pid in ranks)
             done = logged_steps(metrics)
@@ -207,8 +161,8 @@ def run_config(
                 peak.update({pid: kib for pid, kib in marks.items() if kib})
             if len(done) >= warmup:  # start-up (model build, first steps) over: measure from here
                 for pid in ranks:
-                    if pid not in startup and (kib := reset_high_water(pid)):
-                        startup[pid] = kib
+                    if pid not in startup and (peak_bytes := reset_high_water(pid)):
+                        startup[pid] = peak_bytes // 1024
             if len(ranks) == processes:  # all ranks still running: their CPU time counts
                 cpu_at.setdefault(len(done), cpu)
             time.sleep(POLL_S)

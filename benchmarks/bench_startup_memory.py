@@ -34,6 +34,8 @@ import time
 import warnings
 from pathlib import Path
 
+from proc_stats import memory_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "configs" / "stem_350m.yaml"
 SHORT = [
@@ -59,22 +61,6 @@ CASES = {
 MIB = 2**20
 
 
-def status() -> dict[str, int]:
-    """Resident bytes now (VmRSS, RssAnon, RssFile + RssShmem) and the peak so far (VmHWM)."""
-    fields = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile", "RssShmem"):
-                fields[key] = int(value.split()[0]) * 1024
-    return {
-        "rss": fields["VmRSS"],
-        "hwm": fields["VmHWM"],
-        "anon": fields["RssAnon"],
-        "file": fields["RssFile"] + fields["RssShmem"],
-    }
-
-
 class PeakSampler(threading.Thread):
     """The largest anonymous and file-backed resident sizes seen while it runs."""
 
@@ -85,7 +71,7 @@ class PeakSampler(threading.Thread):
 
     def run(self) -> None:
         while not self.done.is_set():
-            now = status()
+            now = memory_bytes()
             self.anon, self.file = max(self.anon, now["anon"]), max(self.file, now["file"])
             time.sleep(self.interval)
 
@@ -108,14 +94,14 @@ def child(case: str, run_dir: Path) -> dict:
 
     config = load_config(str(CONFIG), overrides(case, run_dir))
     parallel = ParallelState.initialize()
-    base = status()
+    base = memory_bytes()
     sampler = PeakSampler()
     sampler.start()
     start = time.perf_counter()
     trainer = Trainer(config, parallel)
     seconds = time.perf_counter() - start
     sampler.stop()
-    end = status()  # with the trainer alive: what it holds after start-up
+    end = memory_bytes()  # with the trainer alive: what it holds after start-up
     del trainer
     return {
         "seconds": seconds,
