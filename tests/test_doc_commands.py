@@ -116,7 +116,11 @@ def _load(program: str) -> ModuleType:
     script = ROOT / program
     spec = importlib.util.spec_from_file_location(f"doc_tool_{script.stem}", script)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(script.parent))  # as `python script.py` has it: its own folder first
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(script.parent))
     return module
 
 
