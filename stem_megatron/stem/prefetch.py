@@ -203,7 +203,9 @@ class RowPrefetcher:
                 f"was staged with {rows.num_ids}: micro-batches out of order"
             )
         pos = rows.staged_pos
-        self.engine.compute_waits(slot.copied, rows.unique_ids, *(() if pos is None else (pos,)))
+        self.engine.compute_waits(
+            slot.copied, rows.unique_ids, rows.rows, *(() if pos is None else (pos,))
+        )
         if pos is not None:
             rows = dataclasses.replace(
                 rows,
@@ -263,14 +265,16 @@ class RowPrefetcher:
         gather = unique if pos_host is None else unique[pos_host]
         self.rows_cached += unique.numel() - gather.numel()
         n, width = gather.numel(), table.shape[1]
-        if slot.host is None or slot.host.shape[0] < n:
-            rows = -(-max(n, 1) // _GROW_ROWS) * _GROW_ROWS
-            self.engine.host_waits(slot.copied)
-            slot.host = host_empty(rows, width, table.dtype)
-            slot.device = torch.empty(rows, width, dtype=table.dtype, device=self.device)
         self.engine.host_waits(slot.copied)  # the previous copy out of this buffer is done
-        torch.index_select(table, 0, gather, out=slot.host[:n])
         with self.engine.context():
+            if slot.host is None or slot.host.shape[0] < n:
+                rows = -(-max(n, 1) // _GROW_ROWS) * _GROW_ROWS
+                slot.host = host_empty(rows, width, table.dtype)
+                # Allocated on the copy stream, which writes it: a block the compute stream
+                # freed could still be read by queued compute (the lookups mark their reads).
+                slot.device = torch.empty(rows, width, dtype=table.dtype, device=self.device)
+                slot.released = None  # a new buffer: no read of it to wait for
+            torch.index_select(table, 0, gather, out=slot.host[:n])
             self.engine.copy_waits(slot.released)  # the last read of the device buffer is done
             slot.device[:n].copy_(slot.host[:n], non_blocking=True)
             ids = unique.to(self.device, non_blocking=True)

@@ -14,11 +14,14 @@ memcpy.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
 import tempfile
+import weakref
 from pathlib import Path
 
+import numpy as np
 import torch
 
 
@@ -27,14 +30,34 @@ def pin_host_memory() -> bool:
     return torch.cuda.is_available()
 
 
+def host_tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised host tensor, pinned when that allows asynchronous copies.
+
+    Pinned exactly: torch's pinned allocator (`pin_memory=True`) rounds every request up to a
+    power of two and keeps the block cached, so a 352 MB table slice would hold 512 MiB for
+    good while the fit check counts 352. Here the bytes are allocated plainly and registered
+    with CUDA (cudaHostRegister), and unregistered when the last tensor on them is gone."""
+    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    memory = np.empty(max(nbytes, 1), dtype=np.uint8)
+    tensor = torch.from_numpy(memory)[:nbytes].view(dtype).view(shape)
+    if pin_host_memory() and nbytes:
+        cudart = torch.cuda.cudart()
+        address = memory.ctypes.data
+        error = cudart.cudaHostRegister(address, nbytes, 0)
+        if int(error) != 0:
+            raise RuntimeError(f"cudaHostRegister of {nbytes:,} bytes failed (CUDA error {error})")
+        # The array lives as long as any tensor on its memory (torch.from_numpy keeps it).
+        weakref.finalize(memory, cudart.cudaHostUnregister, address)
+    return tensor
+
+
 def to_host(tensor: torch.Tensor) -> torch.Tensor:
     """A copy of `tensor` in host memory (pinned when that allows asynchronous copies)."""
-    out = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin_host_memory())
-    return out.copy_(tensor)
+    return host_tensor(tuple(tensor.shape), tensor.dtype).copy_(tensor)
 
 
 def host_empty(rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
-    return torch.empty(rows, width, dtype=dtype, device="cpu", pin_memory=pin_host_memory())
+    return host_tensor((rows, width), dtype)
 
 
 def available_host_bytes() -> int:
