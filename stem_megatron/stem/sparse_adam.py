@@ -132,7 +132,7 @@ class SparseRowAdamW:
             self._check_table_rows(name, ids, grad)
         lr = self.start_step(lr)
         for name, (ids, grad) in grads.items():
-            self.update_table(name, ids, grad, lr)
+            self._update_rows(name, ids, grad, lr)
 
     def start_step(self, lr: float | None = None) -> float:
         """Advance the global step (every table's t) and return this step's LR; then call
@@ -148,6 +148,9 @@ class SparseRowAdamW:
     def update_table(self, name: str, ids: Tensor, grad: Tensor, lr: float) -> None:
         """This step's update of table `name`'s rows `ids` (sorted, unique) with `grad`."""
         self._check_table_rows(name, ids, grad)
+        self._update_rows(name, ids, grad, lr)
+
+    def _update_rows(self, name: str, ids: Tensor, grad: Tensor, lr: float) -> None:
         if ids.numel() == 0:
             return
         table = self.tables[name]
@@ -299,6 +302,12 @@ class SparseRowAdamW:
         # Sorted and unique (as RowGradAccumulator.reduce returns them): duplicate ids would
         # make index_copy_ keep an arbitrary one of the competing updates.
         if ids.numel() == 0:
+            return
+        # One host sync for all three checks; the details only when one failed.
+        valid = (ids[0] >= 0) & (ids[-1] < table.shape[0])
+        if ids.numel() > 1:
+            valid &= (ids[1:] > ids[:-1]).all()
+        if bool(valid):
             return
         if ids.numel() > 1 and not bool((ids[1:] > ids[:-1]).all()):
             raise ValueError(f"table {name!r}: row ids must be sorted and unique")

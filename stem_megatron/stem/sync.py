@@ -20,12 +20,12 @@ def gather_union_ids(ids: torch.Tensor, group: dist.ProcessGroup) -> torch.Tenso
     count = torch.tensor([ids.numel()], dtype=torch.long, device=ids.device)
     counts = [torch.zeros_like(count) for _ in range(world)]
     dist.all_gather(counts, count, group=group)
-    longest = int(max(c.item() for c in counts))
-    padded = torch.full((longest,), -1, dtype=torch.long, device=ids.device)
+    sizes = torch.cat(counts).tolist()  # the one host sync: the buffers' length
+    padded = torch.full((max(sizes),), -1, dtype=torch.long, device=ids.device)
     padded[: ids.numel()] = ids
     gathered = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(gathered, padded, group=group)
-    every = torch.cat([g[: int(c.item())] for g, c in zip(gathered, counts)])
+    every = torch.cat([g[:size] for g, size in zip(gathered, sizes)])
     return torch.unique(every, sorted=True)
 
 
