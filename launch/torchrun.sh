@@ -56,6 +56,11 @@ fi
 # and fail to connect (pytorch/pytorch#135712; seen here with torch 2.13 and gloo).
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 
+# torchrun sets OMP_NUM_THREADS=1 where it is unset; the workers cannot tell that from a
+# user's 1, so the user's value (empty: unset) goes along, and without one each rank sizes
+# its threads by the node's cores (stem_megatron/parallel/process_env.py).
+export STEM_USER_OMP_NUM_THREADS=${OMP_NUM_THREADS:-}
+
 # First, not last: train.py's argparse takes positionals only before its options.
 overrides=("$@")
 [[ " ${overrides[*]} " == *" checkpoint.load="* ]] || overrides=(checkpoint.load=auto "$@")

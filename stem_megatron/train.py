@@ -81,6 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     if problem:  # before the slow imports and the model build
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    from stem_megatron.parallel import process_env
+
+    try:  # threads, CUDA_DEVICE_MAX_CONNECTIONS and versions, before CUDA initialises
+        threads, env_warnings = process_env.settle(config.parallel.tensor_model_parallel_size)
+    except (ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     from stem_megatron.checkpoint.errors import (
         CheckpointExistsError,
         CheckpointMismatchError,
@@ -120,11 +127,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {exc}", file=sys.stderr)
             return 1
         if parallel.is_main:
+            for line in env_warnings:
+                print(line, file=sys.stderr, flush=True)
             n = trainer.counts
             print(
                 f"model: {n.total_params / 1e6:.2f}M total / {n.active_params / 1e6:.2f}M active "
                 f"parameters, STEM layers {list(trainer.stem_layers)}, "
-                f"{n.flops_per_token / 1e6:.1f} MFLOPs/token; run dir {config.run_dir}",
+                f"{n.flops_per_token / 1e6:.1f} MFLOPs/token; {threads.count} CPU threads per "
+                f"rank ({threads.why}); run dir {config.run_dir}",
                 flush=True,
             )
             note = point_latest_at(config.run_dir)  # runs/latest: this run, for the commands after
