@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 RUN_ID := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: install lock data train train-dense edit-demo lint test test-slow test-slurm \
+.PHONY: install lock data train train-dense edit-demo lint test test-slow test-gpu test-slurm \
 	test-latest test-lowest mutants clean-venv
 
 # The venv holds this project, installed editable with its dev and demo extras (pyproject.toml,
@@ -47,6 +47,11 @@ test: lint
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
+
+# The CUDA paths on one GPU (docs/testing.md), under 5 minutes; without CUDA every test skips
+# and one line says so.
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu
 
 # launch/slurm.sbatch on a real one-node SLURM cluster on localhost (root; installs
 # slurm-wlm and munge with apt-get if missing). About 2-3 minutes.

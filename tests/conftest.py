@@ -16,6 +16,26 @@ from stem_megatron.data.tokenizer import train_bpe_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+NO_CUDA = "no CUDA device: make test-gpu needs one"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` (tests/gpu, and the cuda case of device-parametrised tests) skip
+    without CUDA; `make test` deselects them anyway (pytest.ini), `make test-gpu` selects them."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(pytest.mark.skip(reason=NO_CUDA))
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line instead of a skip reason per test."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if NO_CUDA in str(r.longrepr)]
+    if skipped:
+        terminalreporter.write_line(f"{NO_CUDA}: {len(skipped)} gpu tests skipped")
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import torch
 
 from stem_megatron.stem.exact_history import exact_tail_steps
 from stem_megatron.stem.sparse_adam import SparseRowAdamW
+from tests.devices import on_cuda
 
 V, D = 40, 6
 BETAS = (0.9, 0.999)
@@ -25,18 +26,27 @@ def _lr(step: int, total: int = 60, peak: float = 1e-2, warmup: int = 5) -> floa
     return 1e-4 + 0.5 * (peak - 1e-4) * (1 + math.cos(math.pi * progress))
 
 
-def _table(seed: int = 0, vocab: int = V) -> torch.nn.Parameter:
+def _table(seed: int = 0, vocab: int = V, device: str = "cpu") -> torch.nn.Parameter:
     return torch.nn.Parameter(
-        torch.randn(vocab, D, generator=torch.Generator().manual_seed(seed)) * 0.05
+        (torch.randn(vocab, D, generator=torch.Generator().manual_seed(seed)) * 0.05).to(device)
     )
 
 
-@pytest.mark.parametrize("kernel", ["torch", "torch_fused", "cpp"])
-def test_fixed_rows_match_torch_adamw(kernel: str) -> None:
+@pytest.mark.parametrize(
+    "kernel,device",
+    [
+        ("torch", "cpu"),
+        ("torch_fused", "cpu"),
+        ("cpp", "cpu"),
+        on_cuda("torch"),
+        on_cuda("torch_fused"),
+    ],
+)
+def test_fixed_rows_match_torch_adamw(kernel: str, device: str) -> None:
     fused = kernel in ("torch_fused", "cpp")  # cpp computes the step as AdamW(fused=True)
-    table = _table()
+    table = _table(device=device)
     start = table.detach().clone()
-    rows = torch.tensor([1, 4, 5, 17, 30, 39])
+    rows = torch.tensor([1, 4, 5, 17, 30, 39], device=device)
     ref = torch.nn.Parameter(start[rows].clone())
     ref_opt = torch.optim.AdamW(
         [ref], lr=1.0, betas=BETAS, eps=EPS, weight_decay=WD, foreach=False, fused=fused or None
@@ -45,7 +55,7 @@ def test_fixed_rows_match_torch_adamw(kernel: str) -> None:
     gen = torch.Generator().manual_seed(1)
     for step in range(1, 61):
         lr = _lr(step)
-        grad = torch.randn(len(rows), D, generator=gen) * 0.1
+        grad = (torch.randn(len(rows), D, generator=gen) * 0.1).to(device)
         # Small-magnitude gradients in one row: there sqrt(v) is near eps.
         grad[2] *= 1e-6
         ref.grad = grad.clone()
@@ -63,7 +73,7 @@ def test_fixed_rows_match_torch_adamw(kernel: str) -> None:
     torch.testing.assert_close(
         opt.exp_avg_sq["u"][rows], ref_opt.state[ref]["exp_avg_sq"], rtol=1e-6, atol=0
     )
-    idle = torch.ones(V, dtype=torch.bool)
+    idle = torch.ones(V, dtype=torch.bool, device=device)
     idle[rows] = False
     assert torch.equal(got[idle], start[idle])
     assert not opt.exp_avg["u"][idle].any() and not opt.exp_avg_sq["u"][idle].any()
@@ -244,8 +254,8 @@ def _warmup_cosine(step: int, total: int = 300, peak: float = 1e-3, warmup: int 
     return 1e-5 + 0.5 * (peak - 1e-5) * (1 + math.cos(math.pi * (step - warmup) / (total - warmup)))
 
 
-@pytest.mark.parametrize("kernel", ["torch", "cpp"])
-def test_exact_matches_dense_adamw_over_zipf_stream(kernel: str) -> None:
+@pytest.mark.parametrize("kernel,device", [("torch", "cpu"), ("cpp", "cpu"), on_cuda("torch")])
+def test_exact_matches_dense_adamw_over_zipf_stream(kernel: str, device: str) -> None:
     """300 steps vs torch.optim.AdamW on the whole table (idle rows get zero gradients).
 
     Tolerance on p: 1e-6 relative + 1e-6 * max|p| absolute. The replayed idle steps are
@@ -260,7 +270,7 @@ def test_exact_matches_dense_adamw_over_zipf_stream(kernel: str) -> None:
     1e-6 relative + 1e-6 * max|moment| absolute, like p.
     """
     vocab = 300
-    start = torch.randn(vocab, D, generator=torch.Generator().manual_seed(6)) * 0.0076
+    start = (torch.randn(vocab, D, generator=torch.Generator().manual_seed(6)) * 0.0076).to(device)
     table = torch.nn.Parameter(start.clone())
     dense = torch.nn.Parameter(start.clone())
     ref = torch.optim.AdamW([dense], lr=1.0, betas=BETAS, eps=EPS, weight_decay=WD, foreach=False)
@@ -270,13 +280,14 @@ def test_exact_matches_dense_adamw_over_zipf_stream(kernel: str) -> None:
     tol = {"rtol": 1e-6, "atol": 1e-6 * start.abs().max().item()}
     stream = _zipf_stream(torch.Generator().manual_seed(7), vocab, 300)
     for step, (ids, grad) in enumerate(stream, start=1):
+        ids, grad = ids.to(device), grad.to(device)
         lr = _warmup_cosine(step)
-        dense.grad = torch.zeros(vocab, D).index_copy_(0, ids, grad)
+        dense.grad = torch.zeros(vocab, D, device=device).index_copy_(0, ids, grad)
         ref.param_groups[0]["lr"] = lr
         ref.step()
         before = table.detach().clone()
         opt.step({"u": (ids, grad)}, lr=lr)
-        idle = torch.ones(vocab, dtype=torch.bool).index_fill_(0, ids, False)
+        idle = torch.ones(vocab, dtype=torch.bool, device=device).index_fill_(0, ids, False)
         # Idle rows are not written: their debt waits until they are touched or settled.
         assert torch.equal(table.detach()[idle], before[idle])
         if step == 150:
