@@ -1,4 +1,5 @@
-"""Make megatron-core run on CPU/gloo, applied only when CUDA is absent.
+"""Make megatron-core run on CPU/gloo, applied when a process runs on the CPU (CUDA absent, or
+STEM_DEVICE=cpu: parallel/state.py).
 
 megatron-core hard-codes a few CUDA calls: `torch.cuda.current_device()` as an allocation
 device (p2p communication, some TP mappings, DDP's grad buffers, the distributed optimizer),
@@ -146,10 +147,13 @@ def megatron_core_version() -> str:
     return package_info.__version__
 
 
-def apply() -> bool:
-    """Patch megatron-core for CPU if CUDA is absent. Returns True when patches are active."""
+def apply(on_cpu: bool | None = None) -> bool:
+    """Patch megatron-core for CPU when this process runs on it (`on_cpu`; None: when CUDA is
+    absent). Returns True when patches are active."""
     global _applied
-    if torch.cuda.is_available():
+    if on_cpu is None:
+        on_cpu = not torch.cuda.is_available()
+    if not on_cpu:
         return False
     if _applied:
         return True

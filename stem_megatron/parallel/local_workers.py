@@ -1,6 +1,6 @@
-"""Run a function on N local processes joined by gloo, the way torchrun starts them (RANK,
-WORLD_SIZE, MASTER_ADDR/PORT in the environment), and collect each rank's result: how tests
-and benchmarks compare parallel layouts on one machine."""
+"""Run a function on N local processes joined by gloo on the CPU, the way torchrun starts them
+(RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment), and collect each rank's result: how
+tests, benchmarks and offline tools run parallel layouts on one machine."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import warnings
 import torch
 import torch.multiprocessing as mp
 
+from stem_megatron.parallel.state import DEVICE_VAR
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -21,14 +23,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def worker_env(rank: int, world: int, port: int) -> dict[str, str]:
+    """What torchrun would set, and the CPU as the device: the workers join by gloo however
+    many GPUs the host has (parallel/state.py choose_device)."""
+    return {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": str(rank),
+        "WORLD_SIZE": str(world),
+        "LOCAL_RANK": str(rank),
+        DEVICE_VAR: "cpu",
+    }
+
+
 def _entry(rank: int, world: int, port: int, fn, args, queue) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
+    os.environ.update(worker_env(rank, world, port))
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)  # N processes share 2 cores
     try:

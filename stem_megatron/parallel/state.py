@@ -20,12 +20,31 @@ from megatron.core import parallel_state
 from stem_megatron.parallel import cpu_compat
 from stem_megatron.parallel.dims import RANK_ORDER, RankCoords, RankGrid
 
+DEVICE_VAR = "STEM_DEVICE"  # "cpu": gloo on the CPU even where CUDA is present
+
 
 def _env_int(*names: str, default: int | None = None) -> int | None:
     for name in names:
         if os.environ.get(name):
             return int(os.environ[name])
     return default
+
+
+def choose_device(local_rank: int) -> torch.device:
+    """cuda:LOCAL_RANK where CUDA is present, else the CPU. STEM_DEVICE=cpu asks for the CPU:
+    the offline tools' local workers (parallel/local_workers.py), which may outnumber the GPUs."""
+    wanted = os.environ.get(DEVICE_VAR, "")
+    if wanted not in ("", "cpu"):
+        raise ValueError(f"{DEVICE_VAR} must be 'cpu' or unset, got {wanted!r}")
+    if wanted == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    gpus = torch.cuda.device_count()
+    if local_rank >= gpus:
+        raise ValueError(
+            f"local rank {local_rank} has no GPU: this node has {gpus}; start at most {gpus} "
+            f"processes per node"
+        )
+    return torch.device("cuda", local_rank)
 
 
 @dataclass(frozen=True)
@@ -118,14 +137,13 @@ class ParallelState:
         world_size = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
         local_rank = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
         grid = RankGrid(world_size, tp_size, pp_size)  # a ConfigError if the world does not fit
-        if torch.cuda.is_available():
-            device = torch.device("cuda", local_rank)
+        device = choose_device(local_rank)
+        if device.type == "cuda":
             torch.cuda.set_device(device)
             backend = "nccl"
         else:
-            device = torch.device("cpu")
             backend = "gloo"
-        cpu_compat.apply()
+        cpu_compat.apply(on_cpu=device.type == "cpu")
         if not dist.is_initialized():
             timeout = datetime.timedelta(seconds=timeout_s)
             if world_size == 1 and "MASTER_ADDR" not in os.environ:
