@@ -13,6 +13,7 @@ from stem_megatron.generation import generate_ids, generate_text
 from stem_megatron.model.reference import ReferenceGPT
 from stem_megatron.model.transformer import ModelSpec, StemGPTModel
 from stem_megatron.parallel.state import ParallelState
+from tests.devices import on_cuda
 
 
 def run_generate(capsys, *args: str) -> tuple[int, str, str]:
@@ -39,10 +40,12 @@ def reference_argmax(loaded, ids: list[int], start: int) -> list[int]:
         ]
 
 
-def test_greedy_generation_is_the_reference_argmax_at_every_step(trained_stem_run, capsys):
+@pytest.mark.parametrize("device", ["cpu", on_cuda()])
+def test_greedy_generation_is_the_reference_argmax_at_every_step(trained_stem_run, capsys, device):
     """Greedy ids, past model.seq_length (where the context window slides), each equal the
-    reference model's likeliest next id; the CLI prints exactly their text. The trained model
-    continues with varied tokens, so a wrong position or window changes the ids."""
+    reference model's likeliest next id (on the CPU); the CLI prints exactly their text. The
+    trained model continues with varied tokens, so a wrong position or window changes the
+    ids."""
     new_tokens = 40
     parallel = ParallelState.initialize()
     try:
@@ -51,12 +54,14 @@ def test_greedy_generation_is_the_reference_argmax_at_every_step(trained_stem_ru
         seq = loaded.model.spec.model.seq_length
         assert len(prompt) + new_tokens > seq + 5  # the window slides for several steps
         ids = generate_ids(
-            loaded.model,
+            loaded.model.to(device),
             prompt,
             max_new_tokens=new_tokens,
             vocab_size=loaded.tokenizer.vocab_size,
             seq_length=seq,
+            device=device,
         )
+        loaded.model.cpu()  # the reference reads the weights on the CPU
         expected = reference_argmax(loaded, ids, len(prompt))
     finally:
         parallel.destroy()

@@ -10,6 +10,7 @@ import torch
 
 from stem_megatron.checkpoint.inference import load_for_inference
 from stem_megatron.generation import generate_ids
+from tests.devices import on_cuda
 
 PROMPTS = ["ROMEO. What light", "KING. My lord,", "And"]
 NEW_TOKENS = 16
@@ -36,11 +37,13 @@ def our_greedy(ours, prompt: list[int]) -> list[int]:
     )
 
 
+@pytest.mark.parametrize("device", ["cpu", on_cuda()])
 @pytest.mark.parametrize("text", PROMPTS)
-def test_each_cached_step_scores_as_the_full_recomputation(models, text):
+def test_each_cached_step_scores_as_the_full_recomputation(models, text, device):
     from transformers import __version__
 
     ours, theirs = models
+    theirs.to(device)  # ours stays on the CPU: the reference
     prompt = ours.tokenizer.encode(text)
     expected = our_greedy(ours, prompt)
     new = expected[len(prompt) :]
@@ -48,14 +51,14 @@ def test_each_cached_step_scores_as_the_full_recomputation(models, text):
     # so the current and the previous token index different table rows.
     assert len(set(new)) >= 5 and sum(a != b for a, b in zip(new, new[1:])) >= NEW_TOKENS // 2
     out = theirs.generate(
-        torch.tensor([prompt]),
+        torch.tensor([prompt], device=device),
         max_new_tokens=NEW_TOKENS,
         do_sample=False,
         use_cache=True,
         output_logits=True,
         return_dict_in_generate=True,
     )
-    cached = torch.cat(out.logits)  # [NEW_TOKENS, vocab]: one row per decoding step
+    cached = torch.cat(out.logits).cpu()  # [NEW_TOKENS, vocab]: one row per decoding step
     vocab = cached.shape[-1]
     with torch.no_grad():
         full = ours.model(torch.tensor([expected]))[0, len(prompt) - 1 : -1, :vocab]

@@ -1,6 +1,7 @@
-"""The data-parallel STEM row exchanges on two gloo processes, against dense gradients computed
-in one process, with no optimizer in between (an optimizer such as Adam divides a gradient by
-its own size, so a sum-instead-of-mean shows through it only faintly):
+"""The data-parallel STEM row exchanges on two gloo processes (on the CPU, or both on one GPU),
+against dense gradients computed in one process, with no optimizer in between (an optimizer
+such as Adam divides a gradient by its own size, so a sum-instead-of-mean shows through it only
+faintly):
   - the replicated layout's row sync (stem/sync.py): every rank ends with the union of touched
     rows, each row the mean of the ranks' gradients;
   - the vocab-sharded lookup (stem/vocab_sharded.py): every rank reads exactly the full
@@ -20,6 +21,7 @@ from stem_megatron.sharding import RowBlock
 from stem_megatron.stem.lookup import RowGradAccumulator
 from stem_megatron.stem.sync import sync_replicated_row_grads
 from stem_megatron.stem.vocab_sharded import vocab_sharded_lookup
+from tests.devices import on_cuda
 
 WORLD, V, D = 2, 50, 4
 MICRO_BATCHES = 2
@@ -56,18 +58,18 @@ def _touched() -> torch.Tensor:
     )
 
 
-def _replicated(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _replicated(rank: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     accumulator = RowGradAccumulator()
     for micro in range(MICRO_BATCHES):  # what stem_lookup's backward adds per micro-batch
         ids, out_grad = _micro_batch(rank, micro)
         unique, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
         rows = torch.zeros(unique.numel(), D).index_add_(0, inverse, out_grad.reshape(-1, D))
-        accumulator.add(unique, rows)
+        accumulator.add(unique.to(device), rows.to(device))
     local_ids = accumulator.reduce()[0].clone()
-    union = sync_replicated_row_grads(accumulator, dist.group.WORLD, D, torch.device("cpu"))
+    union = sync_replicated_row_grads(accumulator, dist.group.WORLD, D, torch.device(device))
     ids, grad = accumulator.reduce()
     assert union == ids.numel()
-    return local_ids, ids, grad
+    return local_ids.cpu(), ids.cpu(), grad.cpu()
 
 
 def test_replicated_row_sync_averages_over_the_union_of_rows(results):
@@ -79,33 +81,37 @@ def test_replicated_row_sync_averages_over_the_union_of_rows(results):
         torch.testing.assert_close(grad, expected[touched], **TOL)
 
 
-def _vocab_sharded(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _vocab_sharded(rank: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     block = RowBlock.of(V, rank, WORLD)
-    table = torch.nn.Parameter(_table()[block.start : block.end].clone())
+    table = torch.nn.Parameter(_table()[block.start : block.end].clone().to(device))
     accumulator = RowGradAccumulator()
     rows_read = []
     for micro in range(MICRO_BATCHES):
         ids, out_grad = _micro_batch(rank, micro)
-        out = vocab_sharded_lookup(table, ids, block, dist.group.WORLD, accumulator)
-        rows_read.append(out.detach().clone())
-        out.backward(out_grad)
+        out = vocab_sharded_lookup(table, ids.to(device), block, dist.group.WORLD, accumulator)
+        rows_read.append(out.detach().cpu())
+        out.backward(out_grad.to(device))
     ids, grad = accumulator.reduce()
-    return torch.stack(rows_read), ids + block.start, grad
+    return torch.stack(rows_read), ids.cpu() + block.start, grad.cpu()
 
 
-def _worker() -> dict[str, tuple[torch.Tensor, ...]]:
+def _worker(device: str) -> dict[str, tuple[torch.Tensor, ...]]:
     dist.init_process_group("gloo")
     try:
         rank = dist.get_rank()
-        return {"replicated": _replicated(rank), "vocab_sharded": _vocab_sharded(rank)}
+        return {
+            "replicated": _replicated(rank, device),
+            "vocab_sharded": _vocab_sharded(rank, device),
+        }
     finally:
         dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def results() -> list[dict[str, tuple[torch.Tensor, ...]]]:
-    """Each rank's results of both layouts (one start of the two processes)."""
-    return run_local_workers(WORLD, _worker)
+@pytest.fixture(scope="module", params=["cpu", on_cuda()])
+def results(request) -> list[dict[str, tuple[torch.Tensor, ...]]]:
+    """Each rank's results of both layouts (one start of the two processes). The cuda case:
+    both processes on the one GPU (cuda:0), joined by gloo, since NCCL cannot share a device."""
+    return run_local_workers(WORLD, _worker, request.param)
 
 
 def test_vocab_sharded_lookup_reads_the_full_table_and_owners_get_mean_gradients(results):
