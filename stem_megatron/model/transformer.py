@@ -1,8 +1,9 @@
 """The STEM language model: a Llama-style decoder built from megatron-core's parallel layers.
 
-RMSNorm, RoPE, grouped-query attention through `F.scaled_dot_product_attention`, SwiGLU FFN,
-and the STEM FFN in the layers of `stem_layers`. Activations are [seq, batch, hidden] as in
-megatron-core. Parameter names follow megatron-core's GPTModel (local spec):
+RMSNorm, RoPE, grouped-query attention through `F.scaled_dot_product_attention` (its kernel
+picked in model/attention.py), SwiGLU FFN, and the STEM FFN in the layers of `stem_layers`.
+Activations are [seq, batch, hidden] as in megatron-core. Parameter names follow megatron-core's
+GPTModel (local spec):
 
     embedding.word_embeddings.weight
     decoder.layers.N.input_layernorm.weight
@@ -41,7 +42,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from megatron.core import ModelParallelConfig
 from megatron.core.enums import ModelType
 from megatron.core.tensor_parallel import (
@@ -52,6 +52,7 @@ from megatron.core.tensor_parallel import (
 from megatron.core.transformer import TransformerConfig
 
 from stem_megatron.config import ModelConfig, RopeScalingConfig
+from stem_megatron.model.attention import causal_attention
 from stem_megatron.model.init import init_parameters
 from stem_megatron.model.recompute import checkpointed, run_layers
 from stem_megatron.model.rope import inverse_frequencies
@@ -197,7 +198,7 @@ class SelfAttention(torch.nn.Module):
         k, v = qkv[:, :, :, self.heads_per_group], qkv[:, :, :, self.heads_per_group + 1]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (q, k, v))  # [b, heads, s, d]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        out = causal_attention(q, k, v)  # the SDPA backend chosen in model/attention.py
         return out.permute(2, 0, 1, 3).reshape(s, b, -1)
 
 

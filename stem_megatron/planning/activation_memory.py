@@ -22,6 +22,9 @@ token of a layer, e bytes per activation (2 under train.bf16, else 4), t = TP, �
   SwiGLU: gate and up (dense; STEM: the gate and the table rows looked up for the whole
   sequence, [s, b, d_ff/t] in e bytes), SiLU output, product (linear_fc2's input)
                                                                  4 e f / t
+(torch's math attention backend, where it runs, keeps instead of q and k after RoPE and the
+log-sum-exp: q scaled, K and V repeated to the query heads and the s x s probabilities per
+head, all in fp32, 4 (3 h + a s) / t, while nothing keeps qkv's output),
 plus, under bf16, the four cos/sin casts of RoPE ([s, head_dim], per micro-batch). The last
 stage adds the final norm (N / σ), the head's input (e h / σ) and the fp32 softmax that
 vocab_parallel_cross_entropy keeps (4 V / t), and while the loss runs, the bf16 logits or their
@@ -54,6 +57,8 @@ class ActivationSetup:
     bf16: bool
     # torch's RMSNorm: True, the fused kernel (CUDA, what a cluster runs); False, composite (CPU)
     fused_norm: bool = True
+    # attention runs torch's math backend (model/attention.py), not a fused kernel
+    math_attention: bool = False
 
     @property
     def e(self) -> int:
@@ -87,20 +92,23 @@ def layer_bytes(m: ModelConfig, s: ActivationSetup) -> LayerBytes:
     gqa = m.num_query_groups / m.num_attention_heads
     tokens = m.seq_length * s.micro_batch_size
     rope_after = e * h * (1 + gqa) / t
-    lse = FP32 * m.num_attention_heads / t
+    qkv_out = e * h * (1 + 2 * gqa) / t
+    attention, qkv_kept = rope_after + FP32 * m.num_attention_heads / t, qkv_out
+    if s.math_attention:
+        # fp32 (it upcasts) q scaled, K and V repeated to the query heads, the s x s
+        # probabilities; v as it is (a view of qkv's output) only unrepeated and in fp32
+        v_copied = gqa < 1 or s.bf16
+        attention = FP32 * ((2 + v_copied) * h + m.num_attention_heads * m.seq_length) / t
+        qkv_kept = 0 if v_copied else qkv_out
     per_token = (
-        2 * (s.norm_bytes(h) + e * h) / s.sp
-        + e * h * (1 + 2 * gqa) / t
-        + rope_after
-        + e * h / t
-        + lse
-        + 4 * e * f / t
+        2 * (s.norm_bytes(h) + e * h) / s.sp + qkv_kept + attention + e * h / t + 4 * e * f / t
     )
     head_dim = h // m.num_attention_heads
     rope_casts = 4 * m.seq_length * head_dim * e if s.bf16 else 0
     return LayerBytes(
         full=per_token * tokens + rope_casts,
-        selective_saving=(rope_after + lse) * tokens + rope_casts,
+        # selective keeps qkv's output (the recomputed region's input) in any case
+        selective_saving=(attention - (qkv_out - qkv_kept)) * tokens + rope_casts,
         checkpoint=e * h / s.sp * tokens,
     )
 

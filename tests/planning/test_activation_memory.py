@@ -11,8 +11,10 @@ from collections import Counter
 
 import pytest
 import torch
+from torch.nn.attention import SDPBackend
 
 from stem_megatron.config import ModelConfig
+from stem_megatron.model import attention
 from stem_megatron.model.transformer import ModelSpec, StemGPTModel
 from stem_megatron.parallel.local_workers import run_local_workers
 from stem_megatron.parallel.state import ParallelState
@@ -131,10 +133,17 @@ def measured_peak(m: ModelConfig, bf16: bool, tp: int = 1, sp: bool = False) -> 
     return saved.peak
 
 
-def estimated_peak(m: ModelConfig, bf16: bool, tp: int = 1, sp: bool = False) -> int:
+def estimated_peak(
+    m: ModelConfig, bf16: bool, tp: int = 1, sp: bool = False, math: bool = False
+) -> int:
     setup = ActivationSetup(
-        tp_size=tp, sequence_parallel=sp, micro_batch_size=BATCH, bf16=bf16, fused_norm=False
-    )  # torch's RMSNorm on CPU: composite
+        tp_size=tp,
+        sequence_parallel=sp,
+        micro_batch_size=BATCH,
+        bf16=bf16,
+        fused_norm=False,  # torch's RMSNorm on CPU: composite
+        math_attention=math,
+    )
     chunk = chunk_activations(m, m.num_layers, setup)
     padded = -(-VOCAB // m.make_vocab_size_divisible_by) * m.make_vocab_size_divisible_by
     return chunk.stored + max(int(head_bytes(m, padded, setup)), chunk.rebuilt)
@@ -145,6 +154,19 @@ def estimated_peak(m: ModelConfig, bf16: bool, tp: int = 1, sp: bool = False) ->
 def test_activation_estimate_matches_what_autograd_keeps(bf16, recompute):
     m = dataclasses.replace(MODEL, **RECOMPUTE[recompute])
     measured, estimate = measured_peak(m, bf16), estimated_peak(m, bf16)
+    assert abs(estimate / measured - 1) < TOLERANCE, (measured, estimate)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("recompute", ["none", "selective"])
+@pytest.mark.parametrize("kv_heads", [2, 4], ids=["gqa", "mha"])
+def test_math_attention_scores_are_counted(monkeypatch, bf16, recompute, kv_heads):
+    """torch's math attention backend, forced where the model picks its backend
+    (model/attention.py): the s x s probabilities and fp32 copies it keeps are estimated, with
+    grouped KV heads (V repeated) and without (fp32: V kept as the view of qkv it is)."""
+    monkeypatch.setattr(attention, "backends_for", lambda *_: ([SDPBackend.MATH], False))
+    m = dataclasses.replace(MODEL, num_query_groups=kv_heads, **RECOMPUTE[recompute])
+    measured, estimate = measured_peak(m, bf16), estimated_peak(m, bf16, math=True)
     assert abs(estimate / measured - 1) < TOLERANCE, (measured, estimate)
 
 
