@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[2]
 STEPS = 4
 SHORT = [
     "train.bf16=true",
+    "optim.lr_warmup_iters=2",
     f"train.train_iters={STEPS}",
     "train.eval_interval=2",
     "train.eval_iters=1",
