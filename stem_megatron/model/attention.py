@@ -57,6 +57,12 @@ def backends_for(
     return [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION], False
 
 
+def cuda_plan(bf16: bool, head_dim: int) -> tuple[bool, bool]:
+    """(math backend, KV heads repeated): what attention runs on CUDA, for the dry run."""
+    backends, repeat = backends_for("cuda", torch.bfloat16 if bf16 else torch.float32, head_dim)
+    return backends == [SDPBackend.MATH], repeat
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """q [b, heads, s, d], k and v [b, kv heads, s, d] -> [b, heads, s, d]."""
     backends, repeat_kv = backends_for(q.device.type, q.dtype, q.shape[-1])

@@ -24,7 +24,9 @@ token of a layer, e bytes per activation (2 under train.bf16, else 4), t = TP, �
                                                                  4 e f / t
 (torch's math attention backend, where it runs, keeps instead of q and k after RoPE and the
 log-sum-exp: q scaled, K and V repeated to the query heads and the s x s probabilities per
-head, all in fp32, 4 (3 h + a s) / t, while nothing keeps qkv's output),
+head, all in fp32, 4 (3 h + a s) / t, while nothing keeps qkv's output; a fused kernel given
+K and V repeated to the query heads keeps them, 2 e h / t, instead of k after RoPE and qkv's
+output),
 plus, under bf16, the four cos/sin casts of RoPE ([s, head_dim], per micro-batch). The last
 stage adds the final norm (N / σ), the head's input (e h / σ) and the fp32 softmax that
 vocab_parallel_cross_entropy keeps (4 V / t), and while the loss runs, the bf16 logits or their
@@ -59,6 +61,8 @@ class ActivationSetup:
     fused_norm: bool = True
     # attention runs torch's math backend (model/attention.py), not a fused kernel
     math_attention: bool = False
+    # a fused kernel given the KV heads repeated to the query heads (CUDA fp32: model/attention.py)
+    repeated_kv: bool = False
 
     @property
     def e(self) -> int:
@@ -100,6 +104,10 @@ def layer_bytes(m: ModelConfig, s: ActivationSetup) -> LayerBytes:
         v_copied = gqa < 1 or s.bf16
         attention = FP32 * ((2 + v_copied) * h + m.num_attention_heads * m.seq_length) / t
         qkv_kept = 0 if v_copied else qkv_out
+    elif s.repeated_kv and gqa < 1:
+        # the kernel keeps q after RoPE and the repeated K and V, not k after RoPE nor v (a
+        # view of qkv's output)
+        attention, qkv_kept = 3 * e * h / t + FP32 * m.num_attention_heads / t, 0
     per_token = (
         2 * (s.norm_bytes(h) + e * h) / s.sp + qkv_kept + attention + e * h / t + 4 * e * f / t
     )

@@ -34,7 +34,7 @@ import torch.distributed as dist
 from stem_megatron.atomic_file import write_text_atomically
 from stem_megatron.config import ConfigError, RunConfig
 from stem_megatron.data.tokenizer import load_tokenizer
-from stem_megatron.model.attention import math_attention
+from stem_megatron.model.attention import cuda_plan
 from stem_megatron.model.transformer import ModelSpec, StemGPTModel
 from stem_megatron.modes import TableOptimizerMode
 from stem_megatron.parallel.dims import ParallelDims, RankCoords, RankGrid
@@ -141,12 +141,17 @@ def dry_run(config: RunConfig, world_size: int | None = None) -> DryRunReport:
         bucket_size=p.ddp_bucket_size,
         offload_fraction=o.optimizer_offload_fraction if o.optimizer_cpu_offload else 0.0,
     )
+    # as attention runs on CUDA (model/attention.py)
+    math_attention, repeated_kv = cuda_plan(
+        t.bf16, config.model.hidden_size // config.model.num_attention_heads
+    )
     activations = ActivationSetup(
         tp_size=tp,
         sequence_parallel=p.sequence_parallel,
         micro_batch_size=t.micro_batch_size,
         bf16=t.bf16,
-        math_attention=math_attention(config.model.hidden_size // config.model.num_attention_heads),
+        math_attention=math_attention,
+        repeated_kv=repeated_kv,
     )
     ranks = []
     with _one_process_world():

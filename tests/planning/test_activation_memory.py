@@ -134,7 +134,12 @@ def measured_peak(m: ModelConfig, bf16: bool, tp: int = 1, sp: bool = False) -> 
 
 
 def estimated_peak(
-    m: ModelConfig, bf16: bool, tp: int = 1, sp: bool = False, math: bool = False
+    m: ModelConfig,
+    bf16: bool,
+    tp: int = 1,
+    sp: bool = False,
+    math: bool = False,
+    repeated_kv: bool = False,
 ) -> int:
     setup = ActivationSetup(
         tp_size=tp,
@@ -143,6 +148,7 @@ def estimated_peak(
         bf16=bf16,
         fused_norm=False,  # torch's RMSNorm on CPU: composite
         math_attention=math,
+        repeated_kv=repeated_kv,
     )
     chunk = chunk_activations(m, m.num_layers, setup)
     padded = -(-VOCAB // m.make_vocab_size_divisible_by) * m.make_vocab_size_divisible_by
@@ -167,6 +173,17 @@ def test_math_attention_scores_are_counted(monkeypatch, bf16, recompute, kv_head
     monkeypatch.setattr(attention, "backends_for", lambda *_: ([SDPBackend.MATH], False))
     m = dataclasses.replace(MODEL, num_query_groups=kv_heads, **RECOMPUTE[recompute])
     measured, estimate = measured_peak(m, bf16), estimated_peak(m, bf16, math=True)
+    assert abs(estimate / measured - 1) < TOLERANCE, (measured, estimate)
+
+
+@pytest.mark.parametrize("recompute", ["none", "selective"])
+def test_repeated_kv_heads_are_counted(monkeypatch, recompute):
+    """A fused kernel given K and V repeated to the query heads: CUDA fp32's path in
+    model/attention.py, run on the CPU, whose kernel keeps what CUDA's memory-efficient one
+    does (q, k, v, the output and the log-sum-exp)."""
+    monkeypatch.setattr(attention, "backends_for", lambda *_: (None, True))
+    m = dataclasses.replace(MODEL, **RECOMPUTE[recompute])
+    measured, estimate = measured_peak(m, False), estimated_peak(m, False, repeated_kv=True)
     assert abs(estimate / measured - 1) < TOLERANCE, (measured, estimate)
 
 
