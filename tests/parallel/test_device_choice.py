@@ -43,3 +43,24 @@ def test_without_cuda_everyone_is_on_the_cpu(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv(state.DEVICE_VAR, "gpu")
     with pytest.raises(ValueError, match="STEM_DEVICE must be 'cpu' or unset, got 'gpu'"):
         choose_device(0)
+
+
+def _worker_device() -> str:
+    from stem_megatron.parallel.state import ParallelState
+
+    parallel = ParallelState.initialize()
+    try:
+        return str(parallel.device)
+    finally:
+        parallel.destroy()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_more_local_workers_than_gpus_run_on_the_cpu() -> None:
+    """On a real GPU host: one more local worker than there are GPUs joins by gloo on the CPU
+    (before the fix the last one failed with an invalid device ordinal)."""
+    from stem_megatron.parallel.local_workers import run_local_workers
+
+    world = torch.cuda.device_count() + 1
+    assert run_local_workers(world, _worker_device, timeout=240) == ["cpu"] * world

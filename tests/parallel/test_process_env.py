@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from stem_megatron.parallel import process_env
 from stem_megatron.parallel.process_env import (
@@ -99,3 +100,16 @@ def test_tested_range_follows_pyproject_and_constraints() -> None:
     torch_install = re.search(r"TORCH_INSTALL \?= torch==(\S+)", (ROOT / "Makefile").read_text())
     installed = {"megatron-core": pinned.group(1), "torch": torch_install.group(1)}
     assert check_gpu_versions(installed) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_start_up_under_tp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """settle() on a GPU: the installed versions pass, CUDA_DEVICE_MAX_CONNECTIONS is set for
+    TP, and the threads follow the cores per local rank."""
+    monkeypatch.delenv(process_env.MAX_CONNECTIONS_VAR, raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    threads, _ = process_env.settle(2)  # raises for a version below the supported ones
+    assert os.environ[process_env.MAX_CONNECTIONS_VAR] == "1"
+    assert threads.count == torch.get_num_threads() == process_env.available_cores()
