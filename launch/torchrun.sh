@@ -17,6 +17,7 @@
 #   NODE_RANK      this node's rank (optional; otherwise assigned by the rendezvous)
 #   LOCAL_ADDR     this node's address as the others reach it (optional)
 #   PYTHON         interpreter (default: the repo's .venv, else python on PATH)
+#   OMP_NUM_THREADS  CPU threads per rank (default: this node's cores / NPROC, not torchrun's 1)
 # The exit code is torchrun's.
 set -euo pipefail
 
