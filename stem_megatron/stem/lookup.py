@@ -138,6 +138,19 @@ class RowGradAccumulator:
         return not self._chunks
 
 
+def row_index(ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(sorted unique ids, inverse) of `ids` flattened. Computed once per ids tensor: every
+    STEM layer of a forward pass receives the same one, and on a GPU `torch.unique` waits for
+    the device (its output size is data-dependent), so one forward pays it once, not per layer.
+    Kept on the tensor itself, so it lives exactly as long as the ids it describes (which are
+    therefore never modified in place)."""
+    index = getattr(ids, "_stem_row_index", None)
+    if index is None:
+        index = torch.unique(ids.reshape(-1), sorted=True, return_inverse=True)
+        ids._stem_row_index = index
+    return index
+
+
 class _StemLookup(torch.autograd.Function):
     """Gather table rows by id; backward sends row gradients to an accumulator, not to the table."""
 
@@ -145,7 +158,7 @@ class _StemLookup(torch.autograd.Function):
     def forward(ctx, table: Tensor, ids: Tensor, accumulator: RowGradAccumulator) -> Tensor:  # type: ignore[override]
         flat = ids.reshape(-1)
         # The backward's row ids (sorted: the accumulator merges sorted ids).
-        unique_ids, inverse = torch.unique(flat, sorted=True, return_inverse=True)
+        unique_ids, inverse = row_index(ids)
         # One gather straight into the output: gathering the distinct rows first and then
         # expanding them writes and reads an extra copy.
         out = table.index_select(0, flat).view(*ids.shape, table.shape[1])

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 from stem_megatron.sharding import RowBlock
-from stem_megatron.stem.lookup import RowGradAccumulator
+from stem_megatron.stem.lookup import RowGradAccumulator, row_index
 from stem_megatron.stem.sync import gather_union_ids
 
 
@@ -46,7 +46,7 @@ class LookupPlan:
 def plan_lookup(ids: torch.Tensor, block: RowBlock, group: dist.ProcessGroup) -> LookupPlan:
     """Collective over `group`: which rows every rank needs for `ids` and who owns them."""
     world = dist.get_world_size(group)
-    union = gather_union_ids(torch.unique(ids.reshape(-1)), group)
+    union = gather_union_ids(row_index(ids)[0], group)
     starts = torch.tensor(
         [RowBlock.of(block.rows, r, world).start for r in range(world)] + [block.rows],
         device=union.device,
@@ -74,7 +74,7 @@ class _ShardedLookup(torch.autograd.Function):
         owned_rows: torch.Tensor | None,
     ):
         plan = plan if plan is not None else plan_lookup(ids, block, group)
-        unique, inverse = torch.unique(ids.reshape(-1), sorted=True, return_inverse=True)
+        unique, inverse = row_index(ids)
         local_pos = torch.searchsorted(plan.union, unique)  # this rank's rows in the union
         rank, world = dist.get_rank(group), dist.get_world_size(group)
         width = table.shape[1]

@@ -8,6 +8,9 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
+from stem_megatron.config import ModelConfig
+from stem_megatron.model.transformer import ModelSpec, StemGPTModel
+from stem_megatron.parallel.state import ParallelState
 from stem_megatron.stem.sparse_adam import SparseRowAdamW
 from stem_megatron.stem.sync import gather_union_ids
 
@@ -54,3 +57,36 @@ def test_the_union_of_ids_over_dp_reads_the_counts_once(tmp_path) -> None:
         assert reads.count == 1
     finally:
         dist.destroy_process_group()
+
+
+class Uniques(TorchFunctionMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.count += func is torch.unique
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_forward_finds_the_distinct_ids_once_for_all_its_stem_layers() -> None:
+    """torch.unique waits for a GPU (data-dependent size): once per forward, not per layer."""
+    parallel = ParallelState.initialize()
+    try:
+        config = ModelConfig(
+            num_layers=4,
+            hidden_size=32,
+            ffn_hidden_size=64,
+            num_attention_heads=4,
+            num_query_groups=2,
+            seq_length=16,
+        )
+        model = StemGPTModel(ModelSpec(config, vocab_size=100, stem_layers=(0, 1, 3)))
+        model.init_parameters(seed=0)
+        ids = torch.randint(0, 100, (2, 16))
+        with Uniques() as uniques:
+            model(ids, labels=ids).sum().backward()
+        assert uniques.count == 1
+        assert all(not t.grad_accumulator.is_empty for t in model.stem_tables().values())
+    finally:
+        parallel.destroy()
