@@ -8,7 +8,6 @@ from collections.abc import Iterator
 
 import torch
 
-from stem_megatron.config import RunConfig
 from stem_megatron.model.transformer import StemGPTModel
 from stem_megatron.parallel.dims import ParallelDims
 from stem_megatron.parallel.state import ParallelState
@@ -16,12 +15,10 @@ from stem_megatron.stem.placement import TablePlacement
 from stem_megatron.stem.table import is_stem_table
 
 
-def build_model_chunks(
-    config: RunConfig, parallel: ParallelState, vocab_size: int
-) -> list[StemGPTModel]:
-    """This rank's chunks, initialised from the seed (the same values as the matching
-    parameters of the single-process model)."""
-    dims = ParallelDims(config, parallel.world_size, vocab_size)
+def build_model_chunks(dims: ParallelDims, parallel: ParallelState) -> list[StemGPTModel]:
+    """This rank's chunks of the layout `dims`, initialised from the seed (the same values as
+    the matching parameters of the single-process model)."""
+    config, vocab_size = dims.config, dims.vocab_size
     if dims.grid != parallel.grid:
         raise ValueError(
             f"the process groups are TP {parallel.tp_size} x PP {parallel.pp_size}, the config "

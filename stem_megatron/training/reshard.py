@@ -106,7 +106,7 @@ def _convert_rank(
     try:
         with tqdm(total=3, desc="reshard", unit="phase", disable=parallel.rank != 0) as bar:
             bar.set_postfix_str("build")
-            chunks = build_model_chunks(build, parallel, vocab)
+            chunks = build_model_chunks(ParallelDims(build, parallel.world_size, vocab), parallel)
             optimizer = DenseOptimizer(wrap_data_parallel(chunks, build), chunks, build)
             tables = StemTables(chunks, build, parallel)
             state = CarryingState(chunks, optimizer, tables, _DataPosition(), parallel)

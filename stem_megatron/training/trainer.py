@@ -32,6 +32,7 @@ from stem_megatron.parallel.data_parallel import (
     wrap_data_parallel,
     zero_grad_buffers,
 )
+from stem_megatron.parallel.dims import ParallelDims
 from stem_megatron.parallel.state import ParallelState
 from stem_megatron.planning.accounting import count_model
 from stem_megatron.stem.tables import StemTables
@@ -77,7 +78,8 @@ class Trainer:
 
         torch.manual_seed(c.train.seed)
         self.stem_layers = tuple(c.stem_layers())
-        self.chunks = build_model_chunks(c, parallel, self.vocab_size)
+        self.dims = ParallelDims(c, parallel.world_size, self.vocab_size)  # checks the layout
+        self.chunks = build_model_chunks(self.dims, parallel)
         self.comm = CommMeter(
             parallel.tp_group,
             parallel.dp_group,
@@ -97,9 +99,7 @@ class Trainer:
             lr_decay_style=c.optim.lr_decay_style,
         )
         self.counts = count_model(c.model, self.vocab_size, self.stem_layers)
-        self.num_microbatches = c.train.global_batch_size // (
-            c.train.micro_batch_size * parallel.dp_size
-        )
+        self.num_microbatches = self.dims.num_microbatches
         self.train_stream = PackedSampleStream(
             train_data.tokens,
             c.model.seq_length,

@@ -13,6 +13,7 @@ from megatron.core.optimizer import get_megatron_optimizer
 
 from stem_megatron.config_loader import load_config
 from stem_megatron.parallel.data_parallel import tables_hidden, wrap_data_parallel
+from stem_megatron.parallel.dims import ParallelDims
 from stem_megatron.parallel.local_workers import run_local_workers
 from stem_megatron.parallel.state import ParallelState
 from stem_megatron.planning.dense_memory import DenseSetup, buffer_numel, dense_memory
@@ -67,7 +68,7 @@ def _allocated(overrides: list[str], parallel: ParallelState) -> dict[str, int]:
     """Bytes megatron-core allocates for this rank's dense parameters, as training wraps them,
     and the dry run's figures for the same rank."""
     config = load_config(ROOT / "configs" / "tiny.yaml", SMALL + overrides)
-    chunks = build_model_chunks(config, parallel, 100)
+    chunks = build_model_chunks(ParallelDims(config, parallel.world_size, 100), parallel)
     wrapped = wrap_data_parallel(chunks, config)
     with tables_hidden(chunks):
         optimizer = get_megatron_optimizer(dense_optimizer_config(config), wrapped)

@@ -194,13 +194,14 @@ def test_interleaved_rank_params_are_its_chunks():
 
 def _real_chunks(overrides: list[str]) -> dict:
     """On one process of a run: the parameters of the chunks training builds for this rank."""
+    from stem_megatron.parallel.dims import ParallelDims
     from stem_megatron.parallel.state import ParallelState
     from stem_megatron.training.model_chunks import build_model_chunks
 
     config = load_config(STEM_1B, overrides)
     parallel = ParallelState.initialize(pp_size=2, vp_size=2)
     try:
-        chunks = build_model_chunks(config, parallel, 1001)
+        chunks = build_model_chunks(ParallelDims(config, parallel.world_size, 1001), parallel)
         counts = [count_shard(c) for c in chunks]
         return {
             "pp": parallel.pp_rank,
