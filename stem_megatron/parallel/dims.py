@@ -77,8 +77,26 @@ class RankGrid:
         ]
 
 
+class GridSizes:
+    """TP, PP and DP sizes read from `grid`: the layout and the process groups share them."""
+
+    grid: RankGrid
+
+    @property
+    def tp_size(self) -> int:
+        return self.grid.tp
+
+    @property
+    def pp_size(self) -> int:
+        return self.grid.pp
+
+    @property
+    def dp_size(self) -> int:
+        return self.grid.dp
+
+
 @dataclass(frozen=True, eq=False)
-class ParallelDims:
+class ParallelDims(GridSizes):
     """The layout of `config` on `world_size` ranks for a tokenizer of `vocab_size` tokens;
     raises ConfigError when it does not fit."""
 
@@ -135,18 +153,6 @@ class ParallelDims:
         object.__setattr__(self, "stages", tuple(stages))
         object.__setattr__(self, "num_microbatches", microbatches)
         object.__setattr__(self, "_chunks", tuple(tuple(c) for c in chunks))
-
-    @property
-    def tp_size(self) -> int:
-        return self.grid.tp
-
-    @property
-    def pp_size(self) -> int:
-        return self.grid.pp
-
-    @property
-    def dp_size(self) -> int:
-        return self.grid.dp
 
     @property
     def vp_size(self) -> int:

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from stem_megatron.parallel import cpu_compat
-from stem_megatron.parallel.dims import RANK_ORDER, RankCoords, RankGrid
+from stem_megatron.parallel.dims import RANK_ORDER, GridSizes, RankCoords, RankGrid
 
 DEVICE_VAR = "STEM_DEVICE"  # "cpu": gloo on the CPU even where CUDA is present
 
@@ -48,7 +48,7 @@ def choose_device(local_rank: int) -> torch.device:
 
 
 @dataclass(frozen=True)
-class ParallelState:
+class ParallelState(GridSizes):
     rank: int
     grid: RankGrid
     device: torch.device
@@ -56,18 +56,6 @@ class ParallelState:
     @property
     def world_size(self) -> int:
         return self.grid.world_size
-
-    @property
-    def tp_size(self) -> int:
-        return self.grid.tp
-
-    @property
-    def pp_size(self) -> int:
-        return self.grid.pp
-
-    @property
-    def dp_size(self) -> int:
-        return self.grid.dp
 
     @property
     def coords(self) -> RankCoords:
