@@ -5,8 +5,10 @@ exact mode, train like device tables: the same losses, step by step.
 On CPU these are bitwise equal (tests/training/test_host_tables.py, test_host_cache.py,
 tests/stem/test_mmap_tier.py). On CUDA they are compared to rtol 1e-4: host tables are updated
 by the CPU kernel and device tables on the GPU, and CUDA's backward accumulates gradients with
-float atomics whose order varies, so equal math may round differently. A stale or misplaced
-row (a stream race, a wrong slot) moves a tiny model's loss by far more than that."""
+float atomics whose order varies, so equal math may round differently. The tables learn fast
+(stem.optimizer.lr 0.1) so that what they read shows in the loss: on CPU, host tables read
+stale (their initial rows) every step moved the losses by 2e-4 at step 3 and 3e-3 at step 10.
+Rows a stream race corrupts are caught bitwise by test_gpu_prefetch.py."""
 
 from __future__ import annotations
 
@@ -52,6 +54,7 @@ def test_host_and_mmap_tables_train_like_device_tables_on_cuda(
             *extra,
             "stem.layers=[0,1]",
             "train.micro_batch_size=1",  # 4 micro-batches a step: both staging slots in use
+            "stem.optimizer.lr=0.1",
             f"stem.optimizer.mode={mode}",
             f"train.train_iters={STEPS}",
             "train.eval_interval=5",
