@@ -28,12 +28,13 @@ def test_host_tables_round_trip_a_checkpoint_where_they_live(
     tiny_config, parallel, tmp_path, storage
 ):
     def config(*extra: str):
-        # Wide tables (512 x 256) next to a narrow dense model: the tables' bytes dominate, so
-        # a save that moved them to the GPU shows in its peak memory.
+        # Wide tables (512 x 1024) next to a narrow dense model: the tables and moments (12 MiB)
+        # are 4x the dense model's parameters, gradients, main copy and Adam moments together,
+        # so a save that moved them to the GPU shows in its peak memory.
         return tiny_config(
             f"stem.storage={storage}",
             "stem.layers=[0,1]",
-            "model.ffn_hidden_size=256",
+            "model.ffn_hidden_size=1024",
             "train.eval_interval=0",
             f"stem.mmap_dir={tmp_path / 'maps'}",
             *extra,
@@ -50,7 +51,7 @@ def test_host_tables_round_trip_a_checkpoint_where_they_live(
     resident = torch.cuda.memory_allocated()
     path = first.state.save(first.checkpointer, first.step, first_config)
     grown = torch.cuda.max_memory_allocated() - resident
-    assert grown < table_bytes // 4, f"saving took {grown:,} GPU bytes for {table_bytes:,}"
+    assert grown < table_bytes // 2, f"saving took {grown:,} GPU bytes for {table_bytes:,}"
     for name, tensors in table_state(first).items():  # saving changed nothing
         assert all(torch.equal(a, b) for a, b in zip(tensors, saved[name])), name
     del first
