@@ -25,20 +25,36 @@ from stem_megatron.sharding import full_shape, get_row_block, get_tp_shard
 class CheckpointMeshes:
     tp: DeviceMesh  # this rank's tensor-parallel group
     dp_tp: DeviceMesh | None = None  # [dp, tp] ranks of this pipeline stage (vocab-sharded tables)
+    # The same groups for tensors in host memory when the compute device is not the host: a
+    # DTensor moves its local tensor to its mesh's device, so a host table (or its moments)
+    # viewed through the compute meshes would be copied to the GPU to be saved, and loaded
+    # into that copy instead of into the table.
+    host: CheckpointMeshes | None = None
 
     @classmethod
-    def build(cls, parallel) -> CheckpointMeshes:
-        """The meshes of this rank (a ParallelState): its stage's [dp, tp] grid of global ranks
-        comes from the rank grid (parallel/dims.py), with no collective."""
-        device = parallel.device.type
+    def build(cls, parallel, device_type: str | None = None) -> CheckpointMeshes:
+        """The meshes of this rank (a ParallelState) on its compute device (or `device_type`),
+        with host meshes beside them when that is not the CPU. Its stage's [dp, tp] grid of
+        global ranks comes from the rank grid (parallel/dims.py), with no collective."""
+        device = device_type or parallel.device.type
         tp = DeviceMesh.from_group(parallel.tp_group, device)
-        if parallel.dp_size == 1:
-            return cls(tp)
-        grid = torch.tensor(parallel.grid.stage_ranks(parallel.pp_rank), dtype=torch.int)
-        dp_tp = DeviceMesh.from_group(
-            [parallel.dp_group, parallel.tp_group], device, mesh=grid, mesh_dim_names=("dp", "tp")
-        )
-        return cls(tp, dp_tp)
+        dp_tp = None
+        if parallel.dp_size > 1:
+            grid = torch.tensor(parallel.grid.stage_ranks(parallel.pp_rank), dtype=torch.int)
+            dp_tp = DeviceMesh.from_group(
+                [parallel.dp_group, parallel.tp_group],
+                device,
+                mesh=grid,
+                mesh_dim_names=("dp", "tp"),
+            )
+        host = None if device == "cpu" else cls.build(parallel, "cpu")
+        return cls(tp, dp_tp, host)
+
+    def where(self, tensor: torch.Tensor) -> CheckpointMeshes:
+        """The meshes of the device `tensor` lives on: it is saved from and loaded into there."""
+        if self.host is not None and tensor.device.type == "cpu":
+            return self.host
+        return self
 
     @classmethod
     def single(cls, device: torch.device) -> CheckpointMeshes:
@@ -67,6 +83,7 @@ def checkpoint_view(
     rows = get_row_block(like)
     if dim is None:
         return tensor.detach()
+    meshes = meshes.where(tensor)
     local = tensor.detach().view(shape)
     if rows is None:
         return DTensor.from_local(local, meshes.tp, [Shard(dim)], run_check=False)
