@@ -40,10 +40,12 @@ def _table(seed: int = 0, vocab: int = V, device: str = "cpu") -> torch.nn.Param
         ("cpp", "cpu"),
         on_cuda("torch"),
         on_cuda("torch_fused"),
+        on_cuda("auto"),  # device tables take the fused kernel
     ],
 )
 def test_fixed_rows_match_torch_adamw(kernel: str, device: str) -> None:
-    fused = kernel in ("torch_fused", "cpp")  # cpp computes the step as AdamW(fused=True)
+    # cpp computes the step as AdamW(fused=True); so does auto on the GPU (torch_fused)
+    fused = kernel in ("torch_fused", "cpp") or (kernel, device) == ("auto", "cuda")
     table = _table(device=device)
     start = table.detach().clone()
     rows = torch.tensor([1, 4, 5, 17, 30, 39], device=device)
@@ -52,6 +54,8 @@ def test_fixed_rows_match_torch_adamw(kernel: str, device: str) -> None:
         [ref], lr=1.0, betas=BETAS, eps=EPS, weight_decay=WD, foreach=False, fused=fused or None
     )
     opt = SparseRowAdamW({"u": table}, betas=BETAS, eps=EPS, weight_decay=WD, kernel=kernel)
+    if kernel == "auto":
+        assert opt.kernel == "torch_fused"
     gen = torch.Generator().manual_seed(1)
     for step in range(1, 61):
         lr = _lr(step)

@@ -10,7 +10,8 @@ Paths:
   exact mode replays the owed idle steps one by one.
 - `torch_fused`: as `torch`, with the row step in AdamW(fused=True)'s kernel.
 
-`auto` (the default) picks `cpp` for fp32 CPU tables when the kernel builds, else `torch`
+`auto` (the default) picks `torch_fused` for tables on the GPU, `cpp` for fp32 CPU tables
+when the kernel builds, else `torch`
 (a node without a C++ compiler warns once: the torch path is 5-10x slower per table step,
 benchmarks/bench_table_update.py). The ranks of a node share the build directory: one builds,
 the others wait on a file lock, then load what it built (`build_lock`).
@@ -195,6 +196,11 @@ def select(requested: Kernel, tables: list[torch.Tensor]) -> Literal["cpp", "tor
     if choice in ("torch", "torch_fused"):
         log.info("SparseRowAdamW row update: %s (requested)", choice)
         return choice  # type: ignore[return-value]
+    if choice == "auto" and tables and all(t.device.type == "cuda" for t in tables):
+        # Device tables: the fused AdamW kernel on the gathered rows, one pass over them
+        # instead of the ~10 of the single-tensor ops.
+        log.info("SparseRowAdamW row update: torch_fused (tables on the GPU)")
+        return "torch_fused"
     reason = _supports(tables)
     unbuilt = reason is None and build_problem() is not None
     reason = reason or build_problem()
