@@ -42,11 +42,13 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The CPU suites hide any GPU (their bitwise comparisons are of CPU arithmetic, and a GPU
+# machine must not run half of them on CUDA by surprise); `make test-gpu` is the GPU suite.
 test: lint
-	$(PY) -m pytest -q
+	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -q
 
 test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -q -m slow
 
 # The CUDA paths on one GPU (docs/testing.md), under 5 minutes; without CUDA every test skips
 # and one line says so.
