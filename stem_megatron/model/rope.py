@@ -36,3 +36,19 @@ def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScalingConfig)
         (turns - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
     ).clamp(0.0, 1.0)
     return inv_freq * (kept + (1.0 - kept) / scaling.factor)
+
+
+def rotary_cos_sin(
+    seq_length: int, head_dim: int, theta: float, scaling: RopeScalingConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = inverse_frequencies(head_dim, theta, scaling)
+    freqs = torch.outer(torch.arange(seq_length, dtype=torch.float64), inv_freq)
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [b, heads, s, d]; rotate-half convention (as Llama and megatron's non-interleaved)."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype)).to(x.dtype)

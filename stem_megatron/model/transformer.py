@@ -51,11 +51,11 @@ from megatron.core.tensor_parallel import (
 )
 from megatron.core.transformer import TransformerConfig
 
-from stem_megatron.config import ModelConfig, RopeScalingConfig
+from stem_megatron.config import ModelConfig
 from stem_megatron.model.attention import causal_attention
 from stem_megatron.model.init import init_parameters
 from stem_megatron.model.recompute import checkpointed, run_layers
-from stem_megatron.model.rope import inverse_frequencies
+from stem_megatron.model.rope import apply_rotary, rotary_cos_sin
 from stem_megatron.model.stem_ffn import StemMLP, SwiGLUMLP, column_linear, row_linear
 from stem_megatron.modes import RecomputeGranularity
 from stem_megatron.sharding import (
@@ -141,22 +141,6 @@ def megatron_config(spec: ModelSpec) -> TransformerConfig:
         recompute_num_layers=m.recompute_num_layers,
         cuda_graph_scope=[],
     )  # megatron-core 0.16 warns on its own default ("full")
-
-
-def rotary_cos_sin(
-    seq_length: int, head_dim: int, theta: float, scaling: RopeScalingConfig
-) -> tuple[torch.Tensor, torch.Tensor]:
-    inv_freq = inverse_frequencies(head_dim, theta, scaling)
-    freqs = torch.outer(torch.arange(seq_length, dtype=torch.float64), inv_freq)
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().float(), emb.sin().float()
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [b, heads, s, d]; rotate-half convention (as Llama and megatron's non-interleaved)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x * cos.to(x.dtype) + rotated * sin.to(x.dtype)).to(x.dtype)
 
 
 class SelfAttention(torch.nn.Module):
