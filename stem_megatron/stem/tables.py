@@ -24,7 +24,6 @@ nothing of tables; the trainer combines the two norms.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -311,8 +310,3 @@ class StemTables:
                 f"checkpoint {checkpoint} was trained with stem.optimizer.mode={saved_mode}, "
                 f"this run uses {self.mode}: resume with stem.optimizer.mode={saved_mode}"
             )
-
-
-def global_norm(dense_norm: float, tables_squared: torch.Tensor) -> float:
-    """The L2 norm over dense and table gradients together."""
-    return math.sqrt(dense_norm**2 + tables_squared.item())

@@ -20,7 +20,7 @@ from megatron.core.optimizer import OptimizerConfig, clip_grads, get_megatron_op
 from stem_megatron.config import RunConfig
 from stem_megatron.parallel.data_parallel import tables_hidden
 from stem_megatron.stem.table import is_stem_table
-from stem_megatron.stem.tables import StemTables, global_norm
+from stem_megatron.stem.tables import StemTables
 from stem_megatron.training.model_chunks import named_parameters
 
 
@@ -100,7 +100,8 @@ def optimizer_step(
     global norm, update both. Returns the step's optimizer and table metrics."""
     tables.reduce_grads()
     dense.prepare_grads()
-    norm = global_norm(dense.grad_norm(), tables.squared_norm())
+    # One L2 norm over dense and table gradients (dense first: both reduce over groups).
+    norm = math.sqrt(dense.grad_norm() ** 2 + tables.squared_norm().item())
     if not math.isfinite(norm):
         raise FloatingPointError(
             f"gradient norm is {norm}: training diverged (lower optim.lr or check the data)"
